@@ -1,0 +1,162 @@
+"""Storage is a URI: a local path or s3://bucket/prefix, through fsspec.
+
+Nothing else in the package cares which one it is. The S3 endpoint can be overridden with
+AWS_ENDPOINT_URL (or `set_s3_endpoint`, which the CLI's --s3-endpoint flag calls), so the same
+code runs against AWS, MinIO or a moto server on 127.0.0.1.
+
+Writes are atomic per object: a local file is written to a temporary name and renamed; an S3
+PUT is atomic by itself. Multi-file objects (shards, datasets) get their atomicity from a
+manifest written last (see shards.py and dataset.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import numpy as np
+from fsspec.core import url_to_fs
+
+ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+
+
+def set_s3_endpoint(url: str | None) -> None:
+    """Point every s3:// URI of this process (and of Ray workers it starts) at `url`."""
+    if url:
+        os.environ[ENDPOINT_ENV] = url
+        fsspec.config.conf.pop("s3", None)
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the path inside it for `uri`."""
+    uri = str(uri)
+    if uri.startswith(("s3://", "s3a://")):
+        options: dict[str, Any] = {"use_listings_cache": False}
+        endpoint = os.environ.get(ENDPOINT_ENV)
+        if endpoint:
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+        return url_to_fs(uri, **options)
+    return url_to_fs(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    uri = str(uri).rstrip("/")
+    return "/".join([uri, *[str(p).strip("/") for p in parts]])
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def listdir(uri: str) -> list[str]:
+    """Names (not paths) of the entries directly under `uri`; [] when it does not exist."""
+    fs, path = filesystem(uri)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.basename(str(e).rstrip("/")) for e in entries)
+
+
+def remove(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write `data` to `uri` atomically: readers see the old object or the whole new one."""
+    fs, path = filesystem(uri)
+    if is_remote(uri):
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def save_npy(uri: str, array: np.ndarray) -> None:
+    """Save an array as .npy; object arrays are refused, so every file loads without pickle."""
+    array = np.asarray(array)
+    if array.dtype.hasobject:
+        raise TypeError(f"refusing to write an object array to {uri}: it would need pickle")
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_bytes(uri, buffer.getvalue())
+
+
+def load_npy(uri: str, mmap: bool = False) -> np.ndarray:
+    """Load a .npy file with allow_pickle=False; memory-mapped when local and `mmap`."""
+    if mmap and not is_remote(uri):
+        _, path = filesystem(uri)
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    return np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False)
+
+
+def upload(local_path: str, uri: str) -> None:
+    """Copy a local file to `uri` (atomically for local destinations)."""
+    fs, path = filesystem(uri)
+    if is_remote(uri):
+        fs.put_file(local_path, path)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    shutil.copyfile(local_path, tmp)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def local_file(uri: str) -> Iterator[str]:
+    """A local path holding the object at `uri`: the file itself, or a temporary download."""
+    if not is_remote(uri):
+        yield filesystem(uri)[1]
+        return
+    fs, path = filesystem(uri)
+    with tempfile.TemporaryDirectory(prefix="hashtag-") as tmp:
+        local = os.path.join(tmp, os.path.basename(path) or "object")
+        fs.get_file(path, local)
+        yield local
