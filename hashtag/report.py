@@ -1,0 +1,276 @@
+"""Result tables and plots of a tuning experiment: plain data in, files out; no Ray.
+
+The rows come from tune.py (one per grid trial, plus reference models such as popularity and
+kNN scored once), but anything that builds `ResultRow`s can use these functions:
+
+    rows = [ResultRow(model="mlp", batch_size=16, learning_rate=1e-2, test={...}, val={...}), ...]
+    paths = write_report(rows, "out/")   # results.csv, results.md, heatmap.png, curves.png
+
+Lift is a metric divided by the same metric of the popularity baseline (recommend the most
+frequent training hashtags to every image): a lift below 1 means the model has learnt nothing
+the tag frequencies did not already say.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hashtag import storage
+
+BASELINE = "popularity"
+# Metrics shown first, in this order; any other metric a model reports follows, sorted.
+LEADING_METRICS = ("f1", "precision", "recall", "f1@5", "p@5", "r@5", "hit@5", "map")
+LIFT_METRICS = ("f1", "f1@5")
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One scored model: a grid trial or a reference model.
+
+    test / val: metric name -> value on the test / validation split.
+    history:    per-epoch curves, name -> values (e.g. "loss", "val_loss", "val_f1").
+    status:     "ok", or why the trial has no result ("error: ...").
+    """
+
+    model: str
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    test: dict[str, float] = field(default_factory=dict)
+    val: dict[str, float] = field(default_factory=dict)
+    seconds: float = math.nan
+    epochs: int | None = None
+    history: dict[str, list[float]] = field(default_factory=dict)
+    status: str = "ok"
+    trial_id: str = ""
+
+    @property
+    def is_trial(self) -> bool:
+        return self.batch_size is not None and self.learning_rate is not None
+
+    @property
+    def label(self) -> str:
+        if self.is_trial:
+            return f"{self.model} bs={self.batch_size} lr={self.learning_rate:g}"
+        return self.model
+
+
+def trial_line(row: ResultRow) -> str:
+    """The original project's one-line summary of a trial on the test split."""
+    t = row.test
+    head = f"Model bs: {row.batch_size} / lr: {row.learning_rate:g}" if row.is_trial else row.model
+    if row.status != "ok":
+        return f"{head} / {row.status}"
+    return (
+        f"{head} / f1: {t.get('f1', math.nan):.4f} / pre: {t.get('precision', math.nan):.4f}"
+        f" / re: {t.get('recall', math.nan):.4f}"
+    )
+
+
+def metric_names(rows: Sequence[ResultRow]) -> list[str]:
+    present = {name for row in rows for name in row.test}
+    leading = [m for m in LEADING_METRICS if m in present]
+    return leading + sorted(present - set(leading), key=_metric_sort_key)
+
+
+def _metric_sort_key(name: str) -> tuple[str, int]:
+    # "p@10" after "p@5": sort by the prefix, then k as a number.
+    prefix, _, k = name.partition("@")
+    return (prefix, int(k) if k.isdigit() else -1)
+
+
+def results_table(rows: Sequence[ResultRow], baseline: str = BASELINE) -> list[dict]:
+    """One dict per row: identity, validation F1, every test metric, lifts, time.
+
+    Trials first (by batch size, then learning rate), then the reference models.
+    """
+    metrics = metric_names(rows)
+    reference = next((r for r in rows if r.model == baseline and not r.is_trial), None)
+    ordered = sorted(
+        rows, key=lambda r: (not r.is_trial, r.batch_size or 0, -(r.learning_rate or 0), r.model)
+    )
+    table = []
+    for row in ordered:
+        record: dict = {
+            "model": row.model,
+            "batch_size": row.batch_size if row.is_trial else "",
+            "learning_rate": row.learning_rate if row.is_trial else "",
+            "status": row.status,
+            "epochs": row.epochs if row.epochs is not None else "",
+            "val_f1": row.val.get("f1", math.nan),
+        }
+        for name in metrics:
+            record[name] = row.test.get(name, math.nan)
+        for name in LIFT_METRICS:
+            base = reference.test.get(name, math.nan) if reference else math.nan
+            value = row.test.get(name, math.nan)
+            record[f"lift_{name}"] = value / base if base and base > 0 else math.nan
+        record["seconds"] = row.seconds
+        table.append(record)
+    return table
+
+
+def to_csv(table: list[dict]) -> str:
+    if not table:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(table[0]), lineterminator="\n")
+    writer.writeheader()
+    for record in table:
+        writer.writerow({k: _format(v, csv=True) for k, v in record.items()})
+    return buffer.getvalue()
+
+
+def to_markdown(table: list[dict]) -> str:
+    if not table:
+        return "(no results)\n"
+    columns = list(table[0])
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if c in ("model", "status") else "---:" for c in columns) + "|",
+    ]
+    for record in table:
+        lines.append("| " + " | ".join(_format(record[c]) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _format(value, csv: bool = False) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "" if csv else "-"
+        return repr(value) if csv else f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def plot_heatmap(rows: Sequence[ResultRow], uri: str, metric: str = "f1") -> None:
+    """F1 over batch size x learning rate, validation and test side by side.
+
+    The cell of the best validation F1 (the one tune.py exports) is outlined.
+    """
+    plt = _pyplot()
+    trials = [r for r in rows if r.is_trial]
+    if not trials:
+        fig, ax = plt.subplots(figsize=(5, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no grid trials", ha="center", va="center")
+        _save_figure(fig, uri)
+        return
+    batch_sizes = sorted({r.batch_size for r in trials})
+    learning_rates = sorted({r.learning_rate for r in trials}, reverse=True)
+    grids = {
+        split: np.full((len(batch_sizes), len(learning_rates)), np.nan) for split in ("val", "test")
+    }
+    for r in trials:
+        i, j = batch_sizes.index(r.batch_size), learning_rates.index(r.learning_rate)
+        grids["val"][i, j] = r.val.get(metric, np.nan)
+        grids["test"][i, j] = r.test.get(metric, np.nan)
+    best = None
+    if trials and not np.all(np.isnan(grids["val"])):
+        best = np.unravel_index(np.nanargmax(grids["val"]), grids["val"].shape)
+
+    fig, axes = plt.subplots(
+        1,
+        2,
+        figsize=(4 + 2.2 * max(len(learning_rates), 1), 1.5 + 1.1 * max(len(batch_sizes), 1)),
+        squeeze=False,
+    )
+    finite = np.concatenate([g[np.isfinite(g)] for g in grids.values()])
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    for ax, (split, grid) in zip(axes[0], grids.items(), strict=True):
+        image = ax.imshow(
+            grid, cmap="viridis", vmin=vmin, vmax=max(vmax, vmin + 1e-9), aspect="auto"
+        )
+        ax.set_xticks(range(len(learning_rates)), [f"{lr:g}" for lr in learning_rates])
+        ax.set_yticks(range(len(batch_sizes)), [str(bs) for bs in batch_sizes])
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("batch size")
+        ax.set_title(f"{'validation' if split == 'val' else 'test'} {metric}")
+        middle = (vmin + vmax) / 2
+        for (i, j), value in np.ndenumerate(grid):
+            text = "failed" if np.isnan(value) else f"{value:.3f}"
+            colour = "black" if not np.isnan(value) and value > middle else "white"
+            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=9)
+        if best is not None:
+            ax.add_patch(
+                plt.Rectangle(
+                    (best[1] - 0.5, best[0] - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2
+                )
+            )
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(f"{trials[0].model if trials else 'model'}: {metric} (red: best on validation)")
+    fig.tight_layout()
+    _save_figure(fig, uri)
+
+
+def plot_curves(rows: Sequence[ResultRow], uri: str) -> None:
+    """Per-epoch curves of every trial: F1-like series on the left, losses on the right."""
+    plt = _pyplot()
+    trials = [r for r in rows if r.is_trial and r.history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = plt.get_cmap("tab10")
+    for n, row in enumerate(trials):
+        colour = colours(n % 10)
+        for name, values in sorted(row.history.items()):
+            epochs = np.arange(1, len(values) + 1)
+            style = "--" if name.startswith("val_") and "loss" in name else "-"
+            if "loss" in name:
+                # One legend entry per trial: the dashed validation loss shares its colour.
+                label = None if name.startswith("val_") else row.label
+                right.plot(epochs, values, style, color=colour, label=label)
+            elif "f1" in name:
+                left.plot(
+                    epochs, values, "-", color=colour, marker=".", label=f"{row.label} {name}"
+                )
+    left.set_title("F1 per epoch")
+    right.set_title("loss per epoch (dashed: validation)")
+    for ax in (left, right):
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=7, loc="best")
+        else:
+            ax.text(
+                0.5, 0.5, "no per-epoch history", ha="center", va="center", transform=ax.transAxes
+            )
+    fig.tight_layout()
+    _save_figure(fig, uri)
+
+
+def write_report(rows: Sequence[ResultRow], out: str, baseline: str = BASELINE) -> dict[str, str]:
+    """Write results.csv, results.md, heatmap.png and curves.png under `out`; returns their URIs."""
+    table = results_table(rows, baseline)
+    paths = {
+        name: storage.join(out, name)
+        for name in ("results.csv", "results.md", "heatmap.png", "curves.png")
+    }
+    storage.write_text(paths["results.csv"], to_csv(table))
+    lines = "\n".join(trial_line(r) for r in rows)
+    storage.write_text(
+        paths["results.md"], f"# Results\n\n{to_markdown(table)}\n```\n{lines}\n```\n"
+    )
+    plot_heatmap(rows, paths["heatmap.png"])
+    plot_curves(rows, paths["curves.png"])
+    return paths
+
+
+def _pyplot():
+    # Agg: no display on workers and servers; set before pyplot is first imported.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, uri: str) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    _pyplot().close(fig)
+    storage.write_bytes(uri, buffer.getvalue())
