@@ -1,0 +1,140 @@
+"""Turn one shard of posts into embeddings: fetch, decode, preprocess, embed. No Ray here.
+
+Fetching, decoding and preprocessing run in a thread pool (urllib, OpenCV and the TFLite
+interpreter release the GIL) while the calling thread embeds the previous batch, so decoding
+never leaves a core idle behind the model. Every failure is a counted skip with the post id and a
+reason; nothing in here raises for a bad post.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hashtag import images
+from hashtag.embedders import Embedder
+from hashtag.fetch import FetchError, Fetcher
+from hashtag.posts import Post
+
+log = logging.getLogger(__name__)
+
+LABEL_ONLY_SPEC = {"name": "none"}
+# Decompression-bomb guard: 50 megapixels is larger than any phone photo.
+MAX_PIXELS = 50_000_000
+
+
+@dataclass
+class ShardResult:
+    """What one shard produced: kept posts, their embeddings (row i = posts[i]) and the skips."""
+
+    posts: list[Post]
+    embeddings: np.ndarray
+    image_sha256: list[str | None]
+    skips: list[tuple[str, str]] = field(default_factory=list)
+    bytes_read: int = 0
+
+    @property
+    def skipped(self) -> Counter:
+        return Counter(reason for _, reason in self.skips)
+
+
+@dataclass
+class _Loaded:
+    post: Post
+    array: np.ndarray | None = None
+    sha256: str | None = None
+    size: int = 0
+    reason: str | None = None
+
+
+def _load(post: Post, embedder: Embedder, fetcher: Fetcher, max_pixels: int) -> _Loaded:
+    if not post.image:
+        return _Loaded(post, reason="missing-image")
+    try:
+        data = fetcher.get(post.image)
+        rgb = images.decode(data, max_pixels=max_pixels, min_side=embedder.min_side)
+        array = embedder.preprocess(rgb)
+    except FetchError as error:
+        return _Loaded(post, reason=error.reason)
+    except images.ImageError as error:
+        return _Loaded(post, reason=error.reason, size=0)
+    except Exception as error:  # a bad post must never fail the shard
+        log.exception("post %s: unexpected error while loading %s", post.id, post.image)
+        return _Loaded(post, reason=f"error-{type(error).__name__}")
+    return _Loaded(post, array, hashlib.sha256(data).hexdigest(), len(data))
+
+
+def _batches(items: Iterator[_Loaded], size: int) -> Iterator[list[_Loaded]]:
+    batch: list[_Loaded] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def embed_posts(
+    posts: list[Post],
+    embedder: Embedder,
+    fetcher: Fetcher,
+    *,
+    max_pixels: int = MAX_PIXELS,
+    threads: int | None = None,
+    batch_size: int = 32,
+    on_progress: Callable[[int, int, int], None] | None = None,
+) -> ShardResult:
+    """Embed the images of `posts`. `on_progress(posts_done, skipped, bytes)` after each batch."""
+    threads = threads or len(os.sched_getaffinity(0))
+    result = ShardResult([], np.zeros((0, embedder.dim), np.float32), [])
+    chunks: list[np.ndarray] = []
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+        loaded = pool.map(lambda p: _load(p, embedder, fetcher, max_pixels), posts)
+        for batch in _batches(loaded, batch_size):
+            good = [item for item in batch if item.reason is None]
+            for item in batch:
+                if item.reason is not None:
+                    log.warning("skip post %s (%s): %s", item.post.id, item.post.image, item.reason)
+                    result.skips.append((item.post.id, item.reason))
+            if good:
+                try:
+                    vectors = embedder.embed_batch(np.stack([item.array for item in good]))
+                except Exception:
+                    log.exception("embedding a batch of %d images failed", len(good))
+                    result.skips.extend((item.post.id, "embed-error") for item in good)
+                    good, vectors = [], None
+                if good:
+                    chunks.append(np.asarray(vectors, np.float32))
+                    result.posts.extend(item.post for item in good)
+                    result.image_sha256.extend(item.sha256 for item in good)
+                    result.bytes_read += sum(item.size for item in good)
+            if on_progress:
+                on_progress(len(batch), len(batch) - len(good), sum(i.size for i in good))
+    if chunks:
+        result.embeddings = np.concatenate(chunks)
+    return result
+
+
+def label_only(posts: list[Post]) -> ShardResult:
+    """Posts without images (the original project's files): keep their precomputed embeddings,
+    or none at all (dimension 0) when the source has none."""
+    with_vectors = [p for p in posts if p.embedding is not None]
+    if with_vectors and len(with_vectors) != len(posts):
+        dims = {len(p.embedding) for p in with_vectors}
+        if len(dims) != 1:
+            raise ValueError(f"precomputed embeddings of different sizes in one shard: {dims}")
+    keep = with_vectors if with_vectors else posts
+    skips = [(p.id, "missing-embedding") for p in posts if with_vectors and p.embedding is None]
+    if with_vectors:
+        embeddings = np.asarray([p.embedding for p in keep], np.float32)
+    else:
+        embeddings = np.zeros((len(keep), 0), np.float32)
+    return ShardResult(list(keep), embeddings, [None] * len(keep), skips)

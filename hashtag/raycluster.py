@@ -1,0 +1,34 @@
+"""Connecting to Ray: the cluster a job was submitted to, or a local one when run by hand."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Variables that steer storage and must reach every worker: the S3 endpoint override (MinIO, a
+# test server) and, only together with it, static test credentials. On AWS, workers use their
+# instance profile and none of these is set.
+_STORAGE_ENV = ("AWS_ENDPOINT_URL",)
+_ENDPOINT_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+def connect() -> None:
+    """`ray.init()` once: inside `ray job submit` it joins that cluster, by hand it starts one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(logging_level=logging.WARNING)
+    resources = ray.cluster_resources()
+    log.info("connected to Ray: %s", {k: v for k, v in resources.items() if "node:" not in k})
+
+
+def worker_env() -> dict[str, Any]:
+    """A runtime_env that forwards the storage settings of this process to Ray workers."""
+    env = {name: os.environ[name] for name in _STORAGE_ENV if os.environ.get(name)}
+    if env:
+        env.update({n: os.environ[n] for n in _ENDPOINT_CREDENTIALS if os.environ.get(n)})
+    return {"env_vars": env} if env else {}

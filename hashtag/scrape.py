@@ -1,0 +1,196 @@
+"""The scrape stage: read posts from a source, embed them in parallel Ray tasks, one per shard.
+
+    hashtag scrape --source posts.jsonl --out s3://bucket/run [--embedder classic]
+
+Shard i holds posts i*S..(i+1)*S-1 of the source's deterministic order, so a rerun of the same
+command finds the same shards and skips the finished ones (those with a manifest). A task that
+dies with its worker is retried by Ray; a shard that still fails is reported, the others go on,
+and a rerun picks it up.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+from tqdm.auto import tqdm
+
+from hashtag import embedders, ingest, shards, storage
+from hashtag.fetch import FetchConfig, Fetcher
+from hashtag.posts import Post
+from hashtag.sources import open_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScrapeConfig:
+    source: str = field(
+        metadata={"help": "posts to ingest: a manifest (.jsonl/.csv), an instaloader folder, or "
+                  "the original project's folder (with --trust-pickle); local or s3://"}
+    )
+    out: str = field(metadata={"help": "output root; shards go to OUT/shards/shard-NNNNN"})
+    embedder: str = field(
+        default="classic",
+        metadata={"help": "embedder name: classic, tflite:PATH_OR_URI[#tensor], keras:NAME"},
+    )
+    embedder_weights: str = field(
+        default="", metadata={"help": "keras embedders: imagenet, none, a .weights.h5 path or s3:// URI"}
+    )
+    shard_size: int = field(default=256, metadata={"help": "posts per shard (one Ray task each)"})
+    cpus_per_task: float = field(default=1.0, metadata={"help": "CPUs each embed task asks for"})
+    gpus_per_task: float = field(default=0.0, metadata={"help": "GPUs each embed task asks for (Keras embedders use it)"})
+    max_in_flight: int = field(default=0, metadata={"help": "shard tasks in flight at once (0: twice the cluster's CPUs)"})
+    max_retries: int = field(default=3, metadata={"help": "retries of a shard task whose worker died or that failed"})
+    trust_pickle: bool = field(default=False, metadata={"help": "allow the original project's pickled .npy files (trusted input only)"})
+    allow_private_addresses: bool = field(default=False, metadata={"help": "let image URLs reach loopback/private addresses (tests only)"})
+    timeout_s: float = field(default=10.0, metadata={"help": "HTTP timeout per request, seconds"})
+    fetch_retries: int = field(default=3, metadata={"help": "HTTP retries per image (5xx, 429, timeouts)"})
+    max_image_bytes: int = field(default=20_000_000, metadata={"help": "largest image download, bytes"})
+    max_pixels: int = field(default=ingest.MAX_PIXELS, metadata={"help": "largest decoded image, pixels"})
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"--shard-size must be at least 1, got {self.shard_size}")
+        if self.cpus_per_task <= 0 or self.gpus_per_task < 0:
+            raise ValueError("--cpus-per-task must be > 0 and --gpus-per-task >= 0")
+        if self.max_retries < 0 or self.max_in_flight < 0:
+            raise ValueError("--max-retries and --max-in-flight must be >= 0")
+        if self.embedder.partition(":")[0] not in embedders.available():
+            raise ValueError(
+                f"unknown embedder {self.embedder!r}; use one of: {', '.join(embedders.available())}"
+            )
+
+    def fetch_config(self) -> FetchConfig:
+        return FetchConfig(
+            timeout_s=self.timeout_s,
+            retries=self.fetch_retries,
+            max_bytes=self.max_image_bytes,
+            allow_private=self.allow_private_addresses,
+        )
+
+    def embedder_options(self) -> dict:
+        return {"weights": self.embedder_weights} if self.embedder_weights else {}
+
+
+def embed_shard(config: ScrapeConfig, index: int, posts: list[Post], label_only: bool) -> dict:
+    """Embed one shard and write it (data files first, manifest last). Runs in a Ray task."""
+    start = time.perf_counter()
+    if label_only:
+        result, spec = ingest.label_only(posts), ingest.LABEL_ONLY_SPEC
+    else:
+        embedder = embedders.cached(config.embedder, **config.embedder_options())
+        threads = max(2, int(config.cpus_per_task))
+        result = ingest.embed_posts(
+            posts, embedder, Fetcher(config.fetch_config()), max_pixels=config.max_pixels, threads=threads
+        )
+        spec = embedder.spec
+    stats = {
+        "posts_in": len(posts),
+        "skipped": dict(result.skipped),
+        "skips": [{"id": post_id, "reason": reason} for post_id, reason in result.skips],
+        "bytes_read": result.bytes_read,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return shards.write_shard(
+        config.out, index, result.posts, result.embeddings,
+        embedder=spec, image_sha256=result.image_sha256, stats=stats,
+    )
+
+
+def _chunks(posts: Iterator[Post], size: int) -> Iterator[tuple[int, list[Post]]]:
+    for index in itertools.count():
+        chunk = list(itertools.islice(posts, size))
+        if not chunk:
+            return
+        yield index, chunk
+
+
+def run(config: ScrapeConfig) -> dict:
+    """Scrape and embed every post of `config.source` into shards under `config.out`."""
+    import ray
+
+    from hashtag import raycluster
+
+    raycluster.connect()
+    start = time.perf_counter()
+    source = open_source(config.source, trust_pickle=config.trust_pickle)
+    finished = shards.finished_shards(config.out)
+    cluster_cpus = int(ray.cluster_resources().get("CPU", 0))
+    max_in_flight = config.max_in_flight or max(4, 2 * cluster_cpus)
+    task = ray.remote(embed_shard).options(
+        name="embed_shard",
+        num_cpus=config.cpus_per_task,
+        num_gpus=config.gpus_per_task,
+        max_retries=config.max_retries,
+        retry_exceptions=True,
+        runtime_env=raycluster.worker_env() or None,
+    )
+    totals: Counter = Counter()
+    skipped: Counter = Counter()
+    failed: dict[int, str] = {}
+    in_flight: dict = {}
+    config_ref = ray.put(config)
+    progress = tqdm(desc="scrape", unit="post", dynamic_ncols=True)
+    posts = iter(source.posts())
+    first = next(posts, None)
+    label_only = first is not None and first.image is None
+    if first is not None:
+        posts = itertools.chain([first], posts)
+
+    def collect(ready: list) -> None:
+        for ref in ready:
+            index = in_flight.pop(ref)
+            try:
+                manifest = ray.get(ref)
+            except Exception as error:  # reported, the other shards go on; a rerun retries it
+                log.error("shard %d failed after %d retries: %s", index, config.max_retries, error)
+                failed[index] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                continue
+            record(manifest, written=True)
+
+    def record(manifest: dict, written: bool) -> None:
+        totals["shards_written" if written else "shards_already_done"] += 1
+        totals["posts_in"] += manifest.get("posts_in", manifest["count"])
+        totals["posts_embedded"] += manifest["count"]
+        totals["bytes_read"] += manifest.get("bytes_read", 0)
+        skipped.update(manifest.get("skipped", {}))
+        progress.update(manifest.get("posts_in", manifest["count"]))
+        progress.set_postfix(embedded=totals["posts_embedded"], skipped=sum(skipped.values()),
+                             MB=round(totals["bytes_read"] / 1e6, 1))
+
+    for index, chunk in _chunks(posts, config.shard_size):
+        totals["shards"] += 1
+        if index in finished:
+            record(finished[index], written=False)
+            continue
+        while len(in_flight) >= max_in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            collect(ready)
+        in_flight[task.remote(config_ref, index, chunk, label_only)] = index
+    while in_flight:
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        collect(ready)
+    progress.close()
+
+    skipped.update({f"source:{reason}": n for reason, n in source.skipped.items()})
+    seconds = time.perf_counter() - start
+    summary = {
+        "stage": "scrape",
+        "config": asdict(config),
+        "shards_uri": storage.join(config.out, "shards"),
+        **dict(totals),
+        "skipped": dict(sorted(skipped.items())),
+        "failed_shards": failed,
+        "seconds": round(seconds, 2),
+        "posts_per_second": round(totals["posts_in"] / seconds, 1) if seconds else None,
+    }
+    storage.write_json(storage.join(config.out, "scrape.json"), summary)
+    log.info("scrape: %d shards (%d already done), %d posts embedded, %d skipped -> %s",
+             totals["shards"], totals["shards_already_done"], totals["posts_embedded"],
+             sum(skipped.values()), summary["shards_uri"])
+    return summary
