@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine with Python 3.10+:
+#   make demo   # installs into .venv, then runs the whole pipeline on synthetic demo posts
+#   make test   # installs into .venv (with test extras), then lint + the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+OUT    ?= runs/demo
+
+.PHONY: demo test test-quick lint bench install clean
+
+$(BIN)/hashtag: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(BIN)/hashtag
+
+install: $(BIN)/hashtag
+
+demo: install
+	$(BIN)/hashtag pipeline --demo --out $(OUT)
+
+lint: install
+	$(BIN)/ruff check hashtag jobs tests bench
+	$(BIN)/ruff format --check hashtag jobs tests bench
+
+test: lint
+	$(BIN)/python -m pytest -ra
+
+test-quick: lint
+	$(BIN)/python -m pytest -ra -m "not cluster and not slow"
+
+bench: install
+	for script in bench/bench_*.py; do $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
