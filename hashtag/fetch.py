@@ -1,0 +1,332 @@
+"""Fetch the bytes behind a location: an http(s) URL, an s3:// URI, file:// or a local path.
+
+    fetcher = Fetcher(FetchConfig(timeout_s=5))
+    data = fetcher.get("https://example.org/cat.jpg")     # raises FetchError(message, reason)
+
+HTTP goes through http.client from the standard library, with what a scraper needs to be a good
+citizen and to survive the web:
+- timeouts on connect and on every read, and a wall-clock limit per attempt (slow-drip servers);
+- bounded retries with exponential backoff for 5xx, 429 and connection errors / timeouts; 429 and
+  503 honour Retry-After (seconds or an HTTP date), capped by max_backoff_s; other 4xx fail at once;
+- a size cap checked against Content-Length and again while streaming;
+- redirects followed by hand, at most max_redirects, each hop's host checked again;
+- by default no private, loopback, link-local (cloud metadata at 169.254.169.254), multicast,
+  reserved or unspecified addresses: every address the host resolves to is checked, and the
+  connection goes to the checked address (a second DNS answer cannot swap it: no rebinding).
+Environment proxies are not used.
+
+Everything else goes through hashtag.storage, with the same size cap (from the object's size,
+before reading). FetchError.reason is a short slug ("http-404", "timeout", "too-large",
+"private-address", "too-many-redirects", "not-found", ...) used as the skip reason in shards.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import ipaddress
+import random
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
+
+from hashtag import storage
+
+_REDIRECTS = {301, 302, 303, 307, 308}
+_CHUNK = 1 << 16
+
+
+class FetchError(Exception):
+    """A location could not be fetched; `reason` is a short slug for skip counts."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    timeout_s: float = field(
+        default=10.0, metadata={"help": "connect and per-read timeout of HTTP requests (seconds)"}
+    )
+    retries: int = field(
+        default=3, metadata={"help": "retries after a 5xx, 429, timeout or connection error"}
+    )
+    backoff_s: float = field(
+        default=0.5, metadata={"help": "first retry delay; doubles on every retry"}
+    )
+    max_backoff_s: float = field(
+        default=30.0, metadata={"help": "longest wait between retries, Retry-After included"}
+    )
+    max_bytes: int = field(
+        default=20_000_000, metadata={"help": "largest download accepted (bytes)"}
+    )
+    max_redirects: int = field(default=5, metadata={"help": "most HTTP redirects followed"})
+    allow_private: bool = field(
+        default=False,
+        metadata={"help": "allow hosts on private, loopback and link-local addresses"},
+    )
+    user_agent: str = field(default="hashtag/0.1", metadata={"help": "HTTP User-Agent header"})
+    attempt_deadline_s: float = field(
+        default=120.0,
+        metadata={"help": "wall-clock limit of one HTTP attempt, against slow-drip servers"},
+    )
+
+    def __post_init__(self):
+        for name in ("timeout_s", "attempt_deadline_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"FetchConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("retries", "max_redirects", "max_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"FetchConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.backoff_s < 0 or self.max_backoff_s < 0:
+            raise ValueError("FetchConfig.backoff_s and max_backoff_s must be >= 0")
+
+
+class _Retry(Exception):
+    """One attempt failed in a way worth retrying; carries the error to raise when out of tries."""
+
+    def __init__(self, error: FetchError, wait_s: float | None = None):
+        super().__init__(str(error))
+        self.error = error
+        self.wait_s = wait_s  # from Retry-After, else None for exponential backoff
+
+
+class Fetcher:
+    """Fetches locations under one FetchConfig; counts retries and bytes (thread-safe)."""
+
+    def __init__(self, config: FetchConfig | None = None, *, sleep: Callable = time.sleep):
+        self.config = config or FetchConfig()
+        self.retries = 0
+        self.bytes_read = 0
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._ssl_context = ssl.create_default_context()
+
+    def get(self, location: str) -> bytes:
+        location = str(location)
+        scheme = urlsplit(location).scheme.lower() if "://" in location else ""
+        if scheme in ("http", "https"):
+            data = self._get_http(location)
+        elif scheme in ("", "file", "s3", "s3a"):
+            data = self._get_storage(location)
+        else:
+            raise FetchError(
+                f"cannot fetch {location!r}: use http(s)://, s3://, file:// or a local path",
+                "bad-location",
+            )
+        with self._lock:
+            self.bytes_read += len(data)
+        return data
+
+    # storage ----------------------------------------------------------------------------------
+
+    def _get_storage(self, uri: str) -> bytes:
+        try:
+            fs, path = storage.filesystem(uri)
+            size = fs.size(path)
+            if size is not None and size > self.config.max_bytes:
+                raise FetchError(
+                    f"{uri} is {size} bytes, over max_bytes={self.config.max_bytes}", "too-large"
+                )
+            data = storage.read_bytes(uri)
+        except FetchError:
+            raise
+        except FileNotFoundError as e:
+            raise FetchError(f"{uri} does not exist", "not-found") from e
+        except IsADirectoryError as e:
+            raise FetchError(f"{uri} is a folder, not a file", "not-a-file") from e
+        except PermissionError as e:
+            raise FetchError(f"no permission to read {uri}: {e}", "forbidden") from e
+        except OSError as e:
+            raise FetchError(f"cannot read {uri}: {e}", "read-error") from e
+        if len(data) > self.config.max_bytes:  # the object grew between size() and read
+            raise FetchError(f"{uri} is over max_bytes={self.config.max_bytes}", "too-large")
+        return data
+
+    # http -------------------------------------------------------------------------------------
+
+    def _get_http(self, url: str) -> bytes:
+        for _hop in range(self.config.max_redirects + 1):
+            status, location, body = self._request_with_retries(url)
+            if status not in _REDIRECTS:
+                return body
+            if not location:
+                raise FetchError(f"{url}: HTTP {status} without a Location header", "bad-redirect")
+            next_url = urljoin(url, location)
+            if urlsplit(next_url).scheme.lower() not in ("http", "https"):
+                raise FetchError(f"{url} redirects to {next_url!r}: not http(s)", "bad-redirect")
+            url = next_url
+        raise FetchError(
+            f"more than max_redirects={self.config.max_redirects} redirects (last: {url})",
+            "too-many-redirects",
+        )
+
+    def _request_with_retries(self, url: str) -> tuple[int, str | None, bytes]:
+        config = self.config
+        for attempt in range(config.retries + 1):
+            try:
+                return self._request_once(url)
+            except _Retry as retry:
+                if attempt == config.retries:
+                    raise retry.error from None
+                if retry.wait_s is not None:
+                    wait = min(retry.wait_s, config.max_backoff_s)
+                else:
+                    # Jitter, so that many workers throttled together do not retry together.
+                    wait = min(config.backoff_s * 2**attempt, config.max_backoff_s)
+                    wait *= random.uniform(0.5, 1.0)
+                with self._lock:
+                    self.retries += 1
+                self._sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _request_once(self, url: str) -> tuple[int, str | None, bytes]:
+        """One HTTP request: (status, Location, body); the body is read only for 2xx."""
+        config = self.config
+        parts = urlsplit(url)
+        host = parts.hostname
+        if not host:
+            raise FetchError(f"{url!r} has no host", "bad-location")
+        https = parts.scheme.lower() == "https"
+        try:
+            port = parts.port or (443 if https else 80)
+        except ValueError as e:
+            raise FetchError(f"{url!r}: {e}", "bad-location") from e
+        address = self._checked_address(host, port)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        deadline = time.monotonic() + config.attempt_deadline_s
+        if https:
+            conn = _PinnedHTTPSConnection(host, port, address, config.timeout_s, self._ssl_context)
+        else:
+            conn = _PinnedHTTPConnection(host, port, address, config.timeout_s)
+        try:
+            conn.request(
+                "GET",
+                target,
+                headers={"User-Agent": config.user_agent, "Accept": "*/*", "Connection": "close"},
+            )
+            response = conn.getresponse()
+            status = response.status
+            if status in _REDIRECTS:
+                return status, response.getheader("Location"), b""
+            if status == 429 or status >= 500:
+                wait = _retry_after_s(response.getheader("Retry-After"))
+                raise _Retry(FetchError(f"{url}: HTTP {status}", f"http-{status}"), wait)
+            if not 200 <= status < 300:
+                raise FetchError(f"{url}: HTTP {status} {response.reason}", f"http-{status}")
+            return status, None, self._read_body(url, response, deadline)
+        except TimeoutError as e:
+            raise _Retry(
+                FetchError(f"{url}: timed out after {config.timeout_s}s", "timeout")
+            ) from e
+        except ssl.SSLCertVerificationError as e:
+            raise FetchError(f"{url}: TLS certificate not valid: {e}", "tls-error") from e
+        except (OSError, http.client.HTTPException) as e:
+            raise _Retry(FetchError(f"{url}: {type(e).__name__}: {e}", "connection-error")) from e
+        finally:
+            conn.close()
+
+    def _read_body(self, url: str, response: http.client.HTTPResponse, deadline: float) -> bytes:
+        limit = self.config.max_bytes
+        length = response.getheader("Content-Length")
+        if length and length.strip().isdigit() and int(length) > limit:
+            raise FetchError(
+                f"{url}: Content-Length {int(length)} over max_bytes={limit}", "too-large"
+            )
+        chunks, total = [], 0
+        while chunk := response.read1(_CHUNK):
+            total += len(chunk)
+            if total > limit:
+                raise FetchError(f"{url}: body over max_bytes={limit}", "too-large")
+            if time.monotonic() > deadline:
+                raise _Retry(
+                    FetchError(
+                        f"{url}: not downloaded in {self.config.attempt_deadline_s}s", "timeout"
+                    )
+                )
+            chunks.append(chunk)
+        if length and length.strip().isdigit() and total < int(length):
+            # The server closed early; http.client's read1 does not raise for this.
+            raise _Retry(FetchError(f"{url}: got {total} of {length} bytes", "incomplete"))
+        return b"".join(chunks)
+
+    def _checked_address(self, host: str, port: int) -> str:
+        """Resolve `host`; refuse it if any address is not public (unless allow_private)."""
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            error = FetchError(f"cannot resolve host {host!r}: {e}", "dns-error")
+            if e.errno == socket.EAI_AGAIN:  # a temporary failure of the resolver
+                raise _Retry(error) from e
+            raise error from e
+        addresses = [info[4][0] for info in infos]
+        if not self.config.allow_private:
+            for address in addresses:
+                if not is_public_address(address):
+                    raise FetchError(
+                        f"refusing {host!r}: it resolves to the non-public address {address}; "
+                        "set allow_private=True (--allow-private) to fetch from your own network",
+                        "private-address",
+                    )
+        return addresses[0]
+
+
+def is_public_address(address: str) -> bool:
+    """True for a globally routable unicast address; False for loopback, private, etc."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    blocked = (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+    )
+    return ip.is_global and not blocked
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header: '120' or an HTTP date; None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to an address checked beforehand, while Host stays the URL's host."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self):
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """The same over TLS: SNI and certificate checks use the URL's host name."""
+
+    def __init__(self, host, port, address, timeout, context: ssl.SSLContext):
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._address = address
+        self._tls_context = context
+
+    def connect(self):
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._tls_context.wrap_socket(sock, server_hostname=self.host)
