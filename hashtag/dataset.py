@@ -1,0 +1,399 @@
+"""The merged dataset format: what merge.py writes and every model trains on.
+
+    OUT/
+      embeddings.npy      float32 (N, dim), row = global id 0..N-1
+      ids.npy             unicode (N,): the source post ids
+      labels_indptr.npy   int64 (N+1,)  CSR rows over the vocabulary
+      labels_indices.npy  int32 (nnz,)  sorted within each row
+      split.npy           uint8 (N,): 0 train, 1 validation, 2 test
+      vocab.json          {"tags": [...], "counts": [...]}, most frequent first
+      manifest.json       written LAST; a folder without it holds no dataset
+
+`DatasetWriter` streams rows in, chunk by chunk, straight to the files (plain sequential writes,
+not a memory map, so that written pages are page cache and not the writer's resident memory);
+its memory is bounded by the chunk it is given. Local outputs are written to temporary names in
+OUT and renamed at the end; s3:// outputs are written to a local temporary folder and uploaded.
+Either way the old manifest is removed first and the new one written last, so a reader sees the
+old dataset, no dataset, or the whole new one. A reader that memory-mapped the old local files
+keeps reading them: a rename does not touch an open file.
+
+`Dataset.load(uri)` reads it back, memory-mapped when local; every file loads with
+allow_pickle=False.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import tempfile
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from hashtag import storage
+
+DATASET_FORMAT = "hashtag-dataset"
+DATASET_VERSION = 1
+MANIFEST = "manifest.json"
+VOCAB = "vocab.json"
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"validation": "val", "valid": "val"}
+# name -> (dtype, shape of one row); the ids dtype is "<U{id_length}", set per dataset.
+_ARRAYS = {
+    "embeddings": ("<f4", None),
+    "ids": (None, ()),
+    "split": ("u1", ()),
+    "labels_indptr": ("<i8", ()),
+    "labels_indices": ("<i4", ()),
+}
+
+
+def split_code(name: str) -> int:
+    """0 for "train", 1 for "val" (or "validation"), 2 for "test"."""
+    name = _SPLIT_ALIASES.get(name, name)
+    if name not in SPLITS:
+        raise ValueError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
+    return SPLITS.index(name)
+
+
+def csr_from_lists(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr starting at 0, indices) for a list of per-row column lists, sorted and unique."""
+    lengths = np.fromiter((len(r) for r in rows), np.int64, count=len(rows))
+    flat = np.fromiter((c for r in rows for c in r), np.int64, count=int(lengths.sum()))
+    row_of = np.repeat(np.arange(len(rows)), lengths)
+    order = np.lexsort((flat, row_of))
+    row_of, flat = row_of[order], flat[order]
+    keep = np.ones(len(flat), bool)
+    keep[1:] = (row_of[1:] != row_of[:-1]) | (flat[1:] != flat[:-1])
+    row_of, flat = row_of[keep], flat[keep]
+    indptr = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(np.bincount(row_of, minlength=len(rows)), out=indptr[1:])
+    return indptr, flat.astype(np.int32)
+
+
+class _NpyStream:
+    """A .npy file written row chunk by row chunk; the header (with the final length) is
+    written last into space reserved at the start. numpy pads headers with spaces the same way."""
+
+    header_bytes = 256
+
+    def __init__(self, path: str, dtype: str, row_shape: tuple[int, ...]):
+        self.path, self.dtype, self.row_shape = path, np.dtype(dtype), row_shape
+        self.rows = 0
+        self.file = open(path, "wb")
+        self.file.write(b" " * self.header_bytes)
+
+    def append(self, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array, dtype=self.dtype)
+        if array.shape[1:] != self.row_shape:
+            raise ValueError(
+                f"{os.path.basename(self.path)}: rows of shape {array.shape[1:]}, expected {self.row_shape}"
+            )
+        self.file.write(array.tobytes())
+        self.rows += len(array)
+
+    def close(self) -> None:
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (int(self.rows), *(int(d) for d in self.row_shape)),
+        }
+        text = repr(header)
+        # magic (6) + version (2) + header length (2) + text + padding + "\n"
+        padding = self.header_bytes - 10 - len(text) - 1
+        if padding < 0:
+            raise ValueError(f"npy header too long for {self.path}: {text}")
+        body = (text + " " * padding + "\n").encode("latin1")
+        self.file.seek(0)
+        self.file.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body)
+        self.file.close()
+
+    def discard(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+class DatasetWriter:
+    """Stream a merged dataset to `uri`, chunk by chunk.
+
+        with DatasetWriter(out, dim=256, id_length=32) as writer:
+            writer.append(embeddings, ids, split, label_indptr, label_indices)   # per chunk
+            manifest = writer.finish(vocab=tags, tag_counts=counts, embedder=spec, extra={...})
+
+    Leaving the `with` block without `finish` (an exception) discards the temporary files.
+    """
+
+    def __init__(self, uri: str, *, dim: int, id_length: int):
+        if dim < 0 or id_length < 0:
+            raise ValueError(f"dim and id_length must be >= 0, got {dim} and {id_length}")
+        self.uri, self.dim, self.id_length = str(uri), int(dim), max(int(id_length), 1)
+        self.remote = storage.is_remote(self.uri)
+        # The old dataset (if any) stops existing before any of its files is replaced.
+        storage.remove(storage.join(self.uri, MANIFEST))
+        if self.remote:
+            self._tmpdir: str | None = tempfile.mkdtemp(prefix="hashtag-dataset-")
+            folder, suffix = self._tmpdir, ""
+        else:
+            self._tmpdir = None
+            folder = storage.filesystem(self.uri)[1]
+            os.makedirs(folder, exist_ok=True)
+            suffix = f".tmp-{uuid.uuid4().hex}"
+        self._streams: dict[str, _NpyStream] = {}
+        for name, (dtype, row_shape) in _ARRAYS.items():
+            dtype = dtype or f"<U{self.id_length}"
+            row_shape = (self.dim,) if row_shape is None else row_shape
+            path = os.path.join(folder, f"{name}.npy{suffix}")
+            self._streams[name] = _NpyStream(path, dtype, row_shape)
+        self._streams["labels_indptr"].append(np.zeros(1, np.int64))
+        self.count = 0
+        self.nnz = 0
+        self.unlabeled = 0
+        self.max_label = -1
+        self.split_counts = np.zeros(len(SPLITS), np.int64)
+        self._done = False
+
+    def append(
+        self,
+        embeddings: np.ndarray,
+        ids: Sequence[str],
+        split: np.ndarray,
+        label_indptr: np.ndarray,
+        label_indices: np.ndarray,
+    ) -> None:
+        """Add n rows: embeddings (n, dim), ids (n,), split codes (n,), and their labels as a CSR
+        chunk (label_indptr (n+1,) from 0, label_indices) over the vocabulary given to finish."""
+        n = len(ids)
+        embeddings = np.asarray(embeddings, np.float32).reshape(n, self.dim)
+        split = np.asarray(split, np.uint8)
+        label_indptr = np.asarray(label_indptr, np.int64)
+        label_indices = np.asarray(label_indices, np.int32)
+        if split.shape != (n,) or (n and split.max() >= len(SPLITS)):
+            raise ValueError(f"split must be {n} codes in 0..{len(SPLITS) - 1}")
+        if (
+            label_indptr.shape != (n + 1,)
+            or label_indptr[0] != 0
+            or label_indptr[-1] != len(label_indices)
+            or np.any(np.diff(label_indptr) < 0)
+        ):
+            raise ValueError(
+                "label_indptr must be (n+1,), start at 0, grow, end at len(label_indices)"
+            )
+        if len(label_indices) and label_indices.min() < 0:
+            raise ValueError("label indices must be >= 0")
+        ids_array = np.asarray(list(ids), dtype=str).reshape(n)
+        longest = int(np.char.str_len(ids_array).max()) if n else 0
+        if longest > self.id_length:
+            raise ValueError(
+                f"an id has {longest} characters, more than id_length={self.id_length}"
+            )
+        streams = self._streams
+        streams["embeddings"].append(embeddings)
+        streams["ids"].append(ids_array)
+        streams["split"].append(split)
+        streams["labels_indptr"].append(label_indptr[1:] + self.nnz)
+        streams["labels_indices"].append(label_indices)
+        self.count += n
+        self.nnz += len(label_indices)
+        self.unlabeled += int(np.count_nonzero(np.diff(label_indptr) == 0))
+        self.split_counts += np.bincount(split, minlength=len(SPLITS))
+        if len(label_indices):
+            self.max_label = max(self.max_label, int(label_indices.max()))
+
+    def finish(
+        self,
+        *,
+        vocab: Sequence[str],
+        tag_counts: Sequence[int],
+        embedder: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Move the files into place, write vocab.json, then manifest.json; return the manifest."""
+        if len(vocab) != len(tag_counts):
+            raise ValueError(f"{len(vocab)} tags but {len(tag_counts)} counts")
+        if self.max_label >= len(vocab):
+            raise ValueError(
+                f"a label index {self.max_label} is outside the vocabulary of {len(vocab)}"
+            )
+        files = {}
+        for name, stream in self._streams.items():
+            stream.close()
+            final = storage.join(self.uri, f"{name}.npy")
+            files[f"{name}.npy"] = os.path.getsize(stream.path)
+            if self.remote:
+                storage.upload(stream.path, final)
+            else:
+                os.replace(stream.path, storage.filesystem(final)[1])
+        storage.write_json(
+            storage.join(self.uri, VOCAB),
+            {"tags": list(vocab), "counts": [int(c) for c in tag_counts]},
+        )
+        manifest = dict(extra or {})
+        manifest.update(
+            format=DATASET_FORMAT,
+            version=DATASET_VERSION,
+            count=self.count,
+            dim=self.dim,
+            embedder=embedder,
+            vocab_size=len(vocab),
+            splits={name: int(c) for name, c in zip(SPLITS, self.split_counts, strict=True)},
+            label_nnz=self.nnz,
+            unlabeled=self.unlabeled,
+            files=files,
+        )
+        storage.write_json(storage.join(self.uri, MANIFEST), manifest)
+        self._done = True
+        self._cleanup()
+        return manifest
+
+    def abort(self) -> None:
+        """Discard everything written so far (the output keeps no manifest)."""
+        for stream in self._streams.values():
+            stream.discard()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if not self._done:
+            self.abort()
+
+
+class Dataset:
+    """A merged dataset, loaded. Rows are global ids 0..N-1.
+
+    embeddings (N, dim) float32, ids (N,) str, split (N,) uint8, vocab (list of V tags, most
+    frequent first), tag_counts (V,) int64, embedder (spec dict), manifest (dict);
+    labels(rows) -> bool (n, V), rows(name) -> indices, part(name) -> (X, Y).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        manifest: dict[str, Any],
+        arrays: dict[str, np.ndarray],
+        vocab: list[str],
+        tag_counts: np.ndarray,
+    ):
+        self.uri = uri
+        self.manifest = manifest
+        self.embeddings = arrays["embeddings"]
+        self.ids = arrays["ids"]
+        self.split = arrays["split"]
+        self.labels_indptr = arrays["labels_indptr"]
+        self.labels_indices = arrays["labels_indices"]
+        self.vocab = vocab
+        self.tag_counts = tag_counts
+
+    @classmethod
+    def load(cls, uri: str, mmap: bool = True) -> Dataset:
+        """Load the dataset at `uri` (memory-mapped when local and `mmap`)."""
+        uri = str(uri)
+        manifest_uri = storage.join(uri, MANIFEST)
+        if not storage.exists(manifest_uri):
+            raise FileNotFoundError(
+                f"no dataset at {uri}: {MANIFEST} is missing (the merge did not run or did not "
+                "finish); run `hashtag merge` to build it"
+            )
+        manifest = storage.read_json(manifest_uri)
+        if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
+            raise ValueError(f"{manifest_uri} is not a {DATASET_FORMAT!r} manifest")
+        if manifest.get("version") != DATASET_VERSION:
+            raise ValueError(
+                f"{uri} is dataset format version {manifest.get('version')!r}; this code reads "
+                f"version {DATASET_VERSION}: rerun `hashtag merge` to rebuild it"
+            )
+        arrays = {
+            name: storage.load_npy(storage.join(uri, f"{name}.npy"), mmap=mmap) for name in _ARRAYS
+        }
+        vocab_json = storage.read_json(storage.join(uri, VOCAB))
+        vocab = [str(t) for t in vocab_json["tags"]]
+        tag_counts = np.asarray(vocab_json["counts"], np.int64)
+        _check(uri, manifest, arrays, vocab, tag_counts)
+        return cls(uri, manifest, arrays, vocab, tag_counts)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"Dataset({self.uri!r}, count={len(self)}, dim={self.dim}, vocab_size={self.vocab_size})"
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def embedder(self) -> dict[str, Any]:
+        return self.manifest["embedder"]
+
+    def rows(self, name: str) -> np.ndarray:
+        """Global ids of the rows in split `name` ("train", "val" or "test"), ascending."""
+        return np.flatnonzero(np.asarray(self.split) == split_code(name))
+
+    def labels(self, rows: np.ndarray | Sequence[int] | None = None) -> np.ndarray:
+        """Dense bool (n, V) label matrix of `rows` (ids or a bool mask; all rows if None)."""
+        indptr = np.asarray(self.labels_indptr)
+        if rows is None:
+            rows = np.arange(len(self))
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        rows = rows.astype(np.int64, copy=False).reshape(-1)
+        starts, lengths = indptr[rows], indptr[rows + 1] - indptr[rows]
+        # Position of every label of the selected rows in labels_indices, without a Python loop.
+        ends = np.cumsum(lengths)
+        positions = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(
+            starts - ends + lengths, lengths
+        )
+        out = np.zeros((len(rows), self.vocab_size), bool)
+        out[
+            np.repeat(np.arange(len(rows)), lengths), np.asarray(self.labels_indices)[positions]
+        ] = True
+        return out
+
+    def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(X float32 (n, dim), Y bool (n, V)) of split `name`, in memory."""
+        rows = self.rows(name)
+        return np.asarray(self.embeddings[rows], np.float32), self.labels(rows)
+
+
+def _check(
+    uri: str,
+    manifest: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    vocab: list[str],
+    tag_counts: np.ndarray,
+) -> None:
+    count, dim = manifest["count"], manifest["dim"]
+    expected = {
+        "embeddings": ((count, dim), "f"),
+        "ids": ((count,), "U"),
+        "split": ((count,), "u"),
+        "labels_indptr": ((count + 1,), "i"),
+        "labels_indices": ((int(arrays["labels_indptr"][-1]),), "i"),
+    }
+    for name, (shape, kind) in expected.items():
+        array = arrays[name]
+        if array.shape != shape or array.dtype.kind != kind:
+            raise ValueError(
+                f"{uri}/{name}.npy is {array.dtype} {array.shape}, expected kind {kind!r} {shape}: "
+                "the dataset is damaged; rerun `hashtag merge`"
+            )
+    if len(vocab) != manifest["vocab_size"] or len(tag_counts) != len(vocab):
+        raise ValueError(
+            f"{uri}/{VOCAB} does not match the manifest's vocab_size; rerun `hashtag merge`"
+        )

@@ -1,0 +1,249 @@
+"""The shard format: one folder per slice of the source, finished when its manifest exists.
+
+    ROOT/shards/shard-00000/
+      embeddings.npy   float32 (n, dim); row i belongs to line i of posts.jsonl; dim 0 if label-only
+      posts.jsonl      one Post JSON row per kept post, plus "image_sha256" (hex or null)
+      manifest.json    written LAST (see docs/design.md for its fields)
+
+The data files are written first and the manifest last, each object atomically, so a shard
+without manifest.json does not exist for readers: a worker killed half-way leaves stale data
+files that the next run simply overwrites. Rewriting a finished shard removes its manifest first.
+
+Pure: no Ray. scrape.py decides what goes into a shard; merge.py reads them back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hashtag import storage
+from hashtag.posts import Post
+
+log = logging.getLogger(__name__)
+
+SHARD_FORMAT = "hashtag-shard"
+SHARD_VERSION = 1
+EMBEDDINGS = "embeddings.npy"
+POSTS = "posts.jsonl"
+MANIFEST = "manifest.json"
+_SHARD_NAME = re.compile(r"^shard-(\d+)$")
+# Stats a shard writer may report; missing ones default to these (copied) values.
+_STAT_DEFAULTS: dict[str, Any] = {
+    "posts_in": None,
+    "skipped": {},
+    "skips": [],
+    "bytes_read": 0,
+    "seconds": 0.0,
+}
+
+
+class ShardError(ValueError):
+    """A finished shard whose data files do not match its manifest."""
+
+
+@dataclass
+class ShardData:
+    """One shard read back: JSON rows (dicts), their embeddings and the manifest."""
+
+    posts: list[dict[str, Any]]
+    embeddings: np.ndarray
+    manifest: dict[str, Any]
+
+
+def shard_uri(root: str, index: int) -> str:
+    """ROOT/shards/shard-00000 for index 0."""
+    if index < 0:
+        raise ValueError(f"shard index must be >= 0, got {index}")
+    return storage.join(root, "shards", f"shard-{index:05d}")
+
+
+def write_shard(
+    root: str,
+    index: int,
+    posts: list[Post],
+    embeddings: np.ndarray,
+    *,
+    embedder: dict[str, Any],
+    image_sha256: list[str | None],
+    stats: dict[str, Any],
+) -> dict[str, Any]:
+    """Write shard `index` under ROOT/shards and return its manifest (written last).
+
+    `embeddings` is (len(posts), dim) float32, dim 0 for label-only data; `image_sha256[i]` is
+    the hex digest of post i's image bytes (None without image); `stats` holds posts_in,
+    skipped ({reason: count}), skips ([{"id", "reason"}]), bytes_read and seconds; extra keys
+    are recorded as given. A post's own `embedding` field is not repeated in posts.jsonl: its
+    vector lives in embeddings.npy.
+    """
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(posts):
+        raise ValueError(
+            f"embeddings must be (len(posts), dim) = ({len(posts)}, dim); got {embeddings.shape}"
+        )
+    if len(image_sha256) != len(posts):
+        raise ValueError(f"image_sha256 has {len(image_sha256)} entries for {len(posts)} posts")
+    reserved = {"format", "version", "shard", "count", "dim", "embedder", "files"}
+    if reserved & set(stats):
+        raise ValueError(f"stats may not set {sorted(reserved & set(stats))}: write_shard does")
+
+    uri = shard_uri(root, index)
+    manifest_uri = storage.join(uri, MANIFEST)
+    # A finished shard being rewritten must stop existing before its data files change.
+    storage.remove(manifest_uri)
+
+    buffer = _npy_bytes(embeddings)
+    storage.write_bytes(storage.join(uri, EMBEDDINGS), buffer)
+    lines = []
+    for post, sha in zip(posts, image_sha256, strict=True):
+        row = json.loads(post.to_json())
+        row.pop("embedding", None)
+        row["image_sha256"] = sha
+        lines.append(json.dumps(row, ensure_ascii=False, sort_keys=True))
+    text = "".join(line + "\n" for line in lines).encode("utf-8")
+    storage.write_bytes(storage.join(uri, POSTS), text)
+
+    manifest: dict[str, Any] = {k: _copy(v) for k, v in _STAT_DEFAULTS.items()}
+    manifest.update(stats)
+    if manifest["posts_in"] is None:
+        manifest["posts_in"] = len(posts)
+    manifest.update(
+        format=SHARD_FORMAT,
+        version=SHARD_VERSION,
+        shard=int(index),
+        count=len(posts),
+        dim=int(embeddings.shape[1]),
+        embedder=embedder,
+        files={EMBEDDINGS: len(buffer), POSTS: len(text)},
+    )
+    storage.write_json(manifest_uri, manifest)
+    return manifest
+
+
+def read_manifest(root: str, index: int) -> dict[str, Any] | None:
+    """Shard `index`'s manifest, or None when the shard is not finished (absent or corrupt)."""
+    uri = storage.join(shard_uri(root, index), MANIFEST)
+    try:
+        manifest = storage.read_json(uri)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        log.warning(
+            "shard %d: unreadable manifest %s (%s); treating it as unfinished", index, uri, error
+        )
+        return None
+    problem = _manifest_problem(manifest, index)
+    if problem:
+        log.warning(
+            "shard %d: invalid manifest %s (%s); treating it as unfinished", index, uri, problem
+        )
+        return None
+    return manifest
+
+
+def finished_shards(root: str) -> dict[int, dict[str, Any]]:
+    """{index: manifest} of the shards under ROOT/shards that have a valid manifest, by index."""
+    indices = []
+    for name in storage.listdir(storage.join(root, "shards")):
+        match = _SHARD_NAME.match(name)
+        if match:
+            indices.append(int(match.group(1)))
+    finished = {}
+    for index in sorted(indices):
+        manifest = read_manifest(root, index)
+        if manifest is not None:
+            finished[index] = manifest
+    return finished
+
+
+def read_rows(
+    root: str, index: int, manifest: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The JSON rows of posts.jsonl of a finished shard, checked against its manifest."""
+    manifest = manifest if manifest is not None else _require_manifest(root, index)
+    uri = storage.join(shard_uri(root, index), POSTS)
+    try:
+        text = storage.read_bytes(uri).decode("utf-8")
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, ValueError) as error:
+        raise ShardError(f"shard {index}: cannot read {uri}: {error}") from error
+    if len(rows) != manifest["count"]:
+        raise ShardError(
+            f"shard {index}: {uri} has {len(rows)} rows but its manifest says {manifest['count']}; "
+            f"delete {shard_uri(root, index)} and rerun the scrape to rebuild it"
+        )
+    for row in rows:
+        if not isinstance(row, dict) or "id" not in row:
+            raise ShardError(f"shard {index}: a row of {uri} has no 'id': {str(row)[:200]}")
+    return rows
+
+
+def read_embeddings(
+    root: str, index: int, manifest: dict[str, Any] | None = None, *, mmap: bool = False
+) -> np.ndarray:
+    """The (count, dim) float32 embeddings of a finished shard (memory-mapped if local and `mmap`)."""
+    manifest = manifest if manifest is not None else _require_manifest(root, index)
+    uri = storage.join(shard_uri(root, index), EMBEDDINGS)
+    try:
+        embeddings = storage.load_npy(uri, mmap=mmap)
+    except (OSError, ValueError) as error:
+        raise ShardError(f"shard {index}: cannot read {uri}: {error}") from error
+    expected = (manifest["count"], manifest["dim"])
+    if embeddings.shape != expected or embeddings.dtype != np.float32:
+        raise ShardError(
+            f"shard {index}: {uri} is {embeddings.dtype} {embeddings.shape}, the manifest says "
+            f"float32 {expected}; delete {shard_uri(root, index)} and rerun the scrape"
+        )
+    return embeddings
+
+
+def read_shard(root: str, index: int, *, mmap: bool = False) -> ShardData:
+    """Read a finished shard; FileNotFoundError if it has no valid manifest, ShardError if its
+    files do not match the manifest."""
+    manifest = _require_manifest(root, index)
+    rows = read_rows(root, index, manifest)
+    embeddings = read_embeddings(root, index, manifest, mmap=mmap)
+    return ShardData(posts=rows, embeddings=embeddings, manifest=manifest)
+
+
+def _require_manifest(root: str, index: int) -> dict[str, Any]:
+    manifest = read_manifest(root, index)
+    if manifest is None:
+        raise FileNotFoundError(
+            f"shard {index} under {root} is not finished (no valid manifest.json); run the scrape"
+        )
+    return manifest
+
+
+def _manifest_problem(manifest: Any, index: int) -> str | None:
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    if manifest.get("format") != SHARD_FORMAT:
+        return f"format {manifest.get('format')!r} is not {SHARD_FORMAT!r}"
+    if manifest.get("version") != SHARD_VERSION:
+        return f"version {manifest.get('version')!r} is not {SHARD_VERSION}"
+    if manifest.get("shard") != index:
+        return f"it names shard {manifest.get('shard')!r}"
+    for key in ("count", "dim"):
+        value = manifest.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{key} {value!r} is not a non-negative integer"
+    if not isinstance(manifest.get("embedder"), dict):
+        return "no embedder spec"
+    return None
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _copy(value: Any) -> Any:
+    return json.loads(json.dumps(value))
