@@ -1,0 +1,224 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from hashtag import merge, shards, storage
+from hashtag.dataset import Dataset, DatasetWriter, csr_from_lists
+from hashtag.posts import Post
+
+SPEC = {"name": "classic", "version": 1}
+
+
+def write(root, index, rows, dim=2, embedder=SPEC):
+    """rows: (id, tags, sha or None); embedding row = [hash-free marker of the id, index]."""
+    posts = [
+        Post(id=i, image=None if sha is None else f"/{i}.jpg", tags=tuple(t)) for i, t, sha in rows
+    ]
+    embeddings = np.array(
+        [[float(len(i)) + k, float(index)] for k, (i, _, _) in enumerate(rows)], np.float32
+    )
+    embeddings = embeddings.reshape(len(rows), 2)[:, :dim]
+    shards.write_shard(
+        root, index, posts, embeddings, embedder=embedder,
+        image_sha256=[sha for _, _, sha in rows], stats={},
+    )  # fmt: skip
+
+
+SHARD_ROWS = [
+    [("a", ["cat", "dog"], "s1"), ("b", ["cat"], "s2"), ("a", ["cat"], "s9")],  # id repeat inside
+    [("c", ["dog", "sun"], "s3"), ("d", ["cat", "rare"], "s1"), ("b", ["sun"], "s4")],
+    [("e", ["sun", "dog"], None), ("f", [], None), ("g", ["Cat"], "s5")],
+]
+
+
+def make(root, order=(0, 1, 2)):
+    for index in order:
+        write(root, index, SHARD_ROWS[index])
+
+
+def config(shards_root, out, **kw):
+    return merge.MergeConfig(shards=shards_root, out=out, **kw)
+
+
+def test_merge_dedupes_and_builds_vocab(tmp_path):
+    make(str(tmp_path / "s"))
+    summary = merge.run(config(str(tmp_path / "s"), str(tmp_path / "d"), min_count=2))
+    ds = Dataset.load(str(tmp_path / "d"))
+    # a (repeat of "a" in shard 0), d (image s1 again), b (repeat in shard 1) are dropped.
+    assert ds.ids.tolist() == ["a", "b", "c", "e", "f", "g"]
+    assert summary["duplicates"] == {"id": 2, "image": 1} and summary["posts_in"] == 9
+    assert summary["count"] == len(ds) == 6
+    # cat: a, b; dog: a, c, e; sun: c, e; rare: dropped (its post was a repost), Cat: once.
+    assert ds.vocab == ["dog", "cat", "sun"]
+    assert ds.tag_counts.tolist() == [3, 2, 2]
+    expected = np.array(
+        [[1, 1, 0], [0, 1, 0], [1, 0, 1], [1, 0, 1], [0, 0, 0], [0, 0, 0]], bool
+    )  # rows a, b, c, e, f, g
+    np.testing.assert_array_equal(ds.labels(), expected)
+    np.testing.assert_array_equal(ds.labels([4, 0]), expected[[4, 0]])
+    np.testing.assert_array_equal(ds.labels(np.arange(6) == 2), expected[[2]])
+    assert ds.labels([]).shape == (0, 3)
+    assert summary["unlabeled"] == ds.manifest["unlabeled"] == 2
+    # Rows keep their own embeddings: shard 1's "c" is row 0 of shard 1.
+    np.testing.assert_array_equal(ds.embeddings[2], [1.0, 1.0])
+    assert ds.embedder == SPEC and ds.dim == 2
+    assert storage.read_json(str(tmp_path / "d" / "merge.json"))["count"] == 6
+
+
+def test_vocab_cap_and_min_count(tmp_path):
+    make(str(tmp_path / "s"))
+    ds_root = str(tmp_path / "d")
+    merge.run(config(str(tmp_path / "s"), ds_root, min_count=1, vocab_size=4))
+    # ties (cat=2, sun=2; Cat=1 ...) broken by name, most frequent first
+    assert Dataset.load(ds_root).vocab == ["dog", "cat", "sun", "Cat"]
+    merge.run(config(str(tmp_path / "s"), ds_root, min_count=3))
+    ds = Dataset.load(ds_root)
+    assert ds.vocab == ["dog"] and ds.manifest["unlabeled"] == 3
+    assert len(ds) == 6  # ids do not depend on the vocabulary
+
+
+def test_ids_stable_across_reruns_and_completion_order(tmp_path):
+    make(str(tmp_path / "s1"), order=(0, 1, 2))
+    make(str(tmp_path / "s2"), order=(2, 0, 1))
+    merge.run(config(str(tmp_path / "s1"), str(tmp_path / "d1")))
+    merge.run(config(str(tmp_path / "s2"), str(tmp_path / "d2")))
+    first = Dataset.load(str(tmp_path / "d1"), mmap=False)
+    merge.run(config(str(tmp_path / "s1"), str(tmp_path / "d1")))  # rerun in place
+    for other in (Dataset.load(str(tmp_path / "d1")), Dataset.load(str(tmp_path / "d2"))):
+        np.testing.assert_array_equal(other.ids, first.ids)
+        np.testing.assert_array_equal(other.embeddings, first.embeddings)
+        np.testing.assert_array_equal(other.split, first.split)
+        np.testing.assert_array_equal(other.labels(), first.labels())
+    names = sorted(os.listdir(tmp_path / "d1"))
+    assert not [n for n in names if ".tmp-" in n], names
+
+
+def test_split_is_stable_when_a_shard_is_added(tmp_path):
+    root = str(tmp_path / "s")
+    ids = [f"post-{i}" for i in range(400)]
+    write(root, 0, [(i, ["x"], None) for i in ids[:200]])
+    merge.run(config(root, str(tmp_path / "d1"), val_fraction=0.2, test_fraction=0.3))
+    write(root, 1, [(i, ["x"], None) for i in ids[200:]])
+    merge.run(config(root, str(tmp_path / "d2"), val_fraction=0.2, test_fraction=0.3))
+    before, after = Dataset.load(str(tmp_path / "d1")), Dataset.load(str(tmp_path / "d2"))
+    np.testing.assert_array_equal(after.split[:200], before.split)
+    np.testing.assert_array_equal(after.ids[:200], before.ids)
+    counts = np.bincount(after.split, minlength=3) / 400
+    assert (
+        abs(counts[0] - 0.5) < 0.1 and abs(counts[1] - 0.2) < 0.08 and abs(counts[2] - 0.3) < 0.08
+    )
+    X, Y = after.part("val")
+    assert X.shape == (after.manifest["splits"]["val"], 2) and Y.shape == (len(X), 1)
+    assert after.rows("validation").tolist() == np.flatnonzero(after.split == 1).tolist()
+    with pytest.raises(ValueError, match="unknown split"):
+        after.rows("dev")
+
+
+def test_assign_split_is_a_function_of_seed_and_id():
+    ids = [f"id{i}" for i in range(5000)]
+    split = merge.assign_split(ids, seed="s", val_fraction=0.1, test_fraction=0.2)
+    assert split.dtype == np.uint8
+    np.testing.assert_array_equal(
+        split[::-1], merge.assign_split(ids[::-1], seed="s", val_fraction=0.1, test_fraction=0.2)
+    )
+    np.testing.assert_allclose(np.bincount(split) / 5000, [0.7, 0.1, 0.2], atol=0.03)
+    other = merge.assign_split(ids, seed="t", val_fraction=0.1, test_fraction=0.2)
+    assert (other != split).mean() > 0.2
+
+
+def test_mixed_embedders_and_dims_are_refused(tmp_path):
+    root = str(tmp_path / "s")
+    write(root, 0, [("a", ["x"], "1")])
+    write(root, 1, [("b", ["x"], "2")], embedder={"name": "keras:mobilenet_v2"})
+    with pytest.raises(ValueError, match=r"classic.*keras:mobilenet_v2"):
+        merge.run(config(root, str(tmp_path / "d")))
+    root = str(tmp_path / "s2")
+    write(root, 0, [("a", ["x"], "1")])
+    write(root, 1, [("b", ["x"], "2")], dim=1)
+    with pytest.raises(ValueError, match="dim 2 but shard 1 has dim 1"):
+        merge.run(config(root, str(tmp_path / "d")))
+    assert not os.path.exists(tmp_path / "d" / "manifest.json")
+
+
+def test_label_only_shards(tmp_path):
+    root = str(tmp_path / "s")
+    spec = {"name": "none"}
+    write(root, 0, [("a", ["x", "y"], None), ("b", ["x"], None)], dim=0, embedder=spec)
+    write(root, 1, [("a", ["y"], None), ("c", ["x"], None)], dim=0, embedder=spec)
+    merge.run(config(root, str(tmp_path / "d"), min_count=1))
+    ds = Dataset.load(str(tmp_path / "d"))
+    assert ds.embeddings.shape == (3, 0) and ds.ids.tolist() == ["a", "b", "c"]
+    assert ds.vocab == ["x", "y"] and ds.embedder == spec
+
+
+def test_missing_and_damaged_shards(tmp_path, caplog):
+    root = str(tmp_path / "s")
+    with pytest.raises(FileNotFoundError, match="run `hashtag scrape` first"):
+        merge.run(config(root, str(tmp_path / "d")))
+    make(root)
+    (tmp_path / "s" / "shards" / "shard-00002" / "manifest.json").unlink()  # unfinished
+    (tmp_path / "s" / "shards" / "shard-00001" / "posts.jsonl").write_text("{broken\n")
+    write(root, 3, [("z", ["dog"], "s7")])
+    summary = merge.run(config(root, str(tmp_path / "d"), min_count=1))
+    assert summary["missing_shards"] == [2] and summary["bad_shards"] == [1]
+    assert Dataset.load(str(tmp_path / "d")).ids.tolist() == ["a", "b", "z"]
+    assert "skipping shard 1" in caplog.text
+
+
+def test_every_file_loads_without_pickle(tmp_path):
+    make(str(tmp_path / "s"))
+    merge.run(config(str(tmp_path / "s"), str(tmp_path / "d")))
+    for name in os.listdir(tmp_path / "d"):
+        if name.endswith(".npy"):
+            np.load(tmp_path / "d" / name, allow_pickle=False)
+        else:
+            json.loads((tmp_path / "d" / name).read_text())
+    ds = Dataset.load(str(tmp_path / "d"), mmap=True)
+    assert isinstance(ds.embeddings, np.memmap)
+
+
+def test_load_refuses_unfinished_or_other_versions(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `hashtag merge`"):
+        Dataset.load(str(tmp_path))
+    make(str(tmp_path / "s"))
+    merge.run(config(str(tmp_path / "s"), str(tmp_path / "d")))
+    manifest = tmp_path / "d" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": 99}))
+    with pytest.raises(ValueError, match="version 99"):
+        Dataset.load(str(tmp_path / "d"))
+
+
+def test_writer_abort_leaves_nothing(tmp_path):
+    out = tmp_path / "d"
+    with pytest.raises(RuntimeError), DatasetWriter(str(out), dim=1, id_length=3) as writer:
+        writer.append(np.zeros((1, 1)), ["abc"], np.zeros(1), *csr_from_lists([[0]]))
+        raise RuntimeError("boom")
+    assert os.listdir(out) == []
+    with DatasetWriter(str(out), dim=1, id_length=2) as writer:
+        with pytest.raises(ValueError, match="more than id_length"):
+            writer.append(np.zeros((1, 1)), ["abc"], np.zeros(1), *csr_from_lists([[0]]))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="sum < 1"):
+        merge.MergeConfig(shards="s", out="d", val_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(ValueError, match="min_count"):
+        merge.MergeConfig(shards="s", out="d", min_count=0)
+    with pytest.raises(ValueError, match="needs shards"):
+        merge.MergeConfig(shards="", out="d")
+    fields = merge.MergeConfig.__dataclass_fields__
+    assert all(f.metadata.get("help") for f in fields.values())
+
+
+def test_s3_round_trip(s3_bucket):
+    root, out = f"{s3_bucket}/scrape", f"{s3_bucket}/dataset"
+    make(root)
+    summary = merge.run(config(root, out))
+    ds = Dataset.load(out)
+    assert ds.ids.tolist() == ["a", "b", "c", "e", "f", "g"] and summary["count"] == 6
+    assert ds.vocab == ["dog", "cat", "sun"]
+    assert storage.exists(f"{out}/merge.json")
+    X, Y = ds.part("train")
+    assert X.dtype == np.float32 and Y.dtype == bool and len(X) == len(Y)
