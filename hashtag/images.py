@@ -1,0 +1,275 @@
+"""Decode image bytes into RGB uint8 arrays (H, W, 3), or say why not with ImageError.reason.
+
+    rgb = decode(data, min_side=224)    # ImageError("...", reason="truncated") on bad input
+
+The header is read first, in Python and cheaply (JPEG, PNG, GIF, BMP, WebP): the pixel count is
+checked against `max_pixels` before any pixel is decoded (decompression bombs), and images whose
+shorter side is under `min_image_side` are refused as "too-small". Other formats OpenCV knows
+(TIFF, PPM, ...) are decoded first and checked after; OpenCV's own limit (2**30 pixels) bounds them.
+
+Truncated files: a JPEG without an EOI marker after its first scan, or a PNG whose chunks stop
+before IEND, is refused as "truncated". OpenCV would return such a JPEG "successfully" in many
+versions, padded with grey where the data stopped; a half-grey picture would be embedded as if it
+were real, so we never accept one.
+
+Conversions: grayscale -> 3 equal channels; alpha -> composited on white (transparent logos and
+stickers become what a viewer sees, not black); 16-bit -> 8-bit (rounded, /257); EXIF
+orientation is applied for JPEG (OpenCV's default).
+
+Speed: when `min_side` is given, a JPEG much larger than needed is decoded at 1/2, 1/4 or 1/8
+scale by libjpeg itself (IMREAD_REDUCED_COLOR_*), keeping the shorter side >= min_side. That is
+several times faster than decoding in full and resizing.
+
+Reasons: "empty", "not-an-image", "truncated", "corrupt", "too-many-pixels", "too-small",
+"unsupported".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+MIN_IMAGE_SIDE = 8
+_REDUCED_FLAGS = {
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+# JPEG start-of-frame markers (C0-CF without DHT C4, JPG C8 and DAC CC) carry the image size.
+_JPEG_SOF = {m for m in range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}
+
+
+class ImageError(ValueError):
+    """Image bytes that cannot be used; `reason` is a short slug for skip counts."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class _Header:
+    """What the header tells before decoding: format, size, and how to decode it."""
+
+    kind: str
+    width: int
+    height: int
+    # PNGs with alpha, 16 bits or a transparent palette must be read IMREAD_UNCHANGED;
+    # IMREAD_COLOR would drop the alpha onto black and truncate 16 bits.
+    needs_unchanged: bool = False
+    scan_offset: int = 0  # JPEG: where the first scan starts
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header of a JPEG, PNG, GIF, BMP or WebP; None if unknown.
+
+    For JPEG this is the stored size, before any EXIF rotation.
+    """
+    try:
+        header = _read_header(data, complete=False)
+    except ImageError:
+        return None
+    return (header.width, header.height) if header else None
+
+
+def decode(
+    data: bytes,
+    *,
+    max_pixels: int = 50_000_000,
+    min_side: int | None = None,
+    min_image_side: int = MIN_IMAGE_SIDE,
+) -> np.ndarray:
+    """Decode `data` into an RGB uint8 (H, W, 3) array, or raise ImageError with a reason.
+
+    max_pixels:     refuse images with more pixels than this (checked on the header).
+    min_side:       the shorter side the caller needs; larger JPEGs are decoded at reduced scale,
+                    never below it. None: full size.
+    min_image_side: refuse images whose shorter side is below this ("too-small").
+    """
+    if data is None or len(data) == 0:
+        raise ImageError("empty image: zero bytes", "empty")
+    header = _read_header(data)
+    if header is not None:
+        _check_size(header.width, header.height, max_pixels, min_image_side)
+        if header.kind == "jpeg":
+            _check_jpeg_complete(data, header)
+    flags = cv2.IMREAD_COLOR
+    if header is None or header.needs_unchanged or header.kind not in ("jpeg", "png"):
+        flags = cv2.IMREAD_UNCHANGED  # unknown layout: take it as stored, convert below
+    elif min_side is not None:
+        flags = _REDUCED_FLAGS.get(_reduction(header, min_side), cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as e:
+        raise ImageError(f"OpenCV cannot decode this image: {e}", "corrupt") from e
+    if image is None:
+        if header is None:
+            raise ImageError(
+                f"not an image OpenCV can read (starts with {bytes(data[:8])!r})", "not-an-image"
+            )
+        raise ImageError(f"OpenCV cannot decode this {header.kind} image", "corrupt")
+    if header is None:  # no header check was possible: check the decoded size instead
+        _check_size(image.shape[1], image.shape[0], max_pixels, min_image_side)
+    return _to_rgb8(image)
+
+
+def _check_size(width: int, height: int, max_pixels: int, min_image_side: int) -> None:
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{width}x{height} is {width * height} pixels, over max_pixels={max_pixels}",
+            "too-many-pixels",
+        )
+    if min(width, height) < min_image_side:
+        raise ImageError(
+            f"{width}x{height} is smaller than {min_image_side} px on a side", "too-small"
+        )
+
+
+def _reduction(header: _Header, min_side: int) -> int:
+    """The largest of 8, 4, 2 that keeps the shorter side >= min_side (1: decode in full)."""
+    shorter = min(header.width, header.height)
+    for factor in (8, 4, 2):
+        if shorter // factor >= min_side:
+            return factor
+    return 1
+
+
+def _to_rgb8(image: np.ndarray) -> np.ndarray:
+    """BGR, BGRA or grayscale of any depth OpenCV returns -> RGB uint8."""
+    if image.dtype == np.uint16:
+        image = cv2.convertScaleAbs(image, alpha=1 / 257)
+    elif image.dtype in (np.float32, np.float64):
+        image = (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise ImageError(f"unsupported pixel type {image.dtype}", "unsupported")
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2RGB)
+    if channels == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if channels == 4:  # composite on white: out = rgb * a + 255 * (1 - a), in integers
+        alpha = image[..., 3:4].astype(np.uint16)
+        rgb = image[..., 2::-1].astype(np.uint16)
+        return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    raise ImageError(f"unsupported channel count {channels}", "unsupported")
+
+
+# headers ----------------------------------------------------------------------------------------
+
+
+def _read_header(data: bytes, complete: bool = True) -> _Header | None:
+    """The header of a known format (raises ImageError if it is cut or broken), else None.
+
+    complete: also check that a PNG's chunks reach IEND (a JPEG's end is checked separately).
+    """
+    if data[:3] == b"\xff\xd8\xff":
+        return _jpeg_header(data)
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return _png_header(data, complete)
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        _need(data, 10)
+        return _Header("gif", _le(data, 6, 2), _le(data, 8, 2))
+    if data[:2] == b"BM" and len(data) >= 18:
+        return _bmp_header(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _webp_header(data)
+    return None
+
+
+def _jpeg_header(data: bytes) -> _Header:
+    """Walk the markers up to the first scan (SOS); the frame header (SOFn) gives the size."""
+    i, size = 2, None
+    while True:
+        _need(data, i + 4)
+        if data[i] != 0xFF:
+            raise ImageError(f"broken JPEG: no marker at byte {i}", "corrupt")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            i += 2
+            continue
+        if marker in (0xD8, 0xD9) or marker < 0xC0:  # 02-BF are reserved, never in files
+            raise ImageError(f"broken JPEG: unexpected marker {marker:#x} in header", "corrupt")
+        length = _be(data, i + 2, 2)
+        if length < 2:
+            raise ImageError("broken JPEG: bad segment length", "corrupt")
+        if marker == 0xDA:
+            if size is None:
+                raise ImageError("broken JPEG: scan before frame header", "corrupt")
+            return _Header("jpeg", *size, scan_offset=i)
+        if marker in _JPEG_SOF:
+            _need(data, i + 9)
+            size = (_be(data, i + 7, 2), _be(data, i + 5, 2))  # stored as height, width
+        i += 2 + length
+
+
+def _check_jpeg_complete(data: bytes, header: _Header) -> None:
+    # Inside entropy-coded data every 0xFF is followed by 0x00 or a restart marker, so the first
+    # FF D9 after the first scan is the end of image; an EXIF thumbnail's own EOI comes before.
+    if data.find(b"\xff\xd9", header.scan_offset) < 0:
+        raise ImageError("truncated JPEG: no end-of-image marker", "truncated")
+
+
+def _png_header(data: bytes, complete: bool) -> _Header:
+    """IHDR gives the size and pixel layout; walking the chunks to IEND finds truncation."""
+    _need(data, 33)
+    if data[12:16] != b"IHDR":
+        raise ImageError("broken PNG: first chunk is not IHDR", "corrupt")
+    width, height = _be(data, 16, 4), _be(data, 20, 4)
+    bit_depth, color_type = data[24], data[25]
+    has_transparency = False
+    i, n = 8, len(data)
+    while complete:
+        if i + 8 > n:
+            raise ImageError("truncated PNG: chunks stop before IEND", "truncated")
+        chunk = data[i + 4 : i + 8]
+        if chunk == b"IEND":
+            break
+        if chunk == b"tRNS":
+            has_transparency = True
+        i += 12 + _be(data, i, 4)
+    # color types 4 and 6 carry alpha
+    needs_unchanged = bit_depth == 16 or color_type in (4, 6) or has_transparency
+    return _Header("png", width, height, needs_unchanged)
+
+
+def _bmp_header(data: bytes) -> _Header:
+    dib_size = _le(data, 14, 4)
+    if dib_size == 12:  # OS/2 BITMAPCOREHEADER
+        _need(data, 22)
+        return _Header("bmp", _le(data, 18, 2), _le(data, 20, 2))
+    _need(data, 26)
+    width = int.from_bytes(data[18:22], "little", signed=True)
+    height = int.from_bytes(data[22:26], "little", signed=True)  # negative: stored top-down
+    return _Header("bmp", abs(width), abs(height), needs_unchanged=True)
+
+
+def _webp_header(data: bytes) -> _Header:
+    _need(data, 30)
+    chunk = data[12:16]
+    if chunk == b"VP8 ":
+        return _Header("webp", _le(data, 26, 2) & 0x3FFF, _le(data, 28, 2) & 0x3FFF)
+    if chunk == b"VP8L":
+        bits = _le(data, 21, 4)
+        return _Header("webp", 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF))
+    if chunk == b"VP8X":
+        return _Header("webp", 1 + _le(data, 24, 3), 1 + _le(data, 27, 3))
+    raise ImageError(f"broken WebP: unknown chunk {chunk!r}", "corrupt")
+
+
+def _need(data: bytes, n: int) -> None:
+    if len(data) < n:
+        raise ImageError(f"truncated image: header needs {n} bytes, got {len(data)}", "truncated")
+
+
+def _be(data: bytes, offset: int, size: int) -> int:
+    return int.from_bytes(data[offset : offset + size], "big")
+
+
+def _le(data: bytes, offset: int, size: int) -> int:
+    return int.from_bytes(data[offset : offset + size], "little")
