@@ -1,0 +1,708 @@
+"""Hashtag recommenders: image embeddings (n, dim) in, hashtag scores (n, V) out.
+
+    model = models.create("mlp", ModelConfig(batch_size=64, learning_rate=1e-3))
+    model.fit(X_train, Y_train, X_val, Y_val, vocab=tags)   # Y: bool (n, V)
+    scores = model.predict_scores(X_test)                   # float32 (n, V)
+    tags = model.predict(X_test)                            # bool (n, V): the decision rule
+    model.score(X_test, Y_test)                             # metrics.evaluate(...)
+    model.save(uri, metadata={"embedder": spec}); models.load(uri)
+
+Models (`available()`):
+- popularity: every image gets the training frequency of each hashtag.
+- seed: the original project (github.com/GarlandZhang/cs486_project) reimplemented: image and
+  hashtag embedding tables with biases, sigmoid(image . hashtag + biases) trained with binary
+  cross-entropy on every (image, hashtag) cell of the training matrix (missing pairs are
+  negatives). A new image gets the mean latent vector - and, our choice, the mean bias - of its
+  `neighbours` nearest training images by cosine similarity of the embeddings; tags with
+  p >= 0.5 are recommended. The original added the biases but then applied the sigmoid to the
+  raw dot product: `seed_sigmoid_bug=True` reproduces that (biases are then unused).
+- knn: tag transfer: a similarity-weighted vote of the tags of the `knn_neighbours` nearest
+  training images, blended with the popularity prior (`prior_weight`).
+- mlp: Dense(hidden, relu) + dropout + Dense(V) on the embedding; `loss="sigmoid"` (binary
+  cross-entropy per tag) or `"softmax"` (softmax over tags, target 1/m for each of a post's m tags).
+
+Trained models run on TensorFlow (imported only when training); every model predicts with numpy
+from plain arrays, so loading a saved model needs neither TensorFlow nor the training data.
+
+The decision rule (`Decision`: top-k or a score threshold) is chosen on validation data by
+`choose_decision`, never on test data; without validation data it is top-`k`. The seed model
+keeps the original's fixed threshold 0.5.
+
+Trainable models call `callbacks` (objects with `on_epoch_end(epoch, logs)`; returning True
+stops training) after each epoch with the training loss and validation metrics ("val_f1",
+"val_p@5", "val_map", ...), which also go to `history`. To resume from a checkpoint, `save` the
+model (or keep `get_state()`), later `load` it (or `set_state`) and call
+`fit(..., resume=True)`: training continues from `epochs_done` up to `config.epochs`, with the
+optimizer's state restored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hashtag import metrics, storage
+from hashtag.embedders import l2_normalize
+
+FORMAT = "hashtag-model"
+VERSION = 1
+TRAINABLE = {"seed", "mlp"}
+LOSSES = ("sigmoid", "softmax")
+THREADS_ENV = "HASHTAG_TF_THREADS"
+# Similarity blocks: queries x training images float32 of at most 2**26 cells (256 MB).
+_SIMILARITY_CELLS = 2**26
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    batch_size: int = field(default=64, metadata=_help("training batch size"))
+    learning_rate: float = field(default=1e-3, metadata=_help("Adam learning rate"))
+    epochs: int = field(default=10, metadata=_help("training epochs"))
+    k: int = field(default=5, metadata=_help("tags per image when there is no validation data"))
+    neighbours: int = field(default=3, metadata=_help("seed: neighbours for a new image"))
+    latent_dim: int = field(default=1000, metadata=_help("seed: latent vector size"))
+    hidden: int = field(default=512, metadata=_help("mlp: hidden units"))
+    loss: str = field(default="sigmoid", metadata=_help("mlp: 'sigmoid' or 'softmax'"))
+    prior_weight: float = field(default=0.1, metadata=_help("knn: weight of the popularity prior"))
+    seed_sigmoid_bug: bool = field(
+        default=False, metadata=_help("seed: sigmoid of the raw dot product, as the original")
+    )
+    seed: int = field(default=0, metadata=_help("random seed"))
+    knn_neighbours: int = field(default=15, metadata=_help("knn: neighbours that vote"))
+    dropout: float = field(default=0.2, metadata=_help("mlp: dropout rate"))
+    threads: int = field(
+        default=0, metadata=_help(f"TensorFlow threads; 0: ${THREADS_ENV} or TF's default")
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "epochs", "k", "neighbours", "latent_dim", "hidden"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.knn_neighbours < 1:
+            raise ValueError(f"knn_neighbours must be >= 1, got {self.knn_neighbours}")
+        if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if not 0.0 <= self.prior_weight <= 1.0:
+            raise ValueError(f"prior_weight must be in [0, 1], got {self.prior_weight}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = default), got {self.threads}")
+
+
+# ----------------------------------------------------------------------------- decision rule
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How scores become tags: the `value` best per image ("top_k") or scores >= `value`."""
+
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("top_k", "threshold"):
+            raise ValueError(f"Decision kind must be 'top_k' or 'threshold', got {self.kind!r}")
+        if self.kind == "top_k" and (self.value < 1 or self.value != int(self.value)):
+            raise ValueError(f"a top_k decision needs an integer value >= 1, got {self.value}")
+
+    def apply(self, scores: np.ndarray) -> np.ndarray:
+        scores = np.asarray(scores)
+        if self.kind == "top_k":
+            return metrics.top_k_mask(scores, int(self.value))
+        return scores >= self.value
+
+
+def choose_decision(
+    y_val: np.ndarray,
+    val_scores: np.ndarray,
+    *,
+    ks: Iterable[int] = range(1, 11),
+    thresholds: Sequence[float] | None = None,
+) -> Decision:
+    """The top-k or threshold rule with the best micro F1 on validation data (ties: top-k, then
+    smaller k / higher threshold). Default thresholds: 64 quantiles of the validation scores."""
+    y_val, val_scores = metrics._check(y_val, val_scores, "val_scores")
+    val_scores = np.asarray(val_scores, np.float64)
+    n_true = int(np.count_nonzero(y_val))
+    n, v = y_val.shape
+    best: tuple[float, Decision] = (-1.0, Decision("top_k", 1))
+
+    ks = sorted({min(int(k), v) for k in ks if int(k) >= 1})
+    if ks:
+        # hits[:, j] = true tags among each image's j+1 best: one partial sort serves every k.
+        idx = metrics.top_k_indices(val_scores, ks[-1])
+        tp_at = np.cumsum(np.take_along_axis(y_val, idx, axis=1), axis=1).sum(axis=0)
+        for k in ks:
+            f1 = 2.0 * tp_at[k - 1] / (n * k + n_true) if n * k + n_true else 0.0
+            if f1 > best[0]:
+                best = (f1, Decision("top_k", k))
+
+    flat = val_scores.ravel()
+    finite = flat[np.isfinite(flat)]
+    if thresholds is None:
+        thresholds = np.quantile(finite, np.linspace(0.5, 0.999, 64)) if finite.size else []
+    thresholds = np.unique(np.asarray(thresholds, np.float64))[::-1]
+    if thresholds.size:
+        # Sort the cells once; the TP/predicted counts at any threshold are then a searchsorted.
+        order = np.argsort(-flat, kind="stable")
+        sorted_scores = -flat[order]
+        tp_cum = np.concatenate([[0], np.cumsum(y_val.ravel()[order])])
+        predicted = np.searchsorted(sorted_scores, -thresholds, side="right")
+        tp = tp_cum[predicted]
+        f1s = 2.0 * tp / np.maximum(predicted + n_true, 1)
+        i = int(np.argmax(f1s))
+        if f1s[i] > best[0]:
+            best = (float(f1s[i]), Decision("threshold", float(thresholds[i])))
+    return best[1]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _as_features(x: Any, name: str, dim: int | None = None) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (images, embedding dim), got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}")
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values: clean the embeddings first")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(
+            f"{name} has embedding dim {x.shape[1]} but the model was trained on {dim}: "
+            "use the embedder the model was trained with"
+        )
+    return x
+
+
+def _as_labels(y: Any, name: str, n: int, n_tags: int | None = None) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 2:
+        raise ValueError(f"{name} must be 2-D bool (images, hashtags), got shape {y.shape}")
+    if y.dtype != bool:
+        if not (np.issubdtype(y.dtype, np.number) and np.isin(y, (0, 1)).all()):
+            raise ValueError(f"{name} must be bool or 0/1, got dtype {y.dtype} with other values")
+        y = y.astype(bool)
+    if y.shape[0] != n:
+        raise ValueError(f"{name} has {y.shape[0]} rows but the embeddings have {n}: one per image")
+    if n_tags is not None and y.shape[1] != n_tags:
+        raise ValueError(f"{name} has {y.shape[1]} hashtag columns, the training labels {n_tags}")
+    return y
+
+
+def nearest_neighbours(
+    queries: np.ndarray, base: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, cosine similarities), each (n_queries, k), best first; rows of `base` must be
+    L2-normalised. Works in blocks of queries, so 100k x 100k never sits in memory at once."""
+    queries = l2_normalize(queries)
+    k = min(k, base.shape[0])
+    rows = max(1, min(4096, _SIMILARITY_CELLS // max(1, base.shape[0])))
+    indices = np.empty((len(queries), k), np.int64)
+    sims = np.empty((len(queries), k), np.float32)
+    for start in range(0, len(queries), rows):
+        block = queries[start : start + rows] @ base.T
+        idx = metrics.top_k_indices(block, k)
+        indices[start : start + rows] = idx
+        sims[start : start + rows] = np.take_along_axis(block, idx, axis=1)
+    return indices, sims
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # no overflow warnings
+
+
+def _tensorflow(threads: int = 0):
+    """Import TensorFlow, with `threads` (or $HASHTAG_TF_THREADS) intra/inter-op threads."""
+    threads = threads or int(os.environ.get(THREADS_ENV, "0") or 0)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    if threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
+        except RuntimeError:
+            pass  # TF already started in this process: its thread pools can't change
+    return tf
+
+
+# ----------------------------------------------------------------------------- base class
+
+
+class Recommender:
+    """Base class; subclasses implement `_fit`, `_scores`, `_arrays` and `_restore`."""
+
+    name = ""
+    trainable = False
+    fixed_decision: Decision | None = None
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        if config is not None and not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config = config or ModelConfig()
+        self.vocab: list[str] | None = None
+        self.decision = self.fixed_decision or Decision("top_k", self.config.k)
+        self.history: dict[str, list[float]] = {}
+        self.metadata: dict[str, Any] = {}
+        self.n_tags: int | None = None
+        self.dim: int | None = None
+        self.epochs_done = 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+    # -- training
+
+    def fit(
+        self,
+        X: np.ndarray,
+        Y: np.ndarray,
+        X_val: np.ndarray | None = None,
+        Y_val: np.ndarray | None = None,
+        callbacks: Iterable[Any] = (),
+        *,
+        vocab: Sequence[str] | None = None,
+        resume: bool = False,
+    ) -> Recommender:
+        """Train on embeddings X (n, dim) and bool labels Y (n, V); choose the decision rule on
+        (X_val, Y_val) when given. `resume=True` continues a loaded/restored model's training."""
+        X = _as_features(X, "X", self.dim if resume else None)
+        Y = _as_labels(Y, "Y", len(X), self.n_tags if resume else None)
+        if len(X) == 0:
+            raise ValueError("X is empty: fit needs at least one training image")
+        if (X_val is None) != (Y_val is None):
+            raise ValueError("pass both X_val and Y_val, or neither")
+        if X_val is not None:
+            X_val = _as_features(X_val, "X_val", X.shape[1])
+            Y_val = _as_labels(Y_val, "Y_val", len(X_val), Y.shape[1])
+        if vocab is not None:
+            if len(vocab) != Y.shape[1]:
+                raise ValueError(f"vocab has {len(vocab)} tags but Y has {Y.shape[1]} columns")
+            self.vocab = [str(t) for t in vocab]
+        for callback in callbacks:
+            if not callable(getattr(callback, "on_epoch_end", None)):
+                raise TypeError(f"callback {callback!r} has no on_epoch_end(epoch, logs) method")
+        if not resume:
+            self.history, self.epochs_done = {}, 0
+        self.dim, self.n_tags = X.shape[1], Y.shape[1]
+        callbacks = list(callbacks)
+        self._fit(X, Y, X_val, Y_val, callbacks)
+        if not self.trainable:  # one "epoch", so Tune treats every model alike
+            self._end_epoch(0, {}, X_val, Y_val, callbacks)
+        return self
+
+    def _end_epoch(
+        self,
+        epoch: int,
+        logs: dict[str, float],
+        X_val: np.ndarray | None,
+        Y_val: np.ndarray | None,
+        callbacks: list[Any],
+    ) -> bool:
+        """Add validation metrics to `logs`, record history, call callbacks; True = stop."""
+        logs = {key: float(value) for key, value in logs.items()}
+        if X_val is not None:
+            scores = self.predict_scores(X_val)
+            if self.fixed_decision is None:
+                self.decision = choose_decision(Y_val, scores)
+            val = metrics.evaluate(Y_val, scores, self.decision.apply(scores))
+            logs.update({f"val_{key}": value for key, value in val.items()})
+        logs["epoch"] = float(epoch)
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+        stop = False
+        for callback in callbacks:
+            stop = bool(callback.on_epoch_end(epoch, dict(logs))) or stop
+        return stop
+
+    def _fit(self, X, Y, X_val, Y_val, callbacks) -> None:
+        raise NotImplementedError
+
+    # -- prediction
+
+    def _check_fitted(self) -> None:
+        if self.n_tags is None:
+            raise RuntimeError(f"this {self.name} model is not fitted: call fit(...) or load(uri)")
+
+    def predict_scores(self, X: np.ndarray) -> np.ndarray:
+        """float32 (n, V): higher = more likely."""
+        self._check_fitted()
+        X = _as_features(X, "X", self.dim)
+        return np.asarray(self._scores(X), np.float32)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """bool (n, V): the tags the decision rule recommends."""
+        return self.decision.apply(self.predict_scores(X))
+
+    def score(self, X: np.ndarray, Y: np.ndarray) -> dict[str, float]:
+        """metrics.evaluate on (X, Y) at this model's decision rule."""
+        scores = self.predict_scores(X)
+        Y = _as_labels(Y, "Y", len(scores), self.n_tags)
+        return metrics.evaluate(Y, scores, self.decision.apply(scores))
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    # -- state and storage
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
+    def get_state(self) -> dict[str, Any]:
+        """Everything `set_state` needs to continue: arrays (weights, optimizer) and counters."""
+        self._check_fitted()
+        return {
+            "arrays": {name: np.array(a) for name, a in self._arrays().items()},
+            "epochs_done": self.epochs_done,
+            "decision": asdict(self.decision),
+            "history": {key: list(values) for key, values in self.history.items()},
+            "n_tags": self.n_tags,
+            "dim": self.dim,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> Recommender:
+        self._restore(dict(state["arrays"]))
+        self.epochs_done = int(state["epochs_done"])
+        self.decision = Decision(**state["decision"])
+        self.history = {key: list(values) for key, values in state["history"].items()}
+        self.n_tags, self.dim = int(state["n_tags"]), int(state["dim"])
+        return self
+
+    def save(self, uri: str, metadata: dict[str, Any] | None = None) -> None:
+        """A folder: one .npy per array, manifest.json (written last) with the rest.
+        `metadata` (e.g. {"embedder": spec}) is stored as the manifest's "extra"."""
+        state = self.get_state()
+        if metadata is not None:
+            self.metadata = dict(metadata)
+        for name, array in state.pop("arrays").items():
+            storage.save_npy(storage.join(uri, f"{name}.npy"), array)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.name,
+            "config": asdict(self.config),
+            "vocab": self.vocab,
+            "arrays": sorted(self._arrays()),
+            "extra": self.metadata,
+            **state,
+        }
+        storage.write_json(storage.join(uri, "manifest.json"), manifest)
+
+
+def load(uri: str) -> Recommender:
+    """Load a model folder written by `Recommender.save`."""
+    manifest_uri = storage.join(uri, "manifest.json")
+    if not storage.exists(manifest_uri):
+        raise FileNotFoundError(f"no model at {uri}: {manifest_uri} is missing")
+    manifest = storage.read_json(manifest_uri)
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{uri} is not a saved model (format {manifest.get('format')!r})")
+    if manifest.get("version") != VERSION:
+        raise ValueError(
+            f"{uri} is model format version {manifest.get('version')}; this code reads "
+            f"{VERSION}: retrain or upgrade hashtag"
+        )
+    model = create(manifest["model"], ModelConfig(**manifest["config"]))
+    arrays = {
+        name: storage.load_npy(storage.join(uri, f"{name}.npy")) for name in manifest["arrays"]
+    }
+    model.set_state({**manifest, "arrays": arrays})
+    model.vocab = manifest.get("vocab")
+    model.metadata = manifest.get("extra") or {}
+    return model
+
+
+# ----------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, type[Recommender]] = {}
+
+
+def register(cls: type[Recommender]) -> type[Recommender]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create(name: str, config: ModelConfig | None = None) -> Recommender:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[name](config)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@register
+class Popularity(Recommender):
+    """Every image gets each hashtag's training frequency as its score."""
+
+    name = "popularity"
+
+    def _fit(self, X, Y, X_val, Y_val, callbacks) -> None:
+        self.frequency = Y.mean(axis=0, dtype=np.float64).astype(np.float32)
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(self.frequency, (len(X), len(self.frequency))).copy()
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"frequency": self.frequency}
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self.frequency = arrays["frequency"].astype(np.float32)
+
+
+@register
+class Knn(Recommender):
+    """Tags of the nearest training images, weighted by cosine similarity, plus a prior."""
+
+    name = "knn"
+
+    def _fit(self, X, Y, X_val, Y_val, callbacks) -> None:
+        self.train_embeddings = l2_normalize(X)
+        self.train_labels = Y.copy()
+        self.frequency = Y.mean(axis=0, dtype=np.float64).astype(np.float32)
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        k = self.config.knn_neighbours
+        indices, sims = nearest_neighbours(X, self.train_embeddings, k)
+        weights = np.maximum(sims, 0.0) + 1e-6  # dissimilar neighbours still count a little
+        weights /= weights.sum(axis=1, keepdims=True)
+        votes = np.empty((len(X), self.n_tags), np.float32)
+        rows = max(1, _SIMILARITY_CELLS // max(1, indices.shape[1] * self.n_tags))
+        for start in range(0, len(X), rows):
+            block = slice(start, start + rows)
+            neighbour_tags = self.train_labels[indices[block]].astype(np.float32)  # (b, k, V)
+            votes[block] = np.einsum("bk,bkv->bv", weights[block], neighbour_tags)
+        w = self.config.prior_weight
+        return (1.0 - w) * votes + w * self.frequency
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "train_embeddings": self.train_embeddings,
+            "train_labels": self.train_labels,
+            "frequency": self.frequency,
+        }
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self.train_embeddings = arrays["train_embeddings"].astype(np.float32)
+        self.train_labels = arrays["train_labels"].astype(bool)
+        self.frequency = arrays["frequency"].astype(np.float32)
+
+
+class _KerasTrained(Recommender):
+    """Shared epoch loop for the TensorFlow models: build, restore, fit one epoch at a time."""
+
+    trainable = True
+    # Keras weights (get_weights order) and optimizer variables, as plain arrays.
+    weights: list[np.ndarray]
+    optimizer_state: list[np.ndarray]
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__(config)
+        self.weights, self.optimizer_state = [], []
+
+    def _build(self, keras, n_images: int, dim: int, n_tags: int):
+        raise NotImplementedError
+
+    def _training_data(self, X: np.ndarray, Y: np.ndarray) -> tuple[Any, np.ndarray]:
+        raise NotImplementedError
+
+    def _after_epoch(self, model) -> None:
+        """Copy the Keras weights to numpy for prediction and checkpoints."""
+        self.weights = self._get_weights(model)
+        self.optimizer_state = [np.array(v) for v in model.optimizer.variables]
+
+    def _get_weights(self, model) -> list[np.ndarray]:
+        return [np.array(w) for w in model.get_weights()]
+
+    def _set_weights(self, model, weights: list[np.ndarray]) -> None:
+        model.set_weights(weights)
+
+    def _fit(self, X, Y, X_val, Y_val, callbacks) -> None:
+        tf = _tensorflow(self.config.threads)
+        keras = tf.keras
+        keras.utils.set_random_seed(self.config.seed + self.epochs_done)
+        model = self._build(keras, len(X), X.shape[1], Y.shape[1])
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=self.config.learning_rate),
+            loss=self._loss(keras),
+        )
+        if self.weights:  # resuming: weights and Adam moments from the checkpoint
+            self._set_weights(model, self.weights)
+            model.optimizer.build(model.trainable_variables)
+            if len(self.optimizer_state) == len(model.optimizer.variables):
+                for variable, value in zip(
+                    model.optimizer.variables, self.optimizer_state, strict=True
+                ):
+                    variable.assign(value)
+        inputs, targets = self._training_data(X, Y)
+        for epoch in range(self.epochs_done, self.config.epochs):
+            result = model.fit(
+                inputs,
+                targets,
+                batch_size=self.config.batch_size,
+                epochs=epoch + 1,
+                initial_epoch=epoch,
+                shuffle=True,
+                verbose=0,
+            )
+            self._after_epoch(model)
+            self.epochs_done = epoch + 1
+            logs = {"loss": result.history["loss"][-1]}
+            if self._end_epoch(epoch, logs, X_val, Y_val, callbacks):
+                break
+
+    def _loss(self, keras):
+        return keras.losses.BinaryCrossentropy(from_logits=True)
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays = {f"weight_{i}": w for i, w in enumerate(self.weights)}
+        arrays.update({f"optimizer_{i}": v for i, v in enumerate(self.optimizer_state)})
+        return arrays
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        def numbered(prefix: str) -> list[np.ndarray]:
+            names = [n for n in arrays if n.startswith(prefix)]
+            return [arrays[f"{prefix}{i}"] for i in range(len(names))]
+
+        self.weights = numbered("weight_")
+        self.optimizer_state = numbered("optimizer_")
+        self._weights_changed()
+
+    def _weights_changed(self) -> None:
+        """Hook: derive prediction arrays from `self.weights`."""
+
+
+@register
+class Mlp(_KerasTrained):
+    """Multi-label classifier on the image embedding: Dense + dropout + Dense."""
+
+    name = "mlp"
+
+    def _build(self, keras, n_images: int, dim: int, n_tags: int):
+        layers = keras.layers
+        inputs = keras.Input(shape=(dim,), name="embedding")
+        hidden = layers.Dense(self.config.hidden, activation="relu", name="hidden")(inputs)
+        hidden = layers.Dropout(self.config.dropout, seed=self.config.seed)(hidden)
+        logits = layers.Dense(n_tags, name="logits")(hidden)
+        return keras.Model(inputs, logits)
+
+    def _loss(self, keras):
+        if self.config.loss == "softmax":
+            return keras.losses.CategoricalCrossentropy(from_logits=True)
+        return super()._loss(keras)
+
+    def _training_data(self, X: np.ndarray, Y: np.ndarray) -> tuple[Any, np.ndarray]:
+        targets = Y.astype(np.float32)
+        if self.config.loss == "softmax":
+            tagged = targets.sum(axis=1) > 0  # an untagged post has no distribution to learn
+            X, targets = X[tagged], targets[tagged] / targets[tagged].sum(axis=1, keepdims=True)
+        return X, targets
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        w_hidden, b_hidden, w_out, b_out = self.weights
+        logits = np.maximum(X @ w_hidden + b_hidden, 0.0) @ w_out + b_out
+        if self.config.loss == "softmax":
+            logits -= logits.max(axis=1, keepdims=True)
+            e = np.exp(logits)
+            return e / e.sum(axis=1, keepdims=True)
+        return _sigmoid(logits)
+
+
+@register
+class Seed(_KerasTrained):
+    """The original project's model (see the module docstring); decision fixed at p >= 0.5."""
+
+    name = "seed"
+    fixed_decision = Decision("threshold", 0.5)
+    # Layer names, in the order of `weights`.
+    _LAYERS = ("image_embedding", "hashtag_embedding", "image_bias", "hashtag_bias")
+
+    def _build(self, keras, n_images: int, dim: int, n_tags: int):
+        layers = keras.layers
+        image = keras.Input(shape=(), dtype="int32", name="image")
+        tag = keras.Input(shape=(), dtype="int32", name="hashtag")
+        latent = self.config.latent_dim
+        he_normal = "he_normal"
+        image_vec = layers.Embedding(
+            n_images, latent, embeddings_initializer=he_normal, name=self._LAYERS[0]
+        )(image)
+        tag_vec = layers.Embedding(
+            n_tags, latent, embeddings_initializer=he_normal, name=self._LAYERS[1]
+        )(tag)
+        image_bias = layers.Embedding(n_images, 1, name=self._LAYERS[2])(image)
+        tag_bias = layers.Embedding(n_tags, 1, name=self._LAYERS[3])(tag)
+        logit = layers.Dot(axes=1)([image_vec, tag_vec])
+        if not self.config.seed_sigmoid_bug:
+            logit = layers.Add()([logit, image_bias, tag_bias])
+        return keras.Model([image, tag], logit)  # (batch, 1) logits
+
+    def _get_weights(self, model) -> list[np.ndarray]:
+        layers = {layer.name: layer for layer in model.layers}
+        image_latent, tag_latent = (np.array(layers[n].get_weights()[0]) for n in self._LAYERS[:2])
+        # With seed_sigmoid_bug the bias layers are not in the graph (as in the original, they
+        # never train): keep zeros.
+        biases = [
+            np.array(layers[n].get_weights()[0])
+            if n in layers
+            else np.zeros((len(rows), 1), np.float32)
+            for n, rows in zip(self._LAYERS[2:], (image_latent, tag_latent), strict=True)
+        ]
+        return [image_latent, tag_latent, *biases]
+
+    def _set_weights(self, model, weights: list[np.ndarray]) -> None:
+        layers = {layer.name: layer for layer in model.layers}
+        for name, value in zip(self._LAYERS, weights, strict=True):
+            if name in layers:
+                layers[name].set_weights([value])
+
+    def _training_data(self, X: np.ndarray, Y: np.ndarray) -> tuple[Any, np.ndarray]:
+        self.train_embeddings = l2_normalize(X)
+        # Every (image, hashtag) cell is one example; missing pairs are the negatives.
+        n, v = Y.shape
+        cells = np.arange(n * v, dtype=np.int64)
+        inputs = [(cells // v).astype(np.int32), (cells % v).astype(np.int32)]
+        return inputs, Y.reshape(-1, 1).astype(np.float32)
+
+    def _after_epoch(self, model) -> None:
+        super()._after_epoch(model)
+        self._weights_changed()
+
+    def _weights_changed(self) -> None:
+        if self.weights:
+            self.image_latent, self.tag_latent, self.image_bias, self.tag_bias = self.weights
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        # Cold start: a new image borrows the mean latent vector and bias of its neighbours.
+        indices, _ = nearest_neighbours(X, self.train_embeddings, self.config.neighbours)
+        latent = self.image_latent[indices].mean(axis=1)
+        logits = latent @ self.tag_latent.T
+        if not self.config.seed_sigmoid_bug:
+            logits += self.image_bias[indices, 0].mean(axis=1, keepdims=True) + self.tag_bias[:, 0]
+        return _sigmoid(logits)
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {**super()._arrays(), "train_embeddings": self.train_embeddings}
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self.train_embeddings = arrays["train_embeddings"].astype(np.float32)
+        super()._restore(arrays)
