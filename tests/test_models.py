@@ -1,0 +1,190 @@
+"""Recommenders on a synthetic dataset where the embedding carries the signal.
+
+Images sit in clusters of embedding space; each cluster has its own four hashtags, and four
+generic hashtags are popular everywhere. Popularity can only find the generic ones, so a model
+that reads the embedding must beat it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hashtag import models
+from hashtag.models import Decision, ModelConfig, choose_decision
+
+FAST = dict(epochs=4, hidden=64, latent_dim=32, batch_size=128, learning_rate=1e-2)
+
+
+def synthetic(n: int = 2300, dim: int = 32, clusters: int = 8, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    cluster = rng.integers(clusters, size=n)
+    X = (centres[cluster] + 0.7 * rng.normal(size=(n, dim))).astype(np.float32)
+    Y = np.zeros((n, 4 + 4 * clusters), bool)
+    Y[:, :4] = rng.random((n, 4)) < [0.6, 0.5, 0.4, 0.3]
+    own = 4 + cluster[:, None] * 4 + np.arange(4)
+    Y[np.arange(n)[:, None], own] = rng.random((n, 4)) < 0.7
+    return X, Y
+
+
+@pytest.fixture(scope="module")
+def data():
+    X, Y = synthetic()
+    return {
+        "test": (X[:500], Y[:500]),
+        "val": (X[500:800], Y[500:800]),
+        "train": (X[800:], Y[800:]),
+    }
+
+
+@pytest.fixture(scope="module")
+def popularity_score(data):
+    model = models.create("popularity").fit(*data["train"], *data["val"])
+    return model.score(*data["test"])
+
+
+class Recorder:
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.calls: list[tuple[int, dict]] = []
+        self.stop_after = stop_after
+
+    def on_epoch_end(self, epoch: int, logs: dict) -> bool:
+        self.calls.append((epoch, logs))
+        return self.stop_after is not None and len(self.calls) >= self.stop_after
+
+
+def test_registry_and_config_validation():
+    assert models.available() == ["knn", "mlp", "popularity", "seed"]
+    assert models.TRAINABLE == {"seed", "mlp"}
+    assert {n for n in models.available() if models.create(n).trainable} == models.TRAINABLE
+    with pytest.raises(ValueError, match="available"):
+        models.create("transformer")
+    with pytest.raises(ValueError, match="loss"):
+        ModelConfig(loss="hinge")
+    with pytest.raises(ValueError, match="batch_size"):
+        ModelConfig(batch_size=0)
+    with pytest.raises(ValueError, match="learning_rate"):
+        ModelConfig(learning_rate=-1.0)
+    with pytest.raises(ValueError, match="top_k"):
+        Decision("top_k", 2.5)
+
+
+def test_choose_decision_picks_best_rule():
+    y = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [0, 1, 1, 0]], bool)
+    # Scores rank the true tags first, with one or two per image: a threshold does best.
+    scores = np.array([[0.9, 0.8, 0.1, 0.0], [0.7, 0.2, 0.1, 0.0], [0.1, 0.9, 0.6, 0.0]])
+    decision = choose_decision(y, scores, thresholds=[0.5, 0.3])
+    assert decision == Decision("threshold", 0.5)
+    assert decision.apply(scores).tolist() == y.tolist()
+    assert choose_decision(y, scores, thresholds=[]) == Decision("top_k", 2)
+
+
+def test_popularity_recommends_the_most_frequent_tags(data, popularity_score):
+    X, Y = data["train"]
+    model = models.create("popularity", ModelConfig(k=3)).fit(X, Y)
+    assert model.decision == Decision("top_k", 3)
+    predicted = model.predict(data["test"][0][:2])
+    assert predicted.dtype == bool and predicted.sum(axis=1).tolist() == [3, 3]
+    assert set(np.flatnonzero(predicted[0])) == set(np.argsort(-Y.sum(0), kind="stable")[:3])
+    assert 0.3 < popularity_score["f1"] < 0.5
+
+
+def test_knn_beats_popularity(data, popularity_score):
+    model = models.create("knn").fit(*data["train"], *data["val"])
+    result = model.score(*data["test"])
+    assert result["f1"] > popularity_score["f1"] + 0.15
+    assert result["map"] > popularity_score["map"] + 0.15
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_mlp_learns_and_reports_each_epoch(data, popularity_score, loss):
+    recorder = Recorder()
+    model = models.create("mlp", ModelConfig(**FAST, loss=loss))
+    model.fit(*data["train"], *data["val"], callbacks=[recorder])
+    assert [epoch for epoch, _ in recorder.calls] == [0, 1, 2, 3]
+    assert {"loss", "val_f1", "val_p@5", "val_map"} <= set(recorder.calls[-1][1])
+    assert len(model.history["loss"]) == 4 and model.history["loss"][-1] < model.history["loss"][0]
+    assert model.score(*data["test"])["f1"] > popularity_score["f1"] + 0.15
+    scores = model.predict_scores(data["test"][0])
+    assert scores.dtype == np.float32 and scores.shape == data["test"][1].shape
+
+
+def test_callback_can_stop_training(data):
+    model = models.create("mlp", ModelConfig(**FAST))
+    model.fit(*data["train"], *data["val"], callbacks=[Recorder(stop_after=2)])
+    assert model.epochs_done == 2
+
+
+@pytest.mark.parametrize("bug", [False, True])
+def test_seed_model_trains_with_fixed_threshold(data, popularity_score, bug):
+    config = ModelConfig(**{**FAST, "epochs": 2, "batch_size": 256}, seed_sigmoid_bug=bug)
+    model = models.create("seed", config).fit(*data["train"], *data["val"])
+    assert model.decision == Decision("threshold", 0.5)
+    scores = model.predict_scores(data["test"][0])
+    assert ((scores >= 0) & (scores <= 1)).all()
+    assert model.score(*data["test"])["f1"] > popularity_score["f1"]
+
+
+@pytest.mark.parametrize("name", ["popularity", "knn", "mlp", "seed"])
+def test_save_load_roundtrip_without_pickle(tmp_path, data, name):
+    X, Y = data["train"]
+    vocab = [f"tag{i}" for i in range(Y.shape[1])]
+    config = ModelConfig(**{**FAST, "epochs": 1})
+    model = models.create(name, config).fit(X, Y, *data["val"], vocab=vocab)
+    uri = str(tmp_path / name)
+    model.save(uri, metadata={"embedder": {"name": "classic", "version": 1}})
+
+    for path in (tmp_path / name).glob("*.npy"):
+        np.load(path, allow_pickle=False)
+    manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+    assert manifest["model"] == name and manifest["version"] == models.VERSION
+
+    loaded = models.load(uri)
+    assert loaded.config == config and loaded.vocab == vocab and loaded.decision == model.decision
+    assert loaded.metadata == {"embedder": {"name": "classic", "version": 1}}
+    X_test = data["test"][0]
+    np.testing.assert_allclose(loaded.predict_scores(X_test), model.predict_scores(X_test))
+
+
+def test_resume_from_checkpoint_continues_training(tmp_path, data):
+    config = ModelConfig(**FAST)
+    first = models.create("mlp", config)
+    first.fit(*data["train"], *data["val"], callbacks=[Recorder(stop_after=2)])
+    first.save(str(tmp_path / "ckpt"))
+
+    resumed = models.load(str(tmp_path / "ckpt"))
+    assert resumed.epochs_done == 2 and resumed.optimizer_state
+    recorder = Recorder()
+    resumed.fit(*data["train"], *data["val"], callbacks=[recorder], resume=True)
+    assert [epoch for epoch, _ in recorder.calls] == [2, 3]
+    assert resumed.epochs_done == 4 and len(resumed.history["loss"]) == 4
+
+    in_memory = models.create("mlp", config).set_state(first.get_state())
+    np.testing.assert_array_equal(
+        in_memory.predict_scores(data["test"][0]), first.predict_scores(data["test"][0])
+    )
+
+
+def test_input_validation_messages(data):
+    X, Y = data["train"]
+    model = models.create("popularity")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        model.predict_scores(X)
+    with pytest.raises(ValueError, match="rows"):
+        model.fit(X, Y[:10])
+    with pytest.raises(ValueError, match="0/1"):
+        model.fit(X, Y.astype(int) * 2)
+    bad = X.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        model.fit(bad, Y)
+    with pytest.raises(ValueError, match="both"):
+        model.fit(X, Y, X_val=X)
+    model.fit(X, Y.astype(np.uint8))
+    with pytest.raises(ValueError, match="embedding dim"):
+        model.predict(X[:, :5])
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        models.load("/nonexistent/model")
