@@ -183,7 +183,8 @@ def make_caption(rng: np.random.Generator, scene: str) -> str:
     n_scene = int(rng.integers(2, 6))
     tags = list(rng.choice(pool, n_scene, replace=False, p=scene_weights / scene_weights.sum()))
     if rng.random() < 0.15:
-        tags.append(str(rng.choice(SCENE_TAGS[RELATED[scene]])))
+        spill = [tag for tag in SCENE_TAGS[RELATED[scene]] if tag not in tags]
+        tags.append(str(rng.choice(spill)))
     if rng.random() < 0.08:
         tags.append(str(rng.choice(FOREIGN_TAGS[scene])))
     n_generic = max(0, total - len(tags))
@@ -507,8 +508,16 @@ PAINTERS = {
 def render_scene(rng: np.random.Generator, scene: str, size: int) -> np.ndarray:
     """One photo of `scene`: RGB uint8 (size, size, 3), with camera-like variation on top."""
     rgb = PAINTERS[scene](rng, size)
-    exposure = np.arange(256) * rng.uniform(0.8, 1.15) + rng.uniform(-12, 12)
-    rgb = cv2.LUT(rgb, exposure.clip(0, 255).astype(np.uint8))
+    if rng.random() < 0.5:  # zoomed in: a crop of 60-95% of the side, scaled back up
+        side = int(size * rng.uniform(0.6, 0.95))
+        y, x = rng.integers(0, size - side + 1, 2)
+        rgb = cv2.resize(
+            rgb[y : y + side, x : x + side], (size, size), interpolation=cv2.INTER_LINEAR
+        )
+    # Exposure and white balance in one lookup table per channel.
+    gains = rng.uniform(0.75, 1.2) * rng.uniform(0.85, 1.15, 3)
+    levels = np.arange(256)[:, None] * gains + rng.uniform(-15, 15)
+    rgb = cv2.LUT(rgb, levels.clip(0, 255).astype(np.uint8)[:, None, :])
     # Sensor noise, uniform rather than Gaussian: integers are four times cheaper to draw.
     spread = int(rng.integers(4, 16))
     noise = rng.integers(-spread, spread + 1, rgb.shape, dtype=np.int16)
