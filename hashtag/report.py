@@ -27,6 +27,9 @@ BASELINE = "popularity"
 # Metrics shown first, in this order; any other metric a model reports follows, sorted.
 LEADING_METRICS = ("f1", "precision", "recall", "f1@5", "p@5", "r@5", "hit@5", "map")
 LIFT_METRICS = ("f1", "f1@5")
+# Per-epoch series drawn by plot_curves (others in a row's history are ignored).
+CURVE_F1 = ("val_f1", "f1")
+CURVE_LOSS = ("loss", "val_loss")
 
 
 @dataclass(frozen=True)
@@ -218,11 +221,11 @@ def plot_curves(rows: Sequence[ResultRow], uri: str) -> None:
         for name, values in sorted(row.history.items()):
             epochs = np.arange(1, len(values) + 1)
             style = "--" if name.startswith("val_") and "loss" in name else "-"
-            if "loss" in name:
+            if name in CURVE_LOSS:
                 # One legend entry per trial: the dashed validation loss shares its colour.
                 label = None if name.startswith("val_") else row.label
                 right.plot(epochs, values, style, color=colour, label=label)
-            elif "f1" in name:
+            elif name in CURVE_F1:
                 left.plot(
                     epochs, values, "-", color=colour, marker=".", label=f"{row.label} {name}"
                 )

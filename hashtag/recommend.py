@@ -1,0 +1,317 @@
+"""Use an exported model: hashtags for images, hashtag completion, and an evaluation table.
+
+    hashtag recommend --model out/tune/model photo.jpg photos/ s3://bucket/pics/ --k 5
+    hashtag recommend --model out/tune/model photo.jpg --tags pizza,dinner     # image + completion
+    hashtag recommend --model out/tune/model --tags pizza,dinner               # completion alone
+    hashtag evaluate --model out/tune/model --data out/dataset                 # Markdown table
+
+The exported model folder (tune.py writes it) is self-contained: the recommender's weights and
+decision, its metadata (the embedder spec, the vocabulary) and a co-occurrence model fitted on
+the training labels in `cooccurrence/`. Images go through the same fetch -> decode -> embed path
+as the scrape (hashtag/ingest.py), with the embedder the model was trained on.
+
+A bad image (missing, corrupt, too large) is an error line for that image; the others go on and
+the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hashtag import storage, tags
+
+COOCCURRENCE = "cooccurrence"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class RecommendConfig:
+    model: str = field(
+        metadata={"help": "exported model folder (tune's OUT/model), local or s3://"}
+    )
+    images: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "images or folders of images: paths, s3:// or http(s) URLs",
+            "positional": True,
+            "metavar": "IMAGE",
+        },
+    )
+    k: int = field(default=5, metadata={"help": "hashtags per image"})
+    min_score: float = field(default=0.0, metadata={"help": "drop hashtags scoring below this"})
+    exclude: str = field(
+        default="",
+        metadata={"help": "hashtags never to suggest: a file with one per line, or tag1,tag2"},
+    )
+    tags: str = field(
+        default="",
+        metadata={"help": "hashtags already given (tag1,tag2): complete them, never repeat them"},
+    )
+    json: bool = field(default=False, metadata={"help": "one JSON object per image and line"})
+    completion_weight: float = field(
+        default=0.5,
+        metadata={"help": "with --tags and an image: weight of the image scores (0..1)"},
+    )
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("--model is required: the folder tune exported (OUT/model)")
+        if isinstance(self.images, str):
+            object.__setattr__(self, "images", (self.images,))
+        if not self.images and not self.tags.strip():
+            raise ValueError("give at least one IMAGE (file, folder or URL), or --tags to complete")
+        if self.k < 1:
+            raise ValueError(f"--k must be at least 1, got {self.k}")
+        if not math.isfinite(self.min_score):
+            raise ValueError(f"--min-score must be a finite number, got {self.min_score}")
+        if not 0.0 <= self.completion_weight <= 1.0:
+            raise ValueError(f"--completion-weight must be in [0, 1], got {self.completion_weight}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    model: str = field(metadata={"help": "exported model folder (tune's OUT/model)"})
+    data: str = field(metadata={"help": "merged dataset whose test split is scored"})
+
+
+class ExportedModel:
+    """An exported model folder, loaded: recommender, vocabulary, embedder spec, completion."""
+
+    def __init__(self, uri: str):
+        from hashtag import models
+
+        self.uri = str(uri)
+        self.recommender = models.load(self.uri)
+        self.metadata: dict[str, Any] = dict(getattr(self.recommender, "metadata", None) or {})
+        if "vocab" not in self.metadata or "embedder" not in self.metadata:
+            raise ValueError(
+                f"{uri} has no vocabulary or embedder in its metadata: it is not a model "
+                "exported by `hashtag tune` (OUT/model); export one with `hashtag tune`"
+            )
+        self.vocab: list[str] = [str(t) for t in self.metadata["vocab"]]
+        self.index = {tag: i for i, tag in enumerate(self.vocab)}
+        self.embedder_spec: dict[str, Any] = self.metadata["embedder"]
+        self._cooccurrence = None
+
+    @property
+    def cooccurrence(self):
+        from hashtag.completion import Cooccurrence
+
+        if self._cooccurrence is None:
+            location = storage.join(self.uri, COOCCURRENCE)
+            if not storage.exists(storage.join(location, "manifest.json")):
+                raise ValueError(f"{self.uri} has no {COOCCURRENCE}/: re-export it to use --tags")
+            self._cooccurrence = Cooccurrence.load(location)
+        return self._cooccurrence
+
+    @property
+    def has_images(self) -> bool:
+        return self.embedder_spec.get("name") not in (None, "none")
+
+    def tag_mask(self, names: list[str]) -> tuple[np.ndarray, list[str]]:
+        """bool (V,) of the known tags among `names`, and the unknown ones."""
+        mask = np.zeros(len(self.vocab), bool)
+        unknown = []
+        for name in names:
+            if name in self.index:
+                mask[self.index[name]] = True
+            else:
+                unknown.append(name)
+        return mask, unknown
+
+
+def parse_tag_list(text: str) -> list[str]:
+    """ "#Pizza, dinner" -> ["pizza", "dinner"] (normalised, deduplicated, in order)."""
+    out: list[str] = []
+    for part in text.split(","):
+        tag = tags.normalize(part.strip().lstrip("#"))
+        if tag and tag not in out:
+            out.append(tag)
+    return out
+
+
+def read_blocklist(exclude: str) -> list[str]:
+    """`--exclude`: a file (local or s3://) with one tag per line, else comma-separated tags."""
+    exclude = exclude.strip()
+    if not exclude:
+        return []
+    looks_like_file = (
+        storage.is_remote(exclude) or os.path.sep in exclude or os.path.isfile(exclude)
+    )
+    if looks_like_file:
+        if not storage.exists(exclude):
+            raise FileNotFoundError(f"--exclude file {exclude} does not exist")
+        lines = storage.read_text(exclude).splitlines()
+        return parse_tag_list(
+            ",".join(line for line in lines if not line.lstrip().startswith("//"))
+        )
+    return parse_tag_list(exclude)
+
+
+def expand_images(locations: tuple[str, ...]) -> list[str]:
+    """Files and URLs as given; a folder (local or s3://) becomes its image files, sorted."""
+    found: list[str] = []
+    for location in locations:
+        if location.startswith(("http://", "https://")):
+            found.append(location)
+            continue
+        if _is_folder(location):
+            names = [n for n in storage.listdir(location) if n.lower().endswith(IMAGE_SUFFIXES)]
+            found.extend(storage.join(location, n) for n in names)
+        else:
+            found.append(location)
+    return found
+
+
+def _is_folder(location: str) -> bool:
+    try:
+        fs, path = storage.filesystem(location)
+        return fs.isdir(path)
+    except Exception:  # an unreachable location is reported when it is fetched
+        return False
+
+
+def top_hashtags(
+    scores: np.ndarray, vocab: list[str], k: int, min_score: float = 0.0
+) -> list[list[dict[str, Any]]]:
+    """Per row, the k best {"tag", "score"} with score >= min_score; -inf means never."""
+    scores = np.atleast_2d(np.asarray(scores, np.float32))
+    k = min(k, scores.shape[1])
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    out = []
+    for row, columns in zip(scores, best, strict=True):
+        out.append(
+            [
+                {"tag": vocab[c], "score": round(float(row[c]), 4)}
+                for c in columns
+                if np.isfinite(row[c]) and row[c] >= min_score
+            ]
+        )
+    return out
+
+
+def _image_scores(
+    exported: ExportedModel, images: list[str]
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Scores (V,) of every image that could be embedded, and the reason for every other one."""
+    from hashtag import embedders, ingest
+    from hashtag.fetch import FetchConfig, Fetcher
+    from hashtag.posts import Post
+
+    if not exported.has_images:
+        reason = "this model was trained on labels only (no image embedder): use --tags alone"
+        return {}, dict.fromkeys(images, reason)
+    embedder = embedders.create_from_spec(exported.embedder_spec)
+    posts = [Post(id=str(n), image=location, tags=()) for n, location in enumerate(images)]
+    result = ingest.embed_posts(posts, embedder, Fetcher(FetchConfig()), threads=4)
+    errors = {images[int(post_id)]: reason for post_id, reason in result.skips}
+    if not result.posts:
+        return {}, errors
+    scores = np.asarray(exported.recommender.predict_scores(result.embeddings), np.float32)
+    return {p.image: s for p, s in zip(result.posts, scores, strict=True)}, errors
+
+
+def recommend(config: RecommendConfig) -> list[dict[str, Any]]:
+    """One result per image (or one for completion alone): {"image", "hashtags"} or {"image", "error"}."""
+    exported = ExportedModel(config.model)
+    given_names = parse_tag_list(config.tags)
+    given, unknown = exported.tag_mask(given_names)
+    if unknown:
+        print(
+            f"note: not in the model's vocabulary, ignored: {', '.join(unknown)}", file=sys.stderr
+        )
+    blocked, _ = exported.tag_mask(read_blocklist(config.exclude))
+    blocked |= given  # a given tag is never suggested again
+
+    def finish(image_scores: np.ndarray | None) -> np.ndarray:
+        if given_names:
+            scores = exported.cooccurrence.combine(
+                None if image_scores is None else image_scores[None, :],
+                given[None, :],
+                config.completion_weight,
+            )[0]
+        else:
+            scores = np.asarray(image_scores, np.float32)
+        return np.where(blocked, -np.inf, scores)
+
+    if not config.images:
+        hashtags = top_hashtags(finish(None), exported.vocab, config.k, config.min_score)[0]
+        return [{"image": None, "given": given_names, "hashtags": hashtags}]
+    images = expand_images(config.images)
+    if not images:
+        return [{"image": ", ".join(config.images), "error": "no image files found"}]
+    scores, errors = _image_scores(exported, images)
+    results = []
+    for image in images:
+        if image in scores:
+            hashtags = top_hashtags(
+                finish(scores[image]), exported.vocab, config.k, config.min_score
+            )[0]
+            results.append({"image": image, "hashtags": hashtags})
+        else:
+            results.append({"image": image, "error": errors.get(image, "not embedded")})
+    return results
+
+
+def format_result(result: dict[str, Any], as_json: bool) -> str:
+    if as_json:
+        return json.dumps(result, ensure_ascii=False)
+    name = (
+        result["image"]
+        if result["image"] is not None
+        else "given " + " ".join(f"#{t}" for t in result.get("given", []))
+    )
+    if "error" in result:
+        return f"{name}: error: {result['error']}"
+    if not result["hashtags"]:
+        return f"{name}: (no hashtag above the minimum score)"
+    return f"{name}: " + "  ".join(f"#{h['tag']} {h['score']:.2f}" for h in result["hashtags"])
+
+
+def run(config: RecommendConfig) -> int:
+    """Print the recommendations; exit status 0, or 1 when any image failed."""
+    results = recommend(config)
+    for result in results:
+        print(format_result(result, config.json), flush=True)
+    return 1 if any("error" in r for r in results) else 0
+
+
+def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    """Score the model and the popularity baseline on the test split; print a Markdown table."""
+    from hashtag import models
+    from hashtag.dataset import Dataset
+    from hashtag.report import ResultRow, results_table, to_markdown
+
+    exported = ExportedModel(config.model)
+    dataset = Dataset.load(config.data)
+    if list(dataset.vocab) != exported.vocab:
+        raise ValueError(
+            f"{config.data} has a different hashtag vocabulary than the model {config.model}: "
+            "evaluate on the dataset the model was trained on"
+        )
+    if exported.embedder_spec != dataset.embedder:
+        raise ValueError(
+            f"the dataset's embedder {dataset.embedder} is not the model's {exported.embedder_spec}"
+        )
+    X_train, Y_train = dataset.part("train")
+    X_val, Y_val = dataset.part("val")
+    X_test, Y_test = dataset.part("test")
+    if len(X_test) == 0:
+        raise ValueError(f"{config.data} has no test posts")
+    popularity = models.create("popularity", models.ModelConfig())
+    popularity.fit(X_train, Y_train, X_val, Y_val)
+    name = exported.metadata.get("model", "model")
+    rows = [
+        ResultRow(model=name, test=exported.recommender.score(X_test, Y_test)),
+        ResultRow(model="popularity", test=popularity.score(X_test, Y_test)),
+    ]
+    table = results_table(rows)
+    print(to_markdown(table))
+    return {"model": config.model, "data": config.data, "test_posts": len(X_test), "table": table}

@@ -1,0 +1,506 @@
+"""The batch size x learning rate grid on Ray Tune, then the export of the best model.
+
+    hashtag tune --data out/dataset --out out/tune --batch-sizes 16,64,256 --learning-rates 1e-2,1e-3,1e-4
+
+One Tune trial per grid cell. A trial loads the merged dataset itself (Dataset.load(data): a
+memory map when local, a download from s3:// otherwise), trains with a checkpoint per epoch
+(the model's weights, so an interrupted trial continues from its last epoch and the export never
+retrains) and reports validation metrics per epoch and, at the end, every metric on validation
+and test. Reference models (popularity, kNN) are scored once per experiment in the driver.
+
+The best trial is chosen on validation F1, never on test, and exported to OUT/model/ with what
+recommend needs and nothing of the training data: the embedder spec, the vocabulary, the decision
+rule, and a hashtag co-occurrence model fitted on the training labels (OUT/model/cooccurrence/).
+
+Outputs under OUT:
+    ray/grid-HASH/     Tune's experiment (trial checkpoints; what a rerun restores)
+    references.json    the reference models' scores (reused by a rerun)
+    results.csv/.md    every metric of every trial and reference, lift over popularity
+    heatmap.png        F1 over batch size x learning rate;  curves.png: per-epoch curves
+    model/             the exported model;  tune.json: this summary
+
+Rerunning the same command restores the experiment: finished trials are kept, unfinished and
+failed ones continue from their last checkpoint. Changing the grid, epochs, loss, model or data
+starts a new experiment (the name carries a hash of those settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hashtag import storage
+from hashtag.report import ResultRow, trial_line, write_report
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "hashtag-model"
+MODEL_VERSION = 1
+LOSSES = ("sigmoid", "softmax")
+REFERENCE_MODELS = ("popularity", "knn")
+TRAINABLE_MODELS = ("mlp", "seed")
+# Inside a trial checkpoint: the model folder (models' save format) and our bookkeeping.
+CHECKPOINT_MODEL = "model"
+CHECKPOINT_STATE = "state.json"
+# Per-epoch values shown in Tune's progress and kept for the learning curves.
+EPOCH_METRICS = ("loss", "val_f1", "val_f1@5", "val_map")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    data: str = field(metadata={"help": "merged dataset URI (merge's OUT), local or s3://"})
+    out: str = field(metadata={"help": "where tables, plots, Tune's experiment and the model go"})
+    model: str = field(default="mlp", metadata={"help": "trainable model of the grid: mlp or seed"})
+    batch_sizes: tuple[int, ...] = field(
+        default=(16, 64, 256), metadata={"help": "grid batch sizes"}
+    )
+    learning_rates: tuple[float, ...] = field(
+        default=(1e-2, 1e-3, 1e-4), metadata={"help": "grid learning rates"}
+    )
+    epochs: int = field(default=10, metadata={"help": "epochs per trial"})
+    cpus_per_trial: float = field(
+        default=1.0, metadata={"help": "CPUs per trial (also bounds TensorFlow's threads)"}
+    )
+    gpus_per_trial: float = field(
+        default=0.0, metadata={"help": "GPUs per trial; a fraction (0.25) shares one GPU"}
+    )
+    max_failures: int = field(
+        default=2, metadata={"help": "retries of a failed trial, from its last checkpoint"}
+    )
+    references: tuple[str, ...] = field(
+        default=REFERENCE_MODELS,
+        metadata={"help": "reference models scored once beside the grid (popularity, knn)"},
+    )
+    loss: str = field(default="sigmoid", metadata={"help": "mlp loss: sigmoid or softmax"})
+    seed: int = field(default=0, metadata={"help": "random seed of every trial"})
+
+    def __post_init__(self) -> None:
+        if not str(self.data).strip():
+            raise ValueError("--data is required: the merged dataset (`hashtag merge`'s OUT)")
+        if not str(self.out).strip():
+            raise ValueError("--out is required: where the results and the model are written")
+        if self.model not in TRAINABLE_MODELS:
+            raise ValueError(
+                f"--model {self.model!r} cannot be tuned; use one of {', '.join(TRAINABLE_MODELS)}"
+            )
+        if not self.batch_sizes or any(int(b) != b or b < 1 for b in self.batch_sizes):
+            raise ValueError(f"--batch-sizes must be positive integers, got {self.batch_sizes}")
+        if not self.learning_rates or any(
+            not math.isfinite(lr) or lr <= 0 for lr in self.learning_rates
+        ):
+            raise ValueError(
+                f"--learning-rates must be positive numbers, got {self.learning_rates}"
+            )
+        for name in ("batch_sizes", "learning_rates"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"--{name.replace('_', '-')} repeats a value: {values}")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be at least 1, got {self.epochs}")
+        if not self.cpus_per_trial > 0:
+            raise ValueError(f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}")
+        if self.gpus_per_trial < 0 or (self.gpus_per_trial > 1 and self.gpus_per_trial % 1):
+            raise ValueError(
+                f"--gpus-per-trial must be >= 0, and a whole number above 1; got {self.gpus_per_trial}"
+            )
+        if self.max_failures < 0:
+            raise ValueError(f"--max-failures must be >= 0, got {self.max_failures}")
+        unknown = set(self.references) - set(REFERENCE_MODELS)
+        if unknown:
+            raise ValueError(
+                f"unknown reference model(s) {sorted(unknown)}; choose from {', '.join(REFERENCE_MODELS)}"
+            )
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+
+    @property
+    def experiment_name(self) -> str:
+        """Same name for the same training settings, so a rerun restores instead of restarting."""
+        settings = {
+            "data": self.data,
+            "model": self.model,
+            "batch_sizes": list(self.batch_sizes),
+            "learning_rates": list(self.learning_rates),
+            "epochs": self.epochs,
+            "loss": self.loss,
+            "seed": self.seed,
+        }
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        return f"grid-{digest[:10]}"
+
+
+# ---------------------------------------------------------------- inside a trial (a Ray actor)
+
+
+def _configure_tensorflow(cpus: float) -> None:
+    """Bound TensorFlow's thread pools by the trial's CPUs, and let GPU memory grow (so that
+    trials with fractional GPUs can share one). Must run before TensorFlow builds anything."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    threads = max(1, int(cpus))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
+    except RuntimeError:  # already initialised in this worker process
+        pass
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass
+
+
+def _model_config(params: dict[str, Any]):
+    from hashtag import models
+
+    return models.ModelConfig(
+        batch_size=int(params["batch_size"]),
+        learning_rate=float(params["learning_rate"]),
+        epochs=int(params["epochs"]),
+        loss=params["loss"],
+        seed=int(params["seed"]),
+        threads=max(1, int(params["cpus"])),
+    )
+
+
+def _score(recommender, X: np.ndarray, Y: np.ndarray) -> dict[str, float]:
+    return {k: float(v) for k, v in recommender.score(X, Y).items()}
+
+
+def _report(recommender, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """One Tune report with a checkpoint: the model folder (weights, optimizer, decision,
+    history) and our bookkeeping (`state`)."""
+    from ray import tune
+
+    with tempfile.TemporaryDirectory(prefix="hashtag-ckpt-") as folder:
+        recommender.save(os.path.join(folder, CHECKPOINT_MODEL))
+        with open(os.path.join(folder, CHECKPOINT_STATE), "w") as f:
+            json.dump(state, f)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+class _EpochReporter:
+    """Model callback: after every epoch, a Tune report and a checkpoint."""
+
+    def __init__(self, recommender, state: dict[str, Any]):
+        self.recommender, self.state = recommender, state
+        self.seconds_before, self.started = state["seconds"], time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        self.state["seconds"] = self.seconds_before + time.perf_counter() - self.started
+        shown = {k: float(v) for k, v in logs.items() if k in EPOCH_METRICS}
+        _report(self.recommender, self.state, {"epoch": epoch + 1, "done": False, **shown})
+
+
+def train_trial(params: dict[str, Any]) -> None:
+    """One grid cell. `params`: batch_size, learning_rate (the grid) and the fixed settings."""
+    from ray import tune
+
+    from hashtag import models
+    from hashtag.dataset import Dataset
+
+    for name, value in params.get("storage_env", {}).items():
+        os.environ.setdefault(name, value)
+    _configure_tensorflow(params["cpus"])
+    dataset = Dataset.load(params["data"])
+    X_train, Y_train = dataset.part("train")
+    X_val, Y_val = dataset.part("val")
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        recommender = models.create(params["model"], _model_config(params))
+        state: dict[str, Any] = {"seconds": 0.0, "done": False}
+    else:
+        # A retry or a restored experiment: continue from the last epoch, not from scratch.
+        with checkpoint.as_directory() as folder:
+            with open(os.path.join(folder, CHECKPOINT_STATE)) as f:
+                state = json.load(f)
+            recommender = models.load(os.path.join(folder, CHECKPOINT_MODEL))
+    if recommender.epochs_done < int(params["epochs"]):
+        recommender.fit(
+            X_train,
+            Y_train,
+            X_val,
+            Y_val,
+            callbacks=[_EpochReporter(recommender, state)],
+            vocab=dataset.vocab,
+            resume=checkpoint is not None,
+        )
+    X_test, Y_test = dataset.part("test")
+    state.update(
+        done=True, val=_score(recommender, X_val, Y_val), test=_score(recommender, X_test, Y_test)
+    )
+    _report(
+        recommender,
+        state,
+        {
+            "epoch": recommender.epochs_done,
+            "done": True,
+            "val_f1": state["val"].get("f1", math.nan),
+            "test_f1": state["test"].get("f1", math.nan),
+            "seconds": state["seconds"],
+        },
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN and infinities (a metric of a failed trial) as null: strict JSON readers choke on NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def _storage_target(out: str) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) of Tune's experiment folder OUT/ray."""
+    target = storage.join(out, "ray")
+    if not storage.is_remote(target):
+        path = os.path.abspath(storage.filesystem(target)[1])
+        os.makedirs(path, exist_ok=True)
+        return path, None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    # Through fsspec, so that AWS_ENDPOINT_URL (MinIO, a test server) applies as everywhere else.
+    fs, path = storage.filesystem(target)
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+def _references(config: TuneConfig, dataset) -> list[ResultRow]:
+    """Popularity and kNN, scored once per dataset; a rerun reads them back."""
+    from hashtag import models
+
+    cache_uri = storage.join(config.out, "references.json")
+    key = {"data": config.data, "count": len(dataset), "references": list(config.references)}
+    if storage.exists(cache_uri):
+        cached = storage.read_json(cache_uri)
+        if cached.get("key") == key:
+            return [ResultRow(**row) for row in cached["rows"]]
+    X_train, Y_train = dataset.part("train")
+    X_val, Y_val = dataset.part("val")
+    X_test, Y_test = dataset.part("test")
+    rows = []
+    for name in config.references:
+        started = time.perf_counter()
+        recommender = models.create(name, models.ModelConfig(seed=config.seed))
+        recommender.fit(X_train, Y_train, X_val, Y_val)
+        rows.append(
+            ResultRow(
+                model=name,
+                val=_score(recommender, X_val, Y_val),
+                test=_score(recommender, X_test, Y_test),
+                seconds=time.perf_counter() - started,
+            )
+        )
+    storage.write_json(cache_uri, {"key": key, "rows": [asdict(r) for r in rows]})
+    return rows
+
+
+def _trial_state(result) -> dict[str, Any] | None:
+    """A trial's last checkpoint, read without loading the model: our bookkeeping plus the
+    model's epochs and per-epoch history (from its manifest). None without a checkpoint."""
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as folder:
+        state_path = os.path.join(folder, CHECKPOINT_STATE)
+        manifest_path = os.path.join(folder, CHECKPOINT_MODEL, "manifest.json")
+        if not (os.path.exists(state_path) and os.path.exists(manifest_path)):
+            return None
+        with open(state_path) as f:
+            state = json.load(f)
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    history = manifest.get("history") or {}
+    state["history"] = {k: v for k, v in history.items() if k in EPOCH_METRICS}
+    state["epoch"] = int(manifest.get("epochs_done", 0))
+    return state
+
+
+def _trial_row(config: TuneConfig, result, state: dict[str, Any] | None) -> ResultRow:
+    params = result.config or {}
+    common = dict(
+        model=config.model,
+        batch_size=int(params.get("batch_size", 0)),
+        learning_rate=float(params.get("learning_rate", math.nan)),
+        trial_id=os.path.basename(str(result.path or "")),
+    )
+    if state is None or not state.get("done"):
+        reason = result.error or "did not finish"
+        first_line = str(reason).strip().splitlines()[-1] if str(reason).strip() else "error"
+        return ResultRow(
+            **common,
+            status=f"error: {first_line[:200]}",
+            history=(state or {}).get("history", {}),
+        )
+    return ResultRow(
+        **common,
+        val=state["val"],
+        test=state["test"],
+        seconds=float(state["seconds"]),
+        epochs=int(state["epoch"]),
+        history=state["history"],
+    )
+
+
+def export_model(config: TuneConfig, dataset, recommender, row: ResultRow) -> str:
+    """Write the self-contained model folder OUT/model/: weights, metadata, co-occurrence."""
+    from hashtag.completion import Cooccurrence
+
+    uri = storage.join(config.out, "model")
+    storage.remove(uri)  # no file of an older export may survive beside the new one
+    metadata = {
+        "format": MODEL_FORMAT,
+        "version": MODEL_VERSION,
+        "model": config.model,
+        "embedder": dataset.embedder,
+        "vocab": list(dataset.vocab),
+        "decision": asdict(recommender.decision),
+        "batch_size": row.batch_size,
+        "learning_rate": row.learning_rate,
+        "epochs": row.epochs,
+        "loss": config.loss,
+        "val": row.val,
+        "test": row.test,
+        "trained_on": {"data": config.data, "count": len(dataset), "dim": dataset.dim},
+    }
+    recommender.save(uri, metadata=metadata)
+    _, Y_train = dataset.part("train")
+    Cooccurrence().fit(Y_train).save(storage.join(uri, "cooccurrence"))
+    return uri
+
+
+def _best_model(config: TuneConfig, results, best: ResultRow):
+    """The best trial's fitted recommender, from its last checkpoint (no retraining)."""
+    from hashtag import models
+
+    for result in results:
+        params = result.config or {}
+        if (params.get("batch_size"), params.get("learning_rate")) == (
+            best.batch_size,
+            best.learning_rate,
+        ) and result.checkpoint is not None:
+            with result.checkpoint.as_directory() as folder:
+                return models.load(os.path.join(folder, CHECKPOINT_MODEL))
+    raise RuntimeError(f"the best trial {best.label} has no checkpoint to export")
+
+
+def _run_grid(config: TuneConfig):
+    from ray import tune
+
+    from hashtag import raycluster
+
+    storage_path, filesystem = _storage_target(config.out)
+    env = {k: v for k, v in os.environ.items() if k == storage.ENDPOINT_ENV}
+    params = {
+        "batch_size": tune.grid_search(list(config.batch_sizes)),
+        "learning_rate": tune.grid_search(list(config.learning_rates)),
+        "data": config.data,
+        "model": config.model,
+        "epochs": config.epochs,
+        "loss": config.loss,
+        "seed": config.seed,
+        "cpus": config.cpus_per_trial,
+        "storage_env": env,
+    }
+    resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
+    trainable = tune.with_resources(train_trial, resources)
+    experiment = f"{storage_path.rstrip('/')}/{config.experiment_name}"
+    raycluster.connect()
+    if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+        log.info("restoring the Tune experiment at %s", experiment)
+        tuner = tune.Tuner.restore(
+            experiment,
+            trainable=trainable,
+            resume_errored=True,
+            param_space=params,
+            storage_filesystem=filesystem,
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=params,
+            tune_config=tune.TuneConfig(metric="val_f1", mode="max"),
+            run_config=tune.RunConfig(
+                name=config.experiment_name,
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
+                failure_config=tune.FailureConfig(max_failures=config.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                verbose=1,
+            ),
+        )
+    return tuner.fit(), experiment
+
+
+def run(config: TuneConfig) -> dict[str, Any]:
+    """Tune the grid, score the references, write the report, export the best model."""
+    from hashtag.dataset import Dataset
+
+    started = time.perf_counter()
+    dataset = Dataset.load(config.data)
+    for name in ("train", "val", "test"):
+        if len(dataset.rows(name)) == 0:
+            raise ValueError(
+                f"{config.data} has no {name} posts: the grid needs train, validation and test "
+                "posts; merge more posts (or a different split) first"
+            )
+    if dataset.dim == 0:
+        raise ValueError(
+            f"{config.data} has no embeddings (dim 0, label-only posts): there is nothing to "
+            "train an image model on"
+        )
+    references = _references(config, dataset)
+    results, experiment = _run_grid(config)
+    trials = [_trial_row(config, result, _trial_state(result)) for result in results]
+    finished = [row for row in trials if row.status == "ok"]
+    failed = [row.label for row in trials if row.status != "ok"]
+    rows = trials + references
+    for row in rows:
+        print(trial_line(row))
+    if not finished:
+        raise RuntimeError(
+            f"every trial of {experiment} failed ({trials[0].status if trials else 'no trials'}); "
+            "fix the cause and rerun the same command: failed trials are retried"
+        )
+    # Choose on validation, never on test.
+    best = max(finished, key=lambda r: r.val.get("f1", -math.inf))
+    recommender = _best_model(config, results, best)
+    model_uri = export_model(config, dataset, recommender, best)
+    paths = write_report(rows, config.out)
+    print(
+        f"best (validation f1 {best.val.get('f1', math.nan):.4f}): {trial_line(best)} -> {model_uri}"
+    )
+    summary = {
+        "stage": "tune",
+        "config": asdict(config),
+        "experiment": experiment,
+        "trials": [asdict(r) for r in trials],
+        "references": [asdict(r) for r in references],
+        "best": {
+            "batch_size": best.batch_size,
+            "learning_rate": best.learning_rate,
+            "val": best.val,
+            "test": best.test,
+        },
+        "failed": failed,
+        "model": model_uri,
+        "outputs": paths,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    storage.write_json(storage.join(config.out, "tune.json"), _jsonable(summary))
+    return summary

@@ -1,0 +1,168 @@
+"""Tune: config validation, a trial's checkpoint/resume logic without Ray, and a small grid on a
+local Ray cluster that writes the report and the model, then resumes without retraining."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from hashtag import models, storage, tune
+from hashtag.completion import Cooccurrence
+from hashtag.dataset import Dataset, DatasetWriter, csr_from_lists
+
+CLASSIC_SPEC = {"name": "classic", "version": 1}
+
+
+def write_dataset(
+    uri: str, *, posts: int = 240, dim: int = 16, tags: int = 10, seed: int = 0, embedder=None
+) -> Dataset:
+    """A small learnable dataset: each post is near the centre of its main tag, which it
+    carries with the next tag and sometimes a random one. Splits 60/20/20."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(tags, dim)).astype(np.float32)
+    main = rng.integers(tags, size=posts)
+    embeddings = centres[main] + 0.3 * rng.normal(size=(posts, dim)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    labels = [
+        [int(m), int((m + 1) % tags)] + ([int(rng.integers(tags))] if rng.random() < 0.5 else [])
+        for m in main
+    ]
+    indptr, indices = csr_from_lists(labels)
+    split = np.resize(np.array([0, 0, 0, 1, 2], np.uint8), posts)
+    rng.shuffle(split)
+    counts = np.bincount(indices, minlength=tags)
+    order = np.argsort(-counts, kind="stable")  # vocabulary: most frequent first
+    remap = np.empty(tags, np.int64)
+    remap[order] = np.arange(tags)
+    indptr, indices = csr_from_lists([[int(remap[t]) for t in row] for row in labels])
+    with DatasetWriter(uri, dim=dim, id_length=8) as writer:
+        writer.append(embeddings, [f"p{i}" for i in range(posts)], split, indptr, indices)
+        writer.finish(
+            vocab=[f"tag{int(t)}" for t in order],
+            tag_counts=counts[order].tolist(),
+            embedder=embedder or CLASSIC_SPEC,
+        )
+    return Dataset.load(uri)
+
+
+def test_config_validation_says_what_to_do(tmp_path):
+    ok = dict(data=str(tmp_path / "d"), out=str(tmp_path / "o"))
+    tune.TuneConfig(**ok)
+    cases = [
+        (dict(model="knn"), "cannot be tuned"),
+        (dict(batch_sizes=()), "batch-sizes"),
+        (dict(batch_sizes=(16, 0)), "batch-sizes"),
+        (dict(learning_rates=(1e-3, -1.0)), "learning-rates"),
+        (dict(learning_rates=(1e-3, 1e-3)), "repeats"),
+        (dict(epochs=0), "epochs"),
+        (dict(cpus_per_trial=0), "cpus-per-trial"),
+        (dict(gpus_per_trial=1.5), "gpus-per-trial"),
+        (dict(max_failures=-1), "max-failures"),
+        (dict(references=("popularity", "oracle")), "reference"),
+        (dict(loss="hinge"), "loss"),
+        (dict(data=""), "--data"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            tune.TuneConfig(**{**ok, **change})
+    same = tune.TuneConfig(**ok, cpus_per_trial=2, max_failures=5)
+    assert same.experiment_name == tune.TuneConfig(**ok).experiment_name
+    assert tune.TuneConfig(**ok, epochs=3).experiment_name != same.experiment_name
+
+
+def test_trial_checkpoints_every_epoch_and_resumes(tmp_path, monkeypatch):
+    """train_trial outside Tune: report/get_checkpoint replaced, checkpoints copied aside."""
+    from ray import tune as ray_tune
+
+    data = str(tmp_path / "data")
+    write_dataset(data, posts=120)
+    reports: list[tuple[dict, str]] = []
+
+    def fake_report(metrics, checkpoint=None):
+        kept = str(tmp_path / f"ckpt{len(reports)}")
+        shutil.copytree(checkpoint.path, kept)
+        reports.append((metrics, kept))
+
+    resume_from: list = [None]
+    monkeypatch.setattr(ray_tune, "report", fake_report)
+    monkeypatch.setattr(ray_tune, "get_checkpoint", lambda: resume_from[0])
+    params = dict(
+        batch_size=16, learning_rate=1e-2, data=data, model="mlp", epochs=3, loss="sigmoid",
+        seed=0, cpus=1, storage_env={},
+    )  # fmt: skip
+    tune.train_trial(params)
+    assert [m["epoch"] for m, _ in reports] == [1, 2, 3, 3]
+    assert [m["done"] for m, _ in reports] == [False, False, False, True]
+    final = reports[-1][0]
+    assert 0 <= final["val_f1"] <= 1 and final["seconds"] > 0
+
+    # Interrupted after epoch 1: the retry continues with epochs 2 and 3 only.
+    reports_before = len(reports)
+    resume_from[0] = ray_tune.Checkpoint.from_directory(reports[0][1])
+    tune.train_trial(params)
+    resumed = reports[reports_before:]
+    assert [m["epoch"] for m, _ in resumed] == [2, 3, 3]
+    with open(os.path.join(resumed[-1][1], tune.CHECKPOINT_STATE)) as f:
+        state = json.load(f)
+    assert state["done"] and set(state["test"]) >= {"f1", "precision", "recall", "f1@5"}
+    model = models.load(os.path.join(resumed[-1][1], tune.CHECKPOINT_MODEL))
+    assert model.epochs_done == 3 and len(model.history["val_f1"]) == 3
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_grid_on_ray_writes_report_and_model_then_resumes(tmp_path, local_ray, capsys):
+    data = str(tmp_path / "data")
+    dataset = write_dataset(data)
+    config = tune.TuneConfig(
+        data=data,
+        out=str(tmp_path / "out"),
+        batch_sizes=(16, 64),
+        learning_rates=(1e-2,),
+        epochs=2,
+        cpus_per_trial=1,
+    )
+    summary = tune.run(config)
+    printed = capsys.readouterr().out
+    assert "Model bs: 16 / lr: 0.01 / f1: " in printed and "Model bs: 64 / lr: 0.01" in printed
+    assert "popularity" in printed and "knn" in printed
+    out = tmp_path / "out"
+    for name in ("results.csv", "results.md", "heatmap.png", "curves.png", "tune.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert not summary["failed"]
+    assert len(summary["trials"]) == 2 and all(t["epochs"] == 2 for t in summary["trials"])
+    assert all(len(t["history"]["val_f1"]) == 2 for t in summary["trials"])
+    best = summary["best"]
+    best_val = max(t["val"]["f1"] for t in summary["trials"])
+    assert best["val"]["f1"] == best_val  # chosen on validation
+
+    # The export loads on its own: no dataset, no Ray state.
+    exported = models.load(summary["model"])
+    assert exported.metadata["vocab"] == dataset.vocab
+    assert exported.metadata["embedder"] == CLASSIC_SPEC
+    assert exported.metadata["format"] == tune.MODEL_FORMAT
+    assert exported.metadata["decision"]["kind"] in ("top_k", "threshold")
+    X_test, Y_test = dataset.part("test")
+    assert exported.score(X_test, Y_test)["f1"] == pytest.approx(best["test"]["f1"])
+    completion = Cooccurrence.load(storage.join(summary["model"], "cooccurrence"))
+    assert completion.n_tags == len(dataset.vocab)
+
+    # The same command again restores the finished experiment: nothing is retrained.
+    again = tune.run(config)
+    assert again["experiment"] == summary["experiment"]
+    seconds = sorted(t["seconds"] for t in summary["trials"])
+    assert sorted(t["seconds"] for t in again["trials"]) == seconds
+    assert again["best"] == summary["best"]
