@@ -23,6 +23,7 @@ the same bytes, and posts can be rendered in any order (here on a thread pool).
 from __future__ import annotations
 
 import json
+import logging
 import lzma
 import os
 import time
@@ -36,6 +37,8 @@ import cv2
 import numpy as np
 
 from hashtag import storage
+
+log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "demo-summary.json"
 START = datetime(2024, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -52,7 +55,7 @@ class DemoConfig:
     posts: int = field(
         default=600,
         metadata={
-            "help": "number of posts (photos, multi-image posts, videos and ~0.5% broken files)"
+            "help": "number of posts (photos, multi-image posts, videos, and three broken files)"
         },
     )
     seed: int = field(
@@ -548,13 +551,13 @@ class PlannedPost:
     index: int
     stem: str  # instaloader's file stem: the UTC date, "2024-01-01_12-00-00_UTC"
     scene: str
-    kind: str  # photo | sidecar | video | repost | empty | truncated | not_image
+    kind: str  # photo | sidecar | video | repost | empty | truncated | not-an-image
     images: int = 1  # how many photos a sidecar has
     metadata: bool = False
     copy_of: int | None = None  # for a repost: the index of the post whose image it copies
 
 
-BAD_KINDS = ("empty", "truncated", "not_image")
+BAD_KINDS = ("empty", "truncated", "not-an-image")
 
 
 def plan_posts(config: DemoConfig) -> list[PlannedPost]:
@@ -644,7 +647,7 @@ def render_post(config: DemoConfig, post: PlannedPost) -> dict[str, bytes]:
     elif post.kind == "truncated":  # an interrupted download: OpenCV refuses it
         data = _photo(config, post.index, post.scene)
         files[f"{post.stem}.jpg"] = data[: len(data) // 2]
-    elif post.kind == "not_image":  # an error page saved under the image's name
+    elif post.kind == "not-an-image":  # an error page saved under the image's name
         files[f"{post.stem}.jpg"] = b"<html><body><h1>429 Too Many Requests</h1></body></html>\n"
     if post.metadata:
         files[f"{post.stem}.json.xz"] = _metadata(rng, post, caption)
@@ -709,4 +712,9 @@ def run(config: DemoConfig) -> dict[str, Any]:
     }
     record = {**summary, "scene_of": {p.stem: p.scene for p in planned}, "files": sorted(names)}
     storage.write_json(storage.join(config.out, SUMMARY_NAME), record)
+    log.info(
+        "wrote %d demo posts (%d with images, %d videos, %d broken) to %s in %.1f s",
+        summary["posts"], summary["posts_with_images"], summary["videos"], len(summary["bad"]),
+        config.out, summary["seconds"],
+    )  # fmt: skip
     return summary

@@ -130,7 +130,7 @@ def test_photos_decode_to_the_size_asked(folder):
 
 def test_broken_files_and_the_repost(folder):
     record = _record(folder)
-    assert sorted(record["bad"].values()) == ["empty", "not_image", "truncated"]
+    assert sorted(record["bad"].values()) == ["empty", "not-an-image", "truncated"]
     for stem, kind in record["bad"].items():
         data = (folder / f"{stem}.jpg").read_bytes()
         assert (data == b"") == (kind == "empty")
