@@ -169,7 +169,7 @@ OWNERS = ["demo_traveller", "demo_foodie", "demo_hiker", "demo_citywalker", "dem
 
 
 def _spell(rng: np.random.Generator, tag: str) -> str:
-    """Mixed-case spellings (#Beach, #BEACH, #GoldenHour) so readers must normalise."""
+    """Mixed-case spellings (#Beach, #BEACH) so readers must normalise."""
     roll = rng.random()
     if roll < 0.12:
         return tag.capitalize()
@@ -668,7 +668,13 @@ def _check_out(out: str) -> dict[str, Any] | None:
             f"{out} is not empty and holds no {SUMMARY_NAME}, so it is not a demo folder; "
             "pass a new or empty folder as out so real posts are not mixed with synthetic ones"
         )
-    return storage.read_json(storage.join(out, SUMMARY_NAME))
+    try:
+        return storage.read_json(storage.join(out, SUMMARY_NAME))
+    except ValueError as error:
+        raise ValueError(
+            f"{storage.join(out, SUMMARY_NAME)} is unreadable ({error}); delete the folder {out} "
+            "and run the demo again"
+        ) from error
 
 
 def run(config: DemoConfig) -> dict[str, Any]:

@@ -176,6 +176,10 @@ def test_rerun_replaces_an_old_demo_and_refuses_other_folders(tmp_path):
         demo.run(DemoConfig(out=str(other), posts=12))
     assert [p.name for p in other.iterdir()] == ["2020-05-01_10-00-00_UTC.jpg"]
 
+    (out / demo.SUMMARY_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable"):
+        demo.run(DemoConfig(out=str(out), posts=12))
+
 
 def test_s3_output_matches_local(tmp_path, s3_bucket):
     config = {"posts": 12, "seed": 5, "image_size": 64}
@@ -188,3 +192,17 @@ def test_s3_output_matches_local(tmp_path, s3_bucket):
     for name, data in local.items():
         if name != demo.SUMMARY_NAME:
             assert storage.read_bytes(storage.join(uri, name)) == data, name
+
+
+def test_the_instaloader_reader_sees_every_post(folder):
+    """The real ingest path: every post but the videos comes out, with its scene's tags."""
+    from hashtag import sources
+
+    record = _record(folder)
+    source = sources.open_source(str(folder))
+    posts = list(source.posts())
+    assert len(posts) == record["posts"] - record["videos"]
+    assert source.skipped == {"video": record["videos"]}
+    for post in posts:
+        scene = record["scene_of"][post.metadata.get("stem", post.id)]
+        assert len(set(post.tags) & set(demo.SCENE_TAGS[scene])) >= 2, post
