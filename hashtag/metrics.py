@@ -118,26 +118,50 @@ def at_k(
     return {key: _ratio(total, counted) for key, total in sums.items()}
 
 
+def _descending_keys(scores: np.ndarray) -> np.ndarray:
+    """uint64 keys whose ascending order is (row, score descending, column ascending).
+
+    Sorting these flat keys ranks every row at once, as a stable argsort of -scores would, at
+    a fraction of the cost (no index indirection). Layout: 12 bits row | 32 bits score | 20
+    bits column, so at most 4096 rows and 2**20 tags; scores are compared as float32.
+    """
+    n, v = scores.shape
+    # + 0.0 turns -0.0 into 0.0, which must tie with it.
+    bits = (
+        (np.asarray(scores, dtype=np.float32) + np.float32(0.0)).view(np.uint32).astype(np.uint64)
+    )
+    # IEEE floats sort like integers once negatives are flipped and positives get the sign bit.
+    ordered = np.where(bits >> 31, ~bits & 0xFFFFFFFF, bits | 0x80000000)
+    descending = 0xFFFFFFFF - ordered
+    rows = np.arange(n, dtype=np.uint64)[:, None] << np.uint64(52)
+    columns = np.arange(v, dtype=np.uint64)[None, :]
+    return rows | (descending << np.uint64(20)) | columns
+
+
 def mean_average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
     """mAP over the images with at least one true tag (ranking of all V tags, ties by index)."""
     y_true, scores = _check(y_true, scores, "scores")
     n, v = y_true.shape
+    if v >= 2**20:
+        raise ValueError(f"mean_average_precision supports up to 2**20 tags, got {v}")
     total, counted = 0.0, 0
-    ranks = np.arange(1, v + 1, dtype=np.float64)
     for start in range(0, n, _BLOCK_ROWS):
         truth = y_true[start : start + _BLOCK_ROWS]
-        n_true = truth.sum(axis=1)
-        keep = n_true > 0
-        if not keep.any():
+        keys = _descending_keys(np.asarray(scores[start : start + _BLOCK_ROWS]))
+        rows, _ = np.nonzero(truth)
+        if rows.size == 0:
             continue
-        truth, n_true = truth[keep], n_true[keep]
-        order = np.argsort(
-            -np.asarray(scores[start : start + _BLOCK_ROWS])[keep], axis=1, kind="stable"
-        )
-        hits = np.take_along_axis(truth, order, axis=1)
-        precision_at_hits = np.cumsum(hits, axis=1) / ranks * hits
-        total += float(np.sum(precision_at_hits.sum(axis=1) / n_true))
-        counted += len(n_true)
+        # Rank (1-based) of each true tag within its row, then order the true tags by rank.
+        true_keys = np.sort(keys[truth])
+        rows = (true_keys >> np.uint64(52)).astype(np.int64)
+        ranks = np.searchsorted(np.sort(keys, axis=None), true_keys) - rows * v + 1
+        n_true = np.bincount(rows, minlength=len(truth))
+        first = np.concatenate([[0], np.cumsum(n_true)[:-1]])
+        found = np.arange(len(rows)) - first[rows] + 1  # true tags ranked at or above this one
+        precision_sums = np.bincount(rows, weights=found / ranks, minlength=len(truth))
+        keep = n_true > 0
+        total += float(np.sum(precision_sums[keep] / n_true[keep]))
+        counted += int(np.count_nonzero(keep))
     return _ratio(total, counted)
 
 

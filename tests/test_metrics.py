@@ -95,3 +95,16 @@ def test_vectorised_matches_naive_on_random_data_with_ties():
     for k in (1, 5, 10):
         for key, value in naive_at_k(y, scores, k).items():
             assert result[key] == pytest.approx(value)
+
+
+def test_map_matches_stable_argsort_reference_with_ties():
+    rng = np.random.default_rng(1)
+    y = rng.random((500, 60)) < 0.1
+    scores = np.round(rng.random((500, 60)) - 0.5 + 0.3 * y, 1).astype(
+        np.float32
+    )  # ties, negatives
+    order = np.argsort(-scores, axis=1, kind="stable")
+    hits = np.take_along_axis(y, order, axis=1)
+    keep = y.sum(axis=1) > 0
+    ap = (np.cumsum(hits, axis=1) / np.arange(1, 61) * hits).sum(axis=1)[keep] / y.sum(axis=1)[keep]
+    assert metrics.mean_average_precision(y, scores) == pytest.approx(ap.mean())
