@@ -270,7 +270,7 @@ class Fetcher:
                 if not is_public_address(address):
                     raise FetchError(
                         f"refusing {host!r}: it resolves to the non-public address {address}; "
-                        "set allow_private=True (--allow-private) to fetch from your own network",
+                        "set allow_private=True (--allow-private-addresses) to fetch from your own network",
                         "private-address",
                     )
         return addresses[0]
