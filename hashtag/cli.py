@@ -20,13 +20,43 @@ from typing import Any
 
 # subcommand -> (module, config class, run function, one-line help)
 STAGES: dict[str, tuple[str, str, str, str]] = {
-    "demo": ("hashtag.demo", "DemoConfig", "run", "write synthetic demo posts as an instaloader folder"),
-    "scrape": ("hashtag.scrape", "ScrapeConfig", "run", "ingest and embed posts into shards (Ray tasks)"),
-    "merge": ("hashtag.merge", "MergeConfig", "run", "merge shards into one dataset with contiguous ids"),
-    "tune": ("hashtag.tune", "TuneConfig", "run", "train the batch size x learning rate grid on Ray Tune"),
+    "demo": (
+        "hashtag.demo",
+        "DemoConfig",
+        "run",
+        "write synthetic demo posts as an instaloader folder",
+    ),
+    "scrape": (
+        "hashtag.scrape",
+        "ScrapeConfig",
+        "run",
+        "ingest and embed posts into shards (Ray tasks)",
+    ),
+    "merge": (
+        "hashtag.merge",
+        "MergeConfig",
+        "run",
+        "merge shards into one dataset with contiguous ids",
+    ),
+    "tune": (
+        "hashtag.tune",
+        "TuneConfig",
+        "run",
+        "train the batch size x learning rate grid on Ray Tune",
+    ),
     "recommend": ("hashtag.recommend", "RecommendConfig", "run", "recommend hashtags for images"),
-    "evaluate": ("hashtag.recommend", "EvaluateConfig", "evaluate", "score a model on a dataset's test split"),
-    "pipeline": ("hashtag.pipeline", "PipelineConfig", "run", "scrape -> merge -> tune -> export, end to end"),
+    "evaluate": (
+        "hashtag.recommend",
+        "EvaluateConfig",
+        "evaluate",
+        "score a model on a dataset's test split",
+    ),
+    "pipeline": (
+        "hashtag.pipeline",
+        "PipelineConfig",
+        "run",
+        "scrape -> merge -> tune -> export, end to end",
+    ),
 }
 
 
@@ -70,8 +100,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         annotation = hints[f.name]
-        help_text = f.metadata.get("help", "")
-        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        help_text = f.metadata.get("help", "").replace("%", "%%")
+        has_default = (
+            f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        )
         if has_default:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
@@ -79,18 +111,33 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
         else:
             help_text += " (required)"
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, nargs="*", default=argparse.SUPPRESS, help=help_text,
-                                metavar=f.metadata.get("metavar", f.name.upper()))
+            parser.add_argument(
+                f.name,
+                nargs="*",
+                default=argparse.SUPPRESS,
+                help=help_text,
+                metavar=f.metadata.get("metavar", f.name.upper()),
+            )
         elif _unwrap(annotation) is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                _flag(f.name),
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
         else:
-            parser.add_argument(_flag(f.name), type=_converter(annotation),
-                                default=argparse.SUPPRESS, help=help_text,
-                                metavar=f.name.upper())
+            parser.add_argument(
+                _flag(f.name),
+                type=_converter(annotation),
+                default=argparse.SUPPRESS,
+                help=help_text,
+                metavar=f.name.upper(),
+            )
 
 
-def config_from_args(config_cls: type, args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
+def config_from_args(
+    config_cls: type, args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> Any:
     """Build the config: values from --config FILE, then the flags given on the command line."""
     hints = typing.get_type_hints(config_cls)
     names = {f.name for f in dataclasses.fields(config_cls)}
@@ -106,15 +153,19 @@ def config_from_args(config_cls: type, args: argparse.Namespace, parser: argpars
         for key, value in loaded.items():
             name = key.replace("-", "_")
             if name not in names:
-                parser.error(f"{args.config}: unknown option {key!r}; known: {', '.join(sorted(names))}")
+                parser.error(
+                    f"{args.config}: unknown option {key!r}; known: {', '.join(sorted(names))}"
+                )
             values[name] = _coerce(hints[name], value)
     for name in names:
         if name in args:
             value = getattr(args, name)
             values[name] = tuple(value) if isinstance(value, list) else value
     missing = [
-        _flag(f.name) for f in dataclasses.fields(config_cls)
-        if f.name not in values and f.default is dataclasses.MISSING
+        _flag(f.name)
+        for f in dataclasses.fields(config_cls)
+        if f.name not in values
+        and f.default is dataclasses.MISSING
         and f.default_factory is dataclasses.MISSING
     ]
     if missing:
@@ -126,8 +177,12 @@ def config_from_args(config_cls: type, args: argparse.Namespace, parser: argpars
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML file of option: value (flags override it)")
-    parser.add_argument("--s3-endpoint", metavar="URL", help="S3 API endpoint (default: $AWS_ENDPOINT_URL or AWS)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML file of option: value (flags override it)"
+    )
+    parser.add_argument(
+        "--s3-endpoint", metavar="URL", help="S3 API endpoint (default: $AWS_ENDPOINT_URL or AWS)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 

@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ScrapeConfig:
     source: str = field(
-        metadata={"help": "posts to ingest: a manifest (.jsonl/.csv), an instaloader folder, or "
-                  "the original project's folder (with --trust-pickle); local or s3://"}
+        metadata={
+            "help": "posts to ingest: a manifest (.jsonl/.csv), an instaloader folder, or "
+            "the original project's folder (with --trust-pickle); local or s3://"
+        }
     )
     out: str = field(metadata={"help": "output root; shards go to OUT/shards/shard-NNNNN"})
     embedder: str = field(
@@ -39,19 +41,38 @@ class ScrapeConfig:
         metadata={"help": "embedder name: classic, tflite:PATH_OR_URI[#tensor], keras:NAME"},
     )
     embedder_weights: str = field(
-        default="", metadata={"help": "keras embedders: imagenet, none, a .weights.h5 path or s3:// URI"}
+        default="",
+        metadata={"help": "keras embedders: imagenet, none, a .weights.h5 path or s3:// URI"},
     )
     shard_size: int = field(default=256, metadata={"help": "posts per shard (one Ray task each)"})
     cpus_per_task: float = field(default=1.0, metadata={"help": "CPUs each embed task asks for"})
-    gpus_per_task: float = field(default=0.0, metadata={"help": "GPUs each embed task asks for (Keras embedders use it)"})
-    max_in_flight: int = field(default=0, metadata={"help": "shard tasks in flight at once (0: twice the cluster's CPUs)"})
-    max_retries: int = field(default=3, metadata={"help": "retries of a shard task whose worker died or that failed"})
-    trust_pickle: bool = field(default=False, metadata={"help": "allow the original project's pickled .npy files (trusted input only)"})
-    allow_private_addresses: bool = field(default=False, metadata={"help": "let image URLs reach loopback/private addresses (tests only)"})
+    gpus_per_task: float = field(
+        default=0.0, metadata={"help": "GPUs each embed task asks for (Keras embedders use it)"}
+    )
+    max_in_flight: int = field(
+        default=0, metadata={"help": "shard tasks in flight at once (0: twice the cluster's CPUs)"}
+    )
+    max_retries: int = field(
+        default=3, metadata={"help": "retries of a shard task whose worker died or that failed"}
+    )
+    trust_pickle: bool = field(
+        default=False,
+        metadata={"help": "allow the original project's pickled .npy files (trusted input only)"},
+    )
+    allow_private_addresses: bool = field(
+        default=False,
+        metadata={"help": "let image URLs reach loopback/private addresses (tests only)"},
+    )
     timeout_s: float = field(default=10.0, metadata={"help": "HTTP timeout per request, seconds"})
-    fetch_retries: int = field(default=3, metadata={"help": "HTTP retries per image (5xx, 429, timeouts)"})
-    max_image_bytes: int = field(default=20_000_000, metadata={"help": "largest image download, bytes"})
-    max_pixels: int = field(default=ingest.MAX_PIXELS, metadata={"help": "largest decoded image, pixels"})
+    fetch_retries: int = field(
+        default=3, metadata={"help": "HTTP retries per image (5xx, 429, timeouts)"}
+    )
+    max_image_bytes: int = field(
+        default=20_000_000, metadata={"help": "largest image download, bytes"}
+    )
+    max_pixels: int = field(
+        default=ingest.MAX_PIXELS, metadata={"help": "largest decoded image, pixels"}
+    )
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
@@ -84,9 +105,14 @@ def embed_shard(config: ScrapeConfig, index: int, posts: list[Post], label_only:
         result, spec = ingest.label_only(posts), ingest.LABEL_ONLY_SPEC
     else:
         embedder = embedders.cached(config.embedder, **config.embedder_options())
-        threads = max(2, int(config.cpus_per_task))
+        # One decode thread per CPU the task holds: more would steal cores from other tasks.
+        threads = max(1, int(config.cpus_per_task))
         result = ingest.embed_posts(
-            posts, embedder, Fetcher(config.fetch_config()), max_pixels=config.max_pixels, threads=threads
+            posts,
+            embedder,
+            Fetcher(config.fetch_config()),
+            max_pixels=config.max_pixels,
+            threads=threads,
         )
         spec = embedder.spec
     stats = {
@@ -97,8 +123,13 @@ def embed_shard(config: ScrapeConfig, index: int, posts: list[Post], label_only:
         "seconds": round(time.perf_counter() - start, 3),
     }
     return shards.write_shard(
-        config.out, index, result.posts, result.embeddings,
-        embedder=spec, image_sha256=result.image_sha256, stats=stats,
+        config.out,
+        index,
+        result.posts,
+        result.embeddings,
+        embedder=spec,
+        image_sha256=result.image_sha256,
+        stats=stats,
     )
 
 
@@ -160,8 +191,11 @@ def run(config: ScrapeConfig) -> dict:
         totals["bytes_read"] += manifest.get("bytes_read", 0)
         skipped.update(manifest.get("skipped", {}))
         progress.update(manifest.get("posts_in", manifest["count"]))
-        progress.set_postfix(embedded=totals["posts_embedded"], skipped=sum(skipped.values()),
-                             MB=round(totals["bytes_read"] / 1e6, 1))
+        progress.set_postfix(
+            embedded=totals["posts_embedded"],
+            skipped=sum(skipped.values()),
+            MB=round(totals["bytes_read"] / 1e6, 1),
+        )
 
     for index, chunk in _chunks(posts, config.shard_size):
         totals["shards"] += 1
@@ -190,7 +224,12 @@ def run(config: ScrapeConfig) -> dict:
         "posts_per_second": round(totals["posts_in"] / seconds, 1) if seconds else None,
     }
     storage.write_json(storage.join(config.out, "scrape.json"), summary)
-    log.info("scrape: %d shards (%d already done), %d posts embedded, %d skipped -> %s",
-             totals["shards"], totals["shards_already_done"], totals["posts_embedded"],
-             sum(skipped.values()), summary["shards_uri"])
+    log.info(
+        "scrape: %d shards (%d already done), %d posts embedded, %d skipped -> %s",
+        totals["shards"],
+        totals["shards_already_done"],
+        totals["posts_embedded"],
+        sum(skipped.values()),
+        summary["shards_uri"],
+    )
     return summary

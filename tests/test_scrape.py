@@ -1,0 +1,169 @@
+"""The scrape stage on a real local Ray: shards, skips, resume, a worker killed mid-shard, S3."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from hashtag import shards, storage
+from hashtag.merge import MergeConfig
+from hashtag.merge import run as merge
+from hashtag.scrape import ScrapeConfig
+from hashtag.scrape import run as scrape
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def _photo(rng: np.random.Generator, colour: tuple[int, int, int]) -> bytes:
+    image = np.full((96, 128, 3), colour, np.uint8)
+    image = np.clip(image + rng.normal(0, 20, image.shape), 0, 255).astype(np.uint8)
+    return cv2.imencode(".jpg", image)[1].tobytes()
+
+
+def write_manifest(
+    root: str, posts: int, *, bad: bool = True, image_base: str | None = None
+) -> str:
+    """A JSONL manifest with `posts` photos (plus a few bad files) written through storage."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(posts):
+        colour = [(200, 30, 30), (30, 200, 30), (30, 30, 200)][i % 3]
+        name = f"img{i:04d}.jpg"
+        storage.write_bytes(storage.join(root, name), _photo(rng, colour))
+        rows.append(
+            {
+                "id": f"p{i:04d}",
+                "image": f"{image_base}/{name}" if image_base else name,
+                "caption": f"colour {i % 3} #c{i % 3} #all #Photo{i % 2}",
+            }
+        )
+    if bad:
+        storage.write_bytes(storage.join(root, "empty.jpg"), b"")
+        storage.write_bytes(storage.join(root, "text.jpg"), b"this is not an image")
+        rows += [
+            {"id": "bad-empty", "image": "empty.jpg", "tags": ["x"]},
+            {"id": "bad-text", "image": "text.jpg", "tags": ["x"]},
+            {"id": "bad-missing", "image": "nowhere.jpg", "tags": ["x"]},
+        ]
+    manifest = storage.join(root, "posts.jsonl")
+    storage.write_text(manifest, "".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+def test_scrape_writes_shards_counts_skips_and_resumes(local_ray, tmp_path):
+    manifest = write_manifest(str(tmp_path / "src"), 20)
+    out = str(tmp_path / "out")
+    config = ScrapeConfig(source=manifest, out=out, shard_size=8)
+    summary = scrape(config)
+    assert summary["shards"] == 3 and summary["shards_written"] == 3
+    assert summary["posts_embedded"] == 20
+    assert sum(summary["skipped"].values()) == 3
+    finished = shards.finished_shards(out)
+    assert sorted(finished) == [0, 1, 2]
+    assert finished[0]["embedder"]["name"] == "classic"
+    data = shards.read_shard(out, 0)
+    assert data.embeddings.dtype == np.float32 and data.embeddings.shape[0] == len(data.posts)
+    np.load(os.path.join(shards.shard_uri(out, 0), "embeddings.npy"), allow_pickle=False)
+    assert storage.read_json(storage.join(out, "scrape.json"))["posts_embedded"] == 20
+
+    # A rerun finds every shard done; with one manifest gone, only that shard is redone.
+    again = scrape(config)
+    assert again["shards_already_done"] == 3 and again.get("shards_written", 0) == 0
+    storage.remove(storage.join(shards.shard_uri(out, 1), "manifest.json"))
+    third = scrape(config)
+    assert third["shards_already_done"] == 2 and third["shards_written"] == 1
+    assert third["posts_embedded"] == 20
+
+
+class _SlowImages(http.server.SimpleHTTPRequestHandler):
+    delay_s = 0.15
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        time.sleep(self.delay_s)
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+def _kill_one_embed_task(stop: threading.Event, killed: list) -> None:
+    """SIGKILL the first Ray worker process that runs an embed_shard task."""
+    while not stop.is_set() and not killed:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            if cmdline.startswith("ray::embed_shard"):
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+                return
+        time.sleep(0.05)
+
+
+def test_worker_killed_mid_shard_is_retried_without_losing_or_duplicating_posts(
+    local_ray, tmp_path
+):
+    src = tmp_path / "src"
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a, **k: _SlowImages(*a, directory=str(src), **k)
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        manifest = write_manifest(str(src), 24, bad=False, image_base=base)
+        out = str(tmp_path / "out")
+        stop, killed = threading.Event(), []
+        killer = threading.Thread(target=_kill_one_embed_task, args=(stop, killed))
+        killer.start()
+        summary = scrape(
+            ScrapeConfig(
+                source=manifest, out=out, shard_size=6, allow_private_addresses=True, max_retries=3
+            )
+        )
+        stop.set()
+        killer.join()
+    finally:
+        server.shutdown()
+    assert killed, "no embed_shard worker was seen to kill"
+    assert summary["failed_shards"] == {}
+    assert summary["posts_embedded"] == 24
+    ids = [p["id"] for i in range(4) for p in shards.read_shard(out, i).posts]
+    assert sorted(ids) == [f"p{i:04d}" for i in range(24)]
+
+
+def test_scrape_and_merge_on_s3(local_ray, s3_bucket, tmp_path):
+    manifest = write_manifest(s3_bucket + "/source", 12)
+    out = s3_bucket + "/run"
+    summary = scrape(ScrapeConfig(source=manifest, out=out, shard_size=5))
+    assert summary["posts_embedded"] == 12
+    assert storage.exists(storage.join(out, "shards", "shard-00002", "manifest.json"))
+    merged = merge(MergeConfig(shards=out, out=out + "/dataset", min_count=1))
+    assert merged["count"] == 12
+    ids = storage.load_npy(out + "/dataset/ids.npy")
+    assert sorted(ids.tolist()) == [f"p{i:04d}" for i in range(12)]
+
+
+def test_config_errors_say_what_to_do():
+    with pytest.raises(ValueError, match="shard-size"):
+        ScrapeConfig(source="x", out="y", shard_size=0)
+    with pytest.raises(ValueError, match="unknown embedder"):
+        ScrapeConfig(source="x", out="y", embedder="nope")
