@@ -107,7 +107,14 @@ class Fetcher:
         self._lock = threading.Lock()
         self._ssl_context = ssl.create_default_context()
 
+    def __getstate__(self) -> dict:  # picklable (Ray): locks and TLS contexts are rebuilt
+        return {"config": self.config, "sleep": self._sleep}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["config"], sleep=state["sleep"])
+
     def get(self, location: str) -> bytes:
+        """The bytes at `location`, or FetchError with a reason slug."""
         location = str(location)
         scheme = urlsplit(location).scheme.lower() if "://" in location else ""
         if scheme in ("http", "https"):

@@ -1,7 +1,11 @@
 """Fetcher against a real HTTP server on 127.0.0.1, local files and the address checks."""
 
 import email.utils
+import pickle
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -312,3 +316,43 @@ def test_unknown_scheme(location):
 def test_config_validation(options):
     with pytest.raises(ValueError, match="FetchConfig"):
         FetchConfig(**options)
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """The same handler over TLS, with a self-signed certificate for 127.0.0.1."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    httpd = QuietServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{httpd.server_address[1]}", cert
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_https_checks_certificates(tls_server, monkeypatch):
+    url, cert = tls_server
+    fetcher, _ = make_fetcher()
+    assert reason_of(fetcher, f"{url}/ok") == "tls-error"  # self-signed: not trusted
+    assert fetcher.retries == 0
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust it: read when a fetcher is made
+    fetcher, _ = make_fetcher()
+    assert fetcher.get(f"{url}/ok") == IMAGE
+    assert fetcher.get(f"{url}/chain/1") == IMAGE
+
+
+def test_fetcher_pickles():
+    fetcher = pickle.loads(pickle.dumps(Fetcher(FetchConfig(timeout_s=3.0))))
+    assert fetcher.config.timeout_s == 3.0 and fetcher.retries == 0
