@@ -160,16 +160,31 @@ def _configure_tensorflow(cpus: float) -> None:
             pass
 
 
-def _model_config(params: dict[str, Any]):
+@dataclass(frozen=True)
+class TrialSettings:
+    """What every trial shares. Passed with tune.with_parameters (Ray's object store), so it
+    stays out of the trial names and of the experiment files on disk."""
+
+    data: str
+    model: str
+    epochs: int
+    loss: str
+    seed: int
+    cpus: float
+    # Storage settings of the driver (the S3 endpoint override) that the trial's process needs.
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _model_config(grid: dict[str, Any], settings: TrialSettings):
     from hashtag import models
 
     return models.ModelConfig(
-        batch_size=int(params["batch_size"]),
-        learning_rate=float(params["learning_rate"]),
-        epochs=int(params["epochs"]),
-        loss=params["loss"],
-        seed=int(params["seed"]),
-        threads=max(1, int(params["cpus"])),
+        batch_size=int(grid["batch_size"]),
+        learning_rate=float(grid["learning_rate"]),
+        epochs=settings.epochs,
+        loss=settings.loss,
+        seed=settings.seed,
+        threads=max(1, int(settings.cpus)),
     )
 
 
@@ -202,23 +217,23 @@ class _EpochReporter:
         _report(self.recommender, self.state, {"epoch": epoch + 1, "done": False, **shown})
 
 
-def train_trial(params: dict[str, Any]) -> None:
-    """One grid cell. `params`: batch_size, learning_rate (the grid) and the fixed settings."""
+def train_trial(grid: dict[str, Any], settings: TrialSettings) -> None:
+    """One grid cell: `grid` holds its batch_size and learning_rate."""
     from ray import tune
 
     from hashtag import models
     from hashtag.dataset import Dataset
 
-    for name, value in params.get("storage_env", {}).items():
+    for name, value in settings.env.items():
         os.environ.setdefault(name, value)
-    _configure_tensorflow(params["cpus"])
-    dataset = Dataset.load(params["data"])
+    _configure_tensorflow(settings.cpus)
+    dataset = Dataset.load(settings.data)
     X_train, Y_train = dataset.part("train")
     X_val, Y_val = dataset.part("val")
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        recommender = models.create(params["model"], _model_config(params))
+        recommender = models.create(settings.model, _model_config(grid, settings))
         state: dict[str, Any] = {"seconds": 0.0, "done": False}
     else:
         # A retry or a restored experiment: continue from the last epoch, not from scratch.
@@ -226,7 +241,7 @@ def train_trial(params: dict[str, Any]) -> None:
             with open(os.path.join(folder, CHECKPOINT_STATE)) as f:
                 state = json.load(f)
             recommender = models.load(os.path.join(folder, CHECKPOINT_MODEL))
-    if recommender.epochs_done < int(params["epochs"]):
+    if recommender.epochs_done < settings.epochs:
         recommender.fit(
             X_train,
             Y_train,
@@ -366,7 +381,7 @@ def export_model(config: TuneConfig, dataset, recommender, row: ResultRow) -> st
     metadata = {
         "format": MODEL_FORMAT,
         "version": MODEL_VERSION,
-        "model": config.model,
+        "model": recommender.name,
         "embedder": dataset.embedder,
         "vocab": list(dataset.vocab),
         "decision": asdict(recommender.decision),
@@ -405,20 +420,21 @@ def _run_grid(config: TuneConfig):
     from hashtag import raycluster
 
     storage_path, filesystem = _storage_target(config.out)
-    env = {k: v for k, v in os.environ.items() if k == storage.ENDPOINT_ENV}
+    settings = TrialSettings(
+        data=config.data,
+        model=config.model,
+        epochs=config.epochs,
+        loss=config.loss,
+        seed=config.seed,
+        cpus=config.cpus_per_trial,
+        env=raycluster.worker_env().get("env_vars", {}),
+    )
     params = {
         "batch_size": tune.grid_search(list(config.batch_sizes)),
         "learning_rate": tune.grid_search(list(config.learning_rates)),
-        "data": config.data,
-        "model": config.model,
-        "epochs": config.epochs,
-        "loss": config.loss,
-        "seed": config.seed,
-        "cpus": config.cpus_per_trial,
-        "storage_env": env,
     }
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
-    trainable = tune.with_resources(train_trial, resources)
+    trainable = tune.with_resources(tune.with_parameters(train_trial, settings=settings), resources)
     experiment = f"{storage_path.rstrip('/')}/{config.experiment_name}"
     raycluster.connect()
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
@@ -466,7 +482,10 @@ def run(config: TuneConfig) -> dict[str, Any]:
         )
     references = _references(config, dataset)
     results, experiment = _run_grid(config)
-    trials = [_trial_row(config, result, _trial_state(result)) for result in results]
+    trials = sorted(
+        (_trial_row(config, result, _trial_state(result)) for result in results),
+        key=lambda r: (r.batch_size, -r.learning_rate),
+    )
     finished = [row for row in trials if row.status == "ok"]
     failed = [row.label for row in trials if row.status != "ok"]
     rows = trials + references

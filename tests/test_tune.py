@@ -28,13 +28,15 @@ def write_dataset(
     embeddings = centres[main] + 0.3 * rng.normal(size=(posts, dim)).astype(np.float32)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
     labels = [
-        [int(m), int((m + 1) % tags)] + ([int(rng.integers(tags))] if rng.random() < 0.5 else [])
+        sorted(
+            {int(m), int((m + 1) % tags)}
+            | ({int(rng.integers(tags))} if rng.random() < 0.5 else set())
+        )
         for m in main
     ]
-    indptr, indices = csr_from_lists(labels)
     split = np.resize(np.array([0, 0, 0, 1, 2], np.uint8), posts)
     rng.shuffle(split)
-    counts = np.bincount(indices, minlength=tags)
+    counts = np.bincount(np.concatenate(labels), minlength=tags)
     order = np.argsort(-counts, kind="stable")  # vocabulary: most frequent first
     remap = np.empty(tags, np.int64)
     remap[order] = np.arange(tags)
@@ -90,11 +92,9 @@ def test_trial_checkpoints_every_epoch_and_resumes(tmp_path, monkeypatch):
     resume_from: list = [None]
     monkeypatch.setattr(ray_tune, "report", fake_report)
     monkeypatch.setattr(ray_tune, "get_checkpoint", lambda: resume_from[0])
-    params = dict(
-        batch_size=16, learning_rate=1e-2, data=data, model="mlp", epochs=3, loss="sigmoid",
-        seed=0, cpus=1, storage_env={},
-    )  # fmt: skip
-    tune.train_trial(params)
+    grid = {"batch_size": 16, "learning_rate": 1e-2}
+    settings = tune.TrialSettings(data=data, model="mlp", epochs=3, loss="sigmoid", seed=0, cpus=1)
+    tune.train_trial(grid, settings)
     assert [m["epoch"] for m, _ in reports] == [1, 2, 3, 3]
     assert [m["done"] for m, _ in reports] == [False, False, False, True]
     final = reports[-1][0]
@@ -103,7 +103,7 @@ def test_trial_checkpoints_every_epoch_and_resumes(tmp_path, monkeypatch):
     # Interrupted after epoch 1: the retry continues with epochs 2 and 3 only.
     reports_before = len(reports)
     resume_from[0] = ray_tune.Checkpoint.from_directory(reports[0][1])
-    tune.train_trial(params)
+    tune.train_trial(grid, settings)
     resumed = reports[reports_before:]
     assert [m["epoch"] for m, _ in resumed] == [2, 3, 3]
     with open(os.path.join(resumed[-1][1], tune.CHECKPOINT_STATE)) as f:

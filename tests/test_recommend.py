@@ -1,0 +1,157 @@
+"""recommend / evaluate on a small exported model: good and bad images, folders, S3, blocklists,
+hashtag completion with and without an image."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from test_tune import CLASSIC_SPEC, write_dataset
+
+from hashtag import models, recommend, storage, tune
+from hashtag.recommend import EvaluateConfig, RecommendConfig
+from hashtag.report import ResultRow
+
+DIM = 340  # the classic embedder's, so that real images can be scored
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> str:
+    """A kNN model exported the way tune exports (metadata, co-occurrence); no TensorFlow."""
+    root = tmp_path_factory.mktemp("model")
+    data = str(root / "data")
+    dataset = write_dataset(data, posts=200, dim=DIM, tags=8, embedder=CLASSIC_SPEC)
+    X, Y = dataset.part("train")
+    X_val, Y_val = dataset.part("val")
+    knn = models.create("knn", models.ModelConfig()).fit(X, Y, X_val, Y_val, vocab=dataset.vocab)
+    config = tune.TuneConfig(data=data, out=str(root / "tune"))
+    row = ResultRow(model="knn", val=knn.score(X_val, Y_val))
+    return tune.export_model(config, dataset, knn, row)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for name in ("a.jpg", "b.png"):
+        picture = cv2.GaussianBlur(rng.integers(0, 255, (160, 200, 3), dtype=np.uint8), (9, 9), 3)
+        cv2.imwrite(str(folder / name), picture)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "notes.txt").write_text("not an image, skipped by the folder listing")
+    return folder
+
+
+def _lines(capsys) -> list[dict]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+
+def test_good_and_bad_images_and_a_folder(exported, images, capsys):
+    config = RecommendConfig(
+        model=exported,
+        images=(str(images / "a.jpg"), str(images / "missing.jpg"), str(images)),
+        k=3,
+        json=True,
+    )
+    assert recommend.run(config) == 1  # some image failed, the others went on
+    results = _lines(capsys)
+    by_image = {r["image"]: r for r in results}
+    assert [r["image"] for r in results] == [
+        str(images / "a.jpg"),
+        str(images / "missing.jpg"),
+        storage.join(str(images), "a.jpg"),
+        storage.join(str(images), "b.png"),
+        storage.join(str(images), "broken.jpg"),
+    ]
+    good = by_image[str(images / "a.jpg")]["hashtags"]
+    assert len(good) == 3 and all(set(h) == {"tag", "score"} for h in good)
+    assert [h["score"] for h in good] == sorted((h["score"] for h in good), reverse=True)
+    assert by_image[str(images / "missing.jpg")]["error"]
+    assert by_image[storage.join(str(images), "broken.jpg")]["error"]
+
+
+def test_all_good_exits_zero_and_prints_readable_lines(exported, images, capsys):
+    assert recommend.run(RecommendConfig(model=exported, images=(str(images / "b.png"),))) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(str(images / "b.png") + ": #tag") and line.count("#") == 5
+
+
+def test_blocklist_min_score_and_completion(exported, images, tmp_path):
+    image = (str(images / "a.jpg"),)
+    top = recommend.recommend(RecommendConfig(model=exported, images=image, k=8))[0]["hashtags"]
+    first, second = top[0]["tag"], top[1]["tag"]
+
+    blocked = recommend.recommend(
+        RecommendConfig(model=exported, images=image, exclude=f"#{first}")
+    )
+    assert first not in {h["tag"] for h in blocked[0]["hashtags"]}
+    blocklist = tmp_path / "block.txt"
+    blocklist.write_text(f"{first}\n#{second.upper()}\n")
+    blocked = recommend.recommend(
+        RecommendConfig(model=exported, images=image, exclude=str(blocklist), k=8)
+    )
+    assert {first, second}.isdisjoint(h["tag"] for h in blocked[0]["hashtags"])
+    assert len(blocked[0]["hashtags"]) == 6
+
+    high = recommend.recommend(RecommendConfig(model=exported, images=image, min_score=1.5))
+    assert high[0]["hashtags"] == []
+
+    # Completion with an image: the given tag never comes back.
+    mixed = recommend.recommend(RecommendConfig(model=exported, images=image, tags=first, k=8))
+    assert first not in {h["tag"] for h in mixed[0]["hashtags"]}
+    assert len(mixed[0]["hashtags"]) == 7
+
+
+def test_completion_alone_suggests_cooccurring_tags(exported, capsys):
+    vocab = models.load(exported).metadata["vocab"]
+    given = vocab[0]
+    assert (
+        recommend.run(RecommendConfig(model=exported, tags=f"#{given}, unknown_tag", json=True))
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert "unknown_tag" in captured.err
+    (result,) = [json.loads(line) for line in captured.out.splitlines()]
+    assert result["image"] is None and result["given"] == [given, "unknown_tag"]
+    suggested = [h["tag"] for h in result["hashtags"]]
+    assert given not in suggested and len(suggested) == 5
+    # The synthetic posts always carry tag i with tag i+1: one of those neighbours leads.
+    number = int(given.removeprefix("tag"))
+    assert suggested[0] in {f"tag{(number + 1) % 8}", f"tag{(number - 1) % 8}"}
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="IMAGE"):
+        RecommendConfig(model="m")
+    with pytest.raises(ValueError, match="--k"):
+        RecommendConfig(model="m", images=("a.jpg",), k=0)
+    with pytest.raises(ValueError, match="completion-weight"):
+        RecommendConfig(model="m", tags="a", completion_weight=2)
+
+
+def test_not_an_exported_model(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        recommend.recommend(RecommendConfig(model=str(tmp_path), tags="a"))
+
+
+def test_evaluate_prints_a_markdown_table(exported, capsys):
+    data = str(models.load(exported).metadata["trained_on"]["data"])
+    result = recommend.evaluate(EvaluateConfig(model=exported, data=data))
+    printed = capsys.readouterr().out
+    assert "| model |" in printed and "popularity" in printed and "knn" in printed
+    assert {row["model"] for row in result["table"]} == {"knn", "popularity"}
+    knn = next(row for row in result["table"] if row["model"] == "knn")
+    assert knn["lift_f1"] > 1
+
+
+def test_model_and_images_on_s3(exported, images, s3_bucket, capsys):
+    fs, path = storage.filesystem(s3_bucket)
+    fs.put(exported, f"{path}/model", recursive=True)
+    for name in ("a.jpg", "broken.jpg"):
+        storage.upload(str(images / name), f"{s3_bucket}/pics/{name}")
+    config = RecommendConfig(model=f"{s3_bucket}/model", images=(f"{s3_bucket}/pics",), json=True)
+    assert recommend.run(config) == 1
+    results = {r["image"]: r for r in _lines(capsys)}
+    assert len(results[f"{s3_bucket}/pics/a.jpg"]["hashtags"]) == 5
+    assert "error" in results[f"{s3_bucket}/pics/broken.jpg"]
