@@ -25,6 +25,7 @@ Rerunning into the same OUT is fine: the old manifest is removed first, the new 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import time
 from collections import Counter
@@ -181,10 +182,11 @@ def run(config: MergeConfig) -> dict[str, Any]:
         posts_in += len(rows)
         duplicate_ids += int(np.count_nonzero(~new_id))
         duplicate_images += int(np.count_nonzero(new_id & ~new_image))
-        for row_index in np.flatnonzero(kept):
-            tags = rows[row_index].get("tags") or ()
-            tag_counts.update({str(tag) for tag in tags})
-            id_length = max(id_length, len(ids[row_index]))
+        kept_rows = list(itertools.compress(rows, kept.tolist()))
+        tag_counts.update(
+            itertools.chain.from_iterable({str(t) for t in r.get("tags") or ()} for r in kept_rows)
+        )
+        id_length = max(id_length, max(map(len, ids), default=0))  # over all rows: an upper bound
 
     vocab = sorted(
         (tag for tag, count in tag_counts.items() if count >= config.min_count),
@@ -196,16 +198,17 @@ def run(config: MergeConfig) -> dict[str, Any]:
     # Pass 2: stream the kept rows into the dataset, shard by shard.
     with DatasetWriter(config.out, dim=dim, id_length=id_length) as writer:
         for index in tqdm(good, desc="merge 2/2: write dataset", unit="shard"):
-            kept = np.flatnonzero(keep[index])
             try:
                 rows = read_rows(config.shards, index, manifests[index])
                 embeddings = read_embeddings(config.shards, index, manifests[index], mmap=True)
             except ShardError as error:  # changed since pass 1: ids would shift, so stop here
                 raise RuntimeError(f"shard {index} changed during the merge: {error}") from error
-            ids = [str(rows[i]["id"]) for i in kept]
+            kept = keep[index]
+            kept_rows = list(itertools.compress(rows, kept.tolist()))
+            ids = [str(row["id"]) for row in kept_rows]
             labels = [
-                [column[t] for t in map(str, rows[i].get("tags") or ()) if t in column]
-                for i in kept
+                [column[t] for t in map(str, row.get("tags") or ()) if t in column]
+                for row in kept_rows
             ]
             label_indptr, label_indices = csr_from_lists(labels)
             split = assign_split(
@@ -215,7 +218,7 @@ def run(config: MergeConfig) -> dict[str, Any]:
                 test_fraction=config.test_fraction,
             )
             writer.append(embeddings[kept], ids, split, label_indptr, label_indices)
-            del rows, embeddings
+            del rows, kept_rows, embeddings
         manifest = writer.finish(
             vocab=vocab,
             tag_counts=[tag_counts[t] for t in vocab],

@@ -170,9 +170,22 @@ def read_rows(
     uri = storage.join(shard_uri(root, index), POSTS)
     try:
         text = storage.read_bytes(uri).decode("utf-8")
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     except (OSError, ValueError) as error:
         raise ShardError(f"shard {index}: cannot read {uri}: {error}") from error
+    # Split on "\n" only: JSON escapes it inside strings, but not U+2028 and its kin, which
+    # str.splitlines() would also split on.
+    lines = [line for line in text.split("\n") if line.strip()]
+    try:  # one parse for the whole file is ~2x faster than one json.loads per line
+        rows = json.loads("[" + ",".join(lines) + "]")
+    except ValueError:
+        rows = None
+    if rows is None or len(rows) != len(lines):  # find the bad line, for the message
+        for number, line in enumerate(lines, 1):
+            try:
+                json.loads(line)
+            except ValueError as error:
+                raise ShardError(f"shard {index}: line {number} of {uri}: {error}") from error
+        raise ShardError(f"shard {index}: {uri} is not one JSON object per line")
     if len(rows) != manifest["count"]:
         raise ShardError(
             f"shard {index}: {uri} has {len(rows)} rows but its manifest says {manifest['count']}; "
