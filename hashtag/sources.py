@@ -497,4 +497,7 @@ def _split(uri: str) -> list[str]:
 
 
 def _parent(uri: str) -> str:
-    return uri.rsplit("/", 1)[0] if "/" in uri.split("://", 1)[-1] else uri
+    """The folder holding `uri` ("/" for a file at the root)."""
+    if "/" not in uri.split("://", 1)[-1]:
+        return uri
+    return uri.rsplit("/", 1)[0] or "/"

@@ -264,3 +264,10 @@ def test_real_photos(shared_dir):
         rgb = decode(data, min_side=224)
         assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
         assert min(rgb.shape[:2]) >= min(224, width, height)
+
+
+def test_progressive_jpeg():
+    data = encode(noise(120, 160), ".jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert decode(data).shape == (120, 160, 3)
+    assert decode(data, min_side=60).shape == (60, 80, 3)
+    assert reason_of(data[: len(data) * 2 // 3]) == "truncated"
