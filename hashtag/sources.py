@@ -341,10 +341,12 @@ class InstaloaderSource(Source):
         images = [m["image"] for _, m in sorted(media.items()) if "image" in m and "video" not in m]
         if not images:
             raise _Skip("no-image", "no picture file for this post")
+        caption = _node_caption(node)
         if "txt" in group:
-            caption = storage.read_bytes(group["txt"]).decode("utf-8", errors="replace")
-        else:
-            caption = _node_caption(node)
+            try:
+                caption = storage.read_bytes(group["txt"]).decode("utf-8", errors="replace")
+            except OSError as e:
+                self._warn(stem, "bad-caption", f"{group['txt']}: {e}")
         metadata: dict[str, Any] = {"stem": stem}
         if len(images) > 1:
             metadata["extra_images"] = images[1:]
