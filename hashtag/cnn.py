@@ -1,0 +1,549 @@
+"""Pretrained CNN embedders: "tflite:PATH_OR_URI[#tensor]" and "keras:NAME".
+
+Both follow the Embedder contract of embedders.py: `preprocess(rgb)` (shorter side resized to
+the model's input size, centre crop, OpenCV INTER_AREA; cheap, runs on decode threads) then
+`embed_batch(batch)` -> L2-normalised float32 (n, dim).
+
+TFLite: any image model, float or quantised. The embedding is the model's output, or an
+internal tensor: named (`tflite:m.tflite#MobilenetV2/Logits/AvgPool`), or found automatically
+when the model ends in a classifier (the last global AVERAGE_POOL_2D / MEAN before it). The
+tensor is exposed by rewriting the flatbuffer's output list in memory. Input conventions:
+uint8 models get the raw pixels (their input quantisation does the normalising), int8 models
+the pixels minus 128, float models the pixels scaled to `input_range` ([-1, 1] by default, as
+MobileNets expect; pass input_range=(0, 1) or (0, 255) for other models).
+
+Keras: tf.keras.applications backbones, global-average pooled, with each application's own
+preprocess_input. `weights` is "imagenet" (downloaded by Keras, needs internet), a local file
+or s3:// URI of a weights file (`embedder.save_weights(uri)` writes one), or None (random init
+from `seed`, for tests and baselines).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import random
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from hashtag import storage
+from hashtag.embedders import Embedder, l2_normalize, register
+
+# Hide TensorFlow's C++ INFO/WARNING lines (errors still show); callers may override it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# flatbuffer BuiltinOperator codes (tensorflow/lite/schema/schema.fbs)
+_AVERAGE_POOL_2D, _MEAN, _SOFTMAX = 1, 40, 25
+# An output this wide is a classifier's (ImageNet: 1000 or 1001 classes).
+_CLASSIFIER_MIN_CLASSES = 900
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (respects taskset / Ray's affinity), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resize_and_crop(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Shorter side scaled to the target, centre crop: RGB uint8 (height, width, 3).
+
+    Crops in source coordinates first, then one INTER_AREA resize: same result as resize-then-
+    crop up to rounding, with fewer pixels to resample.
+    """
+    rgb = as_rgb(rgb)
+    h, w = rgb.shape[:2]
+    scale = max(height / h, width / w)
+    crop_h = min(h, max(1, round(height / scale)))
+    crop_w = min(w, max(1, round(width / scale)))
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    crop = rgb[top : top + crop_h, left : left + crop_w]
+    if crop.shape[:2] == (height, width):
+        return np.ascontiguousarray(crop)
+    return cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """Validate a decoded image: uint8 HxWx3 (grey and RGBA are converted)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {image.dtype}: decode with hashtag.images")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return np.ascontiguousarray(image[:, :, :3])
+    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) == 0:
+        raise ValueError(f"expected an RGB image of shape (H, W, 3), got {image.shape}")
+    return image
+
+
+def _check_options(kind: str, options: dict[str, Any], allowed: type) -> None:
+    names = {f for f in allowed.__dataclass_fields__ if f not in ("name", "uri")}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {kind}; valid: {sorted(names)}")
+
+
+# --------------------------------------------------------------------------------------------
+# TensorFlow Lite
+
+
+@dataclass(frozen=True)
+class TFLiteConfig:
+    uri: str = field(metadata={"help": "local path or s3:// URI of a .tflite image model"})
+    tensor: str | None = field(
+        default=None,
+        metadata={
+            "help": "embedding tensor name; None: auto (pool before a classifier, else "
+            "the output); 'output': the model's output"
+        },
+    )
+    input_range: tuple[float, float] = field(
+        default=(-1.0, 1.0), metadata={"help": "pixel range fed to float models"}
+    )
+    num_threads: int | None = field(
+        default=None, metadata={"help": "interpreter threads; None: the CPUs this process has"}
+    )
+    max_batch: int = field(default=64, metadata={"help": "images per invoke when batchable"})
+    sha256: str | None = field(
+        default=None, metadata={"help": "expected hash of the model file (from a spec)"}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.uri:
+            raise ValueError(
+                "tflite needs a model file: 'tflite:/path/model.tflite' or 'tflite:s3://bucket/m.tflite'"
+            )
+        low, high = (float(v) for v in self.input_range)
+        if not high > low:
+            raise ValueError(
+                f"input_range must be (low, high) with high > low, got {self.input_range}"
+            )
+        object.__setattr__(self, "input_range", (low, high))
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+
+
+def read_model_bytes(uri: str, what: str = "TFLite model") -> bytes:
+    """The bytes at `uri`, with an error that says which file is missing and how to pass one."""
+    try:
+        return storage.read_bytes(uri)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
+        raise FileNotFoundError(
+            f"{what} not found: {uri!r} ({type(err).__name__}). Pass an existing local path or "
+            f"s3:// URI, e.g. 'tflite:/models/mobilenet_v2.tflite' or "
+            f"'tflite:s3://bucket/models/mobilenet_v2.tflite' (set AWS_ENDPOINT_URL or "
+            f"--s3-endpoint for a non-AWS endpoint)"
+        ) from err
+
+
+def _is_tflite(data: bytes) -> bool:
+    # A flatbuffer starts with a uint32 root offset, then the 4-byte file identifier.
+    return len(data) >= 8 and data[4:8] == b"TFL3"
+
+
+def _new_interpreter(model: bytes, num_threads: int):
+    """LiteRT's interpreter when installed, else TensorFlow's (deprecated, same runtime)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+        return Interpreter(model_content=model, num_threads=num_threads)
+
+
+def _expose_tensor(model: bytes, tensor: str | None) -> tuple[bytes, str | None]:
+    """Rewrite the model's output list so that the embedding tensor is the output.
+
+    Returns the model bytes (unchanged when the embedding is the output) and the tensor name
+    (None when the model's own output is used).
+    """
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    if tensor == "output":
+        return model, None
+    flat = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
+    graph = flat.subgraphs[0]
+    names = [t.name.decode("utf-8", "replace") if t.name else "" for t in graph.tensors]
+    if tensor is None:
+        tensor = _find_pool_before_classifier(flat, names)
+        if tensor is None:
+            return model, None
+    if tensor not in names:
+        pools = [n for n in names if "pool" in n.lower() or "mean" in n.lower()]
+        raise ValueError(
+            f"tensor {tensor!r} is not in the model; tensors that look like pools: "
+            f"{pools[:10] or 'none'}. Use 'tflite:FILE#TENSOR_NAME', or '#output' for the output"
+        )
+    index = names.index(tensor)
+    if list(graph.outputs) == [index]:
+        return model, tensor
+    graph.outputs = np.array([index], np.int32)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(flat)), tensor
+
+
+def _find_pool_before_classifier(flat: Any, names: list[str]) -> str | None:
+    """The last global-pool tensor when the model ends in a classifier, else None."""
+    graph = flat.subgraphs[0]
+    outputs = [graph.tensors[i] for i in graph.outputs]
+    ops = [flat.operatorCodes[op.opcodeIndex] for op in graph.operators]
+    codes = [max(code.builtinCode, code.deprecatedBuiltinCode) for code in ops]
+    width = int(np.prod(outputs[0].shape[1:])) if len(outputs) == 1 else 0
+    if width < _CLASSIFIER_MIN_CLASSES and _SOFTMAX not in codes[-3:]:
+        return None
+    for op, code in zip(reversed(graph.operators), reversed(codes)):
+        if code not in (_AVERAGE_POOL_2D, _MEAN):
+            continue
+        out = graph.tensors[op.outputs[0]]
+        shape = list(out.shape)
+        if len(shape) == 2 or (len(shape) == 4 and shape[1] == shape[2] == 1):
+            return names[op.outputs[0]]
+    return None
+
+
+class TFLiteEmbedder(Embedder):
+    """A TensorFlow Lite image model; see the module docstring for conventions."""
+
+    def __init__(self, config: TFLiteConfig) -> None:
+        self.config = config
+        data = read_model_bytes(config.uri)
+        if not _is_tflite(data):
+            raise ValueError(
+                f"{config.uri!r} is not a TensorFlow Lite model (no 'TFL3' flatbuffer identifier, "
+                f"{len(data)} bytes): pass a .tflite file (convert Keras/SavedModels with "
+                f"tf.lite.TFLiteConverter)"
+            )
+        digest = hashlib.sha256(data).hexdigest()
+        if config.sha256 and config.sha256 != digest:
+            raise ValueError(
+                f"model file {config.uri!r} changed: sha256 {digest} but the spec recorded "
+                f"{config.sha256}; embeddings would not match. Use the original file or re-embed"
+            )
+        try:
+            model, tensor = _expose_tensor(data, config.tensor)
+            self.num_threads = config.num_threads or available_cpus()
+            self._interpreter = _new_interpreter(model, self.num_threads)
+            self._interpreter.allocate_tensors()
+        except ValueError:
+            raise
+        except Exception as err:  # the flatbuffer parser and the runtime raise various types
+            raise ValueError(
+                f"could not load TFLite model {config.uri!r}: {type(err).__name__}: {err}"
+            ) from err
+        self._model = model
+        self._lock = threading.Lock()  # an interpreter is not thread-safe
+        inp = self._interpreter.get_input_details()[0]
+        out = self._interpreter.get_output_details()[0]
+        if len(inp["shape"]) != 4 or inp["shape"][3] != 3:
+            raise ValueError(
+                f"{config.uri!r} is not an RGB image model: input shape {inp['shape']}"
+            )
+        self.input_height, self.input_width = int(inp["shape"][1]), int(inp["shape"][2])
+        self.input_dtype = np.dtype(inp["dtype"])
+        self._input_index, self._output_index = inp["index"], out["index"]
+        self._out_scale, self._out_zero = out["quantization"]
+        self._batch = 1
+        self.batchable = self._probe_batching()
+        self.dim = int(np.prod(out["shape"][1:]))
+        self.spec = {
+            "name": f"tflite:{config.uri}",
+            "tensor": tensor or "output",
+            "sha256": digest,
+            "dim": self.dim,
+        }
+        if self.input_dtype.kind == "f":
+            self.spec["input_range"] = list(config.input_range)
+
+    @property
+    def min_side(self) -> int:
+        return max(self.input_height, self.input_width)
+
+    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
+        pixels = resize_and_crop(rgb, self.input_height, self.input_width)
+        if self.input_dtype == np.uint8:
+            return pixels
+        if self.input_dtype == np.int8:
+            return (pixels.astype(np.int16) - 128).astype(np.int8)
+        low, high = self.config.input_range
+        return (pixels.astype(np.float32) * ((high - low) / 255.0) + low).astype(self.input_dtype)
+
+    def embed_batch(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch, self.input_dtype)
+        expected = (self.input_height, self.input_width, 3)
+        if batch.ndim != 4 or batch.shape[1:] != expected:
+            raise ValueError(f"expected a batch of shape (n, {expected}), got {batch.shape}")
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        step = self.config.max_batch if self.batchable else 1
+        with self._lock:
+            parts = [self._invoke(batch[i : i + step]) for i in range(0, len(batch), step)]
+        raw = np.concatenate(parts).reshape(len(batch), -1)
+        if raw.dtype.kind in "iu" and self._out_scale:
+            raw = (raw.astype(np.float32) - self._out_zero) * self._out_scale
+        return l2_normalize(raw)
+
+    def _invoke(self, chunk: np.ndarray) -> np.ndarray:
+        if len(chunk) != self._batch:
+            self._interpreter.resize_tensor_input(self._input_index, [len(chunk), *chunk.shape[1:]])
+            self._interpreter.allocate_tensors()
+            self._batch = len(chunk)
+        self._interpreter.set_tensor(self._input_index, np.ascontiguousarray(chunk))
+        self._interpreter.invoke()
+        return self._interpreter.get_tensor(self._output_index).copy()
+
+    def _probe_batching(self) -> bool:
+        """Whether the model runs on batches > 1 (many converted models fix the batch at 1)."""
+        if self.config.max_batch == 1:
+            return False
+        try:
+            probe = _new_interpreter(self._model, 1)
+            probe.resize_tensor_input(
+                self._input_index, [2, self.input_height, self.input_width, 3]
+            )
+            probe.allocate_tensors()
+            probe.invoke()
+            return probe.get_tensor(self._output_index).shape[0] == 2
+        except Exception:  # "failed to prepare", shape errors...: fall back to one at a time
+            return False
+
+
+@register("tflite")
+def _create_tflite(arg: str | None = None, **options: Any) -> Embedder:
+    if not arg:
+        raise ValueError(
+            "tflite needs a model file: 'tflite:/path/model.tflite[#tensor_name]' or "
+            "'tflite:s3://bucket/model.tflite'"
+        )
+    uri, _, tensor = arg.partition("#")
+    options.pop("dim", None)  # recorded in specs, derived from the model
+    _check_options("tflite", options, TFLiteConfig)
+    if tensor:
+        if options.get("tensor") not in (None, tensor):
+            raise ValueError(f"tensor given twice: '#{tensor}' and tensor={options['tensor']!r}")
+        options["tensor"] = tensor
+    if "input_range" in options:
+        options["input_range"] = tuple(options["input_range"])
+    return TFLiteEmbedder(TFLiteConfig(uri=uri, **options))
+
+
+# --------------------------------------------------------------------------------------------
+# Keras applications
+
+
+@dataclass(frozen=True)
+class Backbone:
+    constructor: str  # class in keras.applications
+    module: str  # keras.applications submodule holding its preprocess_input
+    size: int  # input side
+    layer: str | None = None  # cut the network here (None: the backbone's last layer)
+
+
+BACKBONES = {
+    "mobilenet_v3_small": Backbone("MobileNetV3Small", "mobilenet_v3", 224),
+    "mobilenet_v2": Backbone("MobileNetV2", "mobilenet_v2", 224),
+    "efficientnet_b0": Backbone("EfficientNetB0", "efficientnet", 224),
+    "resnet50": Backbone("ResNet50", "resnet50", 224),
+    # The original project's features: VGG19 at 64x64, block3_conv3 (16x16x256).
+    "vgg19_block3": Backbone("VGG19", "vgg19", 64, layer="block3_conv3"),
+}
+
+
+@dataclass(frozen=True)
+class KerasConfig:
+    name: str = field(metadata={"help": f"backbone: {', '.join(BACKBONES)}"})
+    weights: str | None = field(
+        default="imagenet",
+        metadata={"help": "'imagenet' (download), a weights file path or s3:// URI, or None"},
+    )
+    pooled: bool = field(
+        default=True, metadata={"help": "global-average pool; False: the raveled feature map"}
+    )
+    seed: int = field(default=0, metadata={"help": "random init seed when weights is None"})
+    batch_size: int = field(default=64, metadata={"help": "images per forward pass"})
+    device: str | None = field(
+        default=None, metadata={"help": "'cpu', 'gpu', 'gpu:1'...; None: a GPU when present"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.name not in BACKBONES:
+            raise ValueError(
+                f"unknown Keras backbone {self.name!r}; available: {', '.join(BACKBONES)}"
+            )
+        if isinstance(self.weights, str) and self.weights.lower() in ("none", "null", ""):
+            object.__setattr__(self, "weights", None)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.device is not None and self.device.lower().split(":")[0] not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu', 'gpu' or 'gpu:N', got {self.device!r}")
+
+
+@functools.lru_cache(maxsize=1)
+def _gpus() -> tuple[str, ...]:
+    """Visible GPUs, with memory growth on so that several workers can share one."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        with contextlib.suppress(RuntimeError):  # already initialised: keep its setting
+            tf.config.experimental.set_memory_growth(gpu, True)
+    return tuple(gpu.name for gpu in gpus)
+
+
+def _tf_device(device: str | None) -> str:
+    gpus = _gpus()
+    if device is None:
+        return "/GPU:0" if gpus else "/CPU:0"
+    kind, _, number = device.lower().partition(":")
+    if kind == "gpu" and int(number or 0) >= len(gpus):
+        raise ValueError(f"device {device!r} requested but {len(gpus)} GPU(s) visible: use 'cpu'")
+    return f"/{kind.upper()}:{int(number or 0)}"
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed Keras' initialisers without leaving the global random states changed."""
+    import keras
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    keras.utils.set_random_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def _build_backbone(name: str, backbone: Backbone, weights: str | None, seed: int):
+    import keras
+
+    constructor = getattr(keras.applications, backbone.constructor)
+
+    def build(w):
+        return constructor(include_top=False, weights=w, input_shape=(backbone.size,) * 2 + (3,))
+
+    if weights is None:
+        with _seeded(seed):
+            return build(None)
+    if weights == "imagenet":
+        try:
+            return build("imagenet")
+        except Exception as err:
+            raise RuntimeError(
+                f"could not download the ImageNet weights of keras:{name} ({err}). Without "
+                f"internet, download them on another machine (Keras caches them under "
+                f"~/.keras/models), or save them with embedder.save_weights(uri), and pass the "
+                f"file: create('keras:{name}', weights='/path/to.weights.h5') or "
+                f"weights='s3://bucket/to.weights.h5'"
+            ) from err
+    model = build(None)
+    read_model_bytes(weights, what="Keras weights file")  # a clear error when it is missing
+    with storage.local_file(weights) as path:
+        try:
+            model.load_weights(path)
+        except Exception as err:
+            raise ValueError(
+                f"could not load Keras weights {weights!r} into keras:{name}: {err}. The file "
+                f"must hold the weights of {backbone.constructor}(include_top=False) with input "
+                f"{backbone.size}x{backbone.size}, as embedder.save_weights(uri) writes them"
+            ) from err
+    return model
+
+
+class KerasEmbedder(Embedder):
+    """A keras.applications backbone, optionally cut at an inner layer, pooled."""
+
+    def __init__(self, config: KerasConfig) -> None:
+        import keras
+        import tensorflow as tf
+
+        self.config = config
+        self.backbone_info = backbone = BACKBONES[config.name]
+        self._device = _tf_device(config.device)
+        with tf.device(self._device):
+            self.backbone = _build_backbone(config.name, backbone, config.weights, config.seed)
+            features = (
+                self.backbone.get_layer(backbone.layer).output
+                if backbone.layer
+                else self.backbone.output
+            )
+            if config.pooled:
+                features = keras.layers.GlobalAveragePooling2D()(features)
+            else:
+                features = keras.layers.Flatten()(features)
+            self.model = keras.Model(self.backbone.input, features)
+        self._preprocess_input = getattr(keras.applications, backbone.module).preprocess_input
+        # One graph traced for any batch size: several times faster than eager calls, and
+        # the last, smaller batch of a shard does not trigger a new trace.
+        size = backbone.size
+        self._forward = tf.function(
+            lambda x: self.model(x, training=False),
+            input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)],
+        )
+        self.dim = int(np.prod(self.model.output.shape[1:]))
+        self.spec = {
+            "name": f"keras:{config.name}",
+            "weights": config.weights,
+            "pooled": config.pooled,
+            "dim": self.dim,
+        }
+        if config.weights is None:
+            self.spec["seed"] = config.seed
+
+    @property
+    def min_side(self) -> int:
+        return self.backbone_info.size
+
+    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
+        size = self.backbone_info.size
+        return resize_and_crop(rgb, size, size)
+
+    def embed_batch(self, batch: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        batch = np.asarray(batch)
+        size = self.backbone_info.size
+        if batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
+            raise ValueError(f"expected a batch of shape (n, {size}, {size}, 3), got {batch.shape}")
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        step = self.config.batch_size
+        parts = []
+        with tf.device(self._device):
+            for i in range(0, len(batch), step):
+                x = self._preprocess_input(batch[i : i + step].astype(np.float32))
+                parts.append(np.asarray(self._forward(tf.constant(x))))
+        return l2_normalize(np.concatenate(parts).reshape(len(batch), -1))
+
+    def save_weights(self, uri: str) -> None:
+        """Write the backbone's weights (a .weights.h5 file) to a local path or s3:// URI."""
+        if not uri.endswith(".weights.h5"):
+            raise ValueError(f"Keras weights files end in '.weights.h5', got {uri!r}")
+        with tempfile.TemporaryDirectory(prefix="hashtag-") as tmp:
+            local = os.path.join(tmp, "backbone.weights.h5")
+            self.backbone.save_weights(local)
+            storage.upload(local, uri)
+
+
+@register("keras")
+def _create_keras(arg: str | None = None, **options: Any) -> Embedder:
+    if not arg:
+        raise ValueError(
+            f"keras needs a backbone name: 'keras:NAME' with NAME in {list(BACKBONES)}"
+        )
+    options.pop("dim", None)  # recorded in specs, derived from the model
+    _check_options("keras", options, KerasConfig)
+    return KerasEmbedder(KerasConfig(name=arg, **options))
