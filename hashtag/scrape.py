@@ -219,6 +219,7 @@ def run(config: ScrapeConfig) -> dict:
         "shards_uri": storage.join(config.out, "shards"),
         **dict(totals),
         "skipped": dict(sorted(skipped.items())),
+        "source_warnings": dict(getattr(source, "warnings", {})),
         "failed_shards": failed,
         "seconds": round(seconds, 2),
         "posts_per_second": round(totals["posts_in"] / seconds, 1) if seconds else None,
