@@ -127,12 +127,11 @@ def _descending_keys(scores: np.ndarray) -> np.ndarray:
     """
     n, v = scores.shape
     # + 0.0 turns -0.0 into 0.0, which must tie with it.
-    bits = (
-        (np.asarray(scores, dtype=np.float32) + np.float32(0.0)).view(np.uint32).astype(np.uint64)
-    )
-    # IEEE floats sort like integers once negatives are flipped and positives get the sign bit.
-    ordered = np.where(bits >> 31, ~bits & 0xFFFFFFFF, bits | 0x80000000)
-    descending = 0xFFFFFFFF - ordered
+    bits = (np.asarray(scores, dtype=np.float32) + np.float32(0.0)).view(np.uint32)
+    # IEEE floats sort like integers once negatives are flipped and positives get the sign bit;
+    # a final flip makes higher scores come first.
+    flip = (bits >> np.uint32(31)) * np.uint32(0xFFFFFFFF) | np.uint32(0x80000000)
+    descending = (~(bits ^ flip)).astype(np.uint64)
     rows = np.arange(n, dtype=np.uint64)[:, None] << np.uint64(52)
     columns = np.arange(v, dtype=np.uint64)[None, :]
     return rows | (descending << np.uint64(20)) | columns
@@ -154,7 +153,8 @@ def mean_average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
         # Rank (1-based) of each true tag within its row, then order the true tags by rank.
         true_keys = np.sort(keys[truth])
         rows = (true_keys >> np.uint64(52)).astype(np.int64)
-        ranks = np.searchsorted(np.sort(keys, axis=None), true_keys) - rows * v + 1
+        keys.sort(axis=1)  # rows stay in order, so the flat array is sorted too
+        ranks = np.searchsorted(keys.ravel(), true_keys) - rows * v + 1
         n_true = np.bincount(rows, minlength=len(truth))
         first = np.concatenate([[0], np.cumsum(n_true)[:-1]])
         found = np.arange(len(rows)) - first[rows] + 1  # true tags ranked at or above this one
