@@ -1,0 +1,272 @@
+"""The batch job on real Ray clusters: `ray start` processes, `ray job submit`, token auth.
+
+    pytest -m cluster tests/test_cluster.py -s      # ~6-8 minutes on 2 cores
+
+- a local cluster runs `jobs/pipeline.py --demo` end to end, and refuses a submission without
+  (or with a wrong) token;
+- a simulated autoscaling cluster (Ray's fake_multinode provider, cluster.yaml's node types)
+  starts CPU workers for the embed tasks and a GPU worker for the Tune trials, and removes them
+  when idle;
+- faults: a worker node's raylet killed during scrape (the job succeeds, every post lands in
+  the dataset exactly once); the whole cluster stopped during Tune, restarted, the job
+  resubmitted (finished trials are not rerun).
+
+Wall times are printed (run with -s) and written to OUT/cluster-timing.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cluster_util import RayCluster, fake_autoscaling_config
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+SMALL = {
+    "--demo-posts": "60",
+    "--shard-size": "10",
+    "--epochs": "1",
+    "--batch-sizes": "16,64",
+    "--learning-rates": "1e-2",
+    "--examples": "1",
+}
+
+
+def pipeline(out: Path, **overrides: str) -> list[str]:
+    options = {**SMALL, **{"--" + k.replace("_", "-"): v for k, v in overrides.items()}}
+    return ["python", "jobs/pipeline.py", "--demo", "--out", str(out)] + [
+        item for pair in options.items() for item in pair
+    ]
+
+
+def run_job(cluster: RayCluster, entrypoint: list[str], timeout: float = 300) -> float:
+    """Submit, wait for SUCCEEDED (failing with the job's logs otherwise); the wall time."""
+    start = time.monotonic()
+    job = cluster.submit(entrypoint)
+    status = cluster.wait(job, timeout=timeout)
+    seconds = time.monotonic() - start
+    assert status == "SUCCEEDED", f"job {job} {status}:\n{cluster.logs(job)[-6000:]}"
+    return seconds
+
+
+def record_time(out: Path, name: str, seconds: float) -> None:
+    print(f"\n[cluster timing] {name}: {seconds:.1f} s")
+    (out / "cluster-timing.json").write_text(json.dumps({name: round(seconds, 1)}))
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def shard_post_ids(out: Path) -> list[str]:
+    """Ids of every post in every finished shard (a shard exists once its manifest does)."""
+    ids = []
+    for manifest in sorted((out / "shards").glob("shard-*/manifest.json")):
+        rows = (manifest.parent / "posts.jsonl").read_text().splitlines()
+        assert len(rows) == read_json(manifest)["count"]
+        ids += [json.loads(row)["id"] for row in rows]
+    return ids
+
+
+def check_outputs(out: Path, *, grid_points: int) -> None:
+    """What a finished pipeline leaves under OUT (the contract in docs/design.md)."""
+    scrape = read_json(out / "scrape.json")
+    assert scrape["failed_shards"] == {}
+    shards = sorted((out / "shards").glob("shard-*/manifest.json"))
+    assert len(shards) == scrape["shards"] > 0
+
+    # Every post scraped once, and in the merged dataset once (duplicate images aside).
+    ids = shard_post_ids(out)
+    assert len(ids) == scrape["posts_embedded"] == len(set(ids))
+    # Skips the source counts ("source:video"...) happen before a post is read in.
+    shard_skips = sum(n for why, n in scrape["skipped"].items() if not why.startswith("source:"))
+    assert scrape["posts_embedded"] + shard_skips == scrape["posts_in"]
+    dataset = read_json(out / "dataset" / "manifest.json")
+    dataset_ids = np.load(out / "dataset" / "ids.npy", allow_pickle=False)
+    assert len(dataset_ids) == dataset["count"] == len(set(dataset_ids.tolist()))
+    assert set(dataset_ids.tolist()) <= set(ids)
+    assert len(ids) - len(dataset_ids) == sum(dataset["duplicates"].values())
+    embeddings = np.load(out / "dataset" / "embeddings.npy", allow_pickle=False)
+    assert embeddings.shape == (dataset["count"], dataset["dim"])
+    assert (out / "dataset" / "merge.json").exists()
+
+    # One row per grid point, plus the reference models; an exported model.
+    rows = (out / "tune" / "results.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    models = [row.split(",")[header.index("model")] for row in rows[1:]]
+    assert len(models) - models.count("popularity") - models.count("knn") == grid_points
+    assert {"popularity", "knn"} <= set(models)
+    assert {"batch_size", "learning_rate"} <= set(header)
+    assert read_json(out / "tune" / "model" / "manifest.json")
+    assert (out / "tune" / "tune.json").exists() and (out / "pipeline.json").exists()
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    path = tmp_path / "out"
+    path.mkdir()
+    return path
+
+
+# --- a local cluster with token auth ---------------------------------------------------------
+
+
+def test_pipeline_runs_on_a_local_cluster_with_token_auth(out, tmp_path):
+    with RayCluster.start(num_cpus=2) as cluster:
+        seconds = run_job(cluster, pipeline(out))
+        record_time(out, "local cluster, 60 posts, 2x1 grid", seconds)
+        check_outputs(out, grid_points=2)
+
+        # No token, or a wrong one: the job server refuses (HTTP and `ray job submit` alike).
+        assert cluster.http("/api/jobs/", token=None)[0] == 401
+        assert cluster.http("/api/jobs/", token="0" * 64)[0] == 403
+        tokenless_home = tmp_path / "home"
+        tokenless_home.mkdir()
+        for cli_env in (
+            {"RAY_AUTH_MODE": None, "RAY_AUTH_TOKEN_PATH": None, "HOME": str(tokenless_home)},
+            {"RAY_AUTH_TOKEN": "0" * 64},
+        ):
+            refused = cluster.submit(pipeline(out / "refused"), cli_env=cli_env, check=False)
+            assert refused.returncode != 0
+            assert "Authentication" in refused.stderr
+        assert not (out / "refused").exists()
+        assert len(cluster.http("/api/jobs/")[1]) == 1, "only the authenticated job was accepted"
+
+
+# --- simulated autoscaling --------------------------------------------------------------------
+
+
+def workers(cluster: RayCluster) -> list[dict]:
+    return [n for n in cluster.list_nodes() if not n["is_head_node"]]
+
+
+def test_autoscaler_adds_cpu_and_gpu_workers_then_removes_them(out):
+    config = lambda gcs_port: fake_autoscaling_config(gcs_port, idle_timeout_minutes=0.15)  # noqa: E731
+    with RayCluster.start(num_cpus=0, autoscaling=config) as cluster:
+        assert workers(cluster) == [], "min_workers 0: nothing runs before the job"
+        seconds = run_job(cluster, pipeline(out, gpus_per_trial="1"), timeout=400)
+        record_time(out, "simulated autoscaling cluster, 60 posts, 2x1 grid", seconds)
+        check_outputs(out, grid_points=2)
+
+        launched = workers(cluster)
+        cpu_nodes = [n for n in launched if "GPU" not in n["resources_total"]]
+        gpu_nodes = [n for n in launched if n["resources_total"].get("GPU") == 1]
+        assert cpu_nodes and gpu_nodes, launched
+        log = cluster.autoscaler_log()
+        assert "of type cpu-worker" in log and "of type gpu-worker" in log
+
+        # The embed tasks ran on CPU workers (the head has no CPU); the trials needed the GPU.
+        embed_nodes = {t["node_id"] for t in cluster.list_tasks("embed_shard") if t.get("node_id")}
+        assert embed_nodes and embed_nodes <= {n["node_id"] for n in cpu_nodes}
+        trials = list((out / "tune").glob("ray/*/train_*/params.json"))
+        assert len(trials) == 2
+
+        # idle_timeout_minutes later, every worker is gone again.
+        deadline = time.monotonic() + 90
+        while any(n["state"] == "ALIVE" for n in workers(cluster)):
+            assert time.monotonic() < deadline, f"workers still alive: {workers(cluster)}"
+            time.sleep(2)
+        assert "Terminating the node" in cluster.autoscaler_log()
+
+
+# --- faults -----------------------------------------------------------------------------------
+
+# A dead node is declared dead within ~2 s instead of ~15 s.
+FAST_HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
+
+
+def test_worker_node_lost_during_scrape(out):
+    posts, shard_size = 600, 5
+    with RayCluster.start(num_cpus=1, system_config=FAST_HEALTH_CHECKS) as cluster:
+        worker = cluster.add_worker(num_cpus=2)
+        job = cluster.submit(pipeline(out, demo_posts=str(posts), shard_size=str(shard_size)))
+
+        # As soon as the first shard is written, the worker's raylet dies (SIGKILL): its
+        # running embed tasks die with it, its queued ones must go elsewhere.
+        deadline = time.monotonic() + 240
+        while not list((out / "shards").glob("shard-*/manifest.json")):
+            assert cluster.status(job) not in ("FAILED", "STOPPED"), cluster.logs(job)[-4000:]
+            assert time.monotonic() < deadline, "scrape did not start"
+            time.sleep(0.1)
+        written_before_kill = len(list((out / "shards").glob("shard-*/manifest.json")))
+        worker.kill_raylet()
+        assert written_before_kill < math.ceil(posts / shard_size) / 2, "scrape was nearly over"
+
+        status = cluster.wait(job, timeout=300)
+        assert status == "SUCCEEDED", cluster.logs(job)[-6000:]
+        check_outputs(out, grid_points=2)
+        scrape = read_json(out / "scrape.json")
+        assert scrape["shards"] == math.ceil(scrape["posts_in"] / shard_size)
+        dead = [n for n in cluster.list_nodes() if n["state"] == "DEAD"]
+        assert len(dead) == 1 and not dead[0]["is_head_node"]
+        # The fault hit running work: some embed task attempt failed on the dead node.
+        attempts = cluster.list_tasks("embed_shard")
+        lost = [
+            t for t in attempts if t.get("node_id") == dead[0]["node_id"] and t["state"] == "FAILED"
+        ]
+        retried = [t for t in attempts if t.get("attempt_number", 0) > 0]
+        assert lost or retried, "no embed task was running on the worker when it died"
+
+
+def trial_states(out: Path) -> dict[str, str]:
+    """Trial id -> status, from Tune's newest experiment state file (None while unreadable)."""
+    states = sorted((out / "tune").glob("ray/*/experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        trial_data = read_json(states[-1])["trial_data"]
+    except (ValueError, KeyError, OSError):
+        return {}  # being written
+    return {json.loads(t)["trial_id"]: json.loads(t)["status"] for t, _ in trial_data}
+
+
+def finished_trial_results(out: Path) -> dict[str, bytes]:
+    """Trial dir name -> its result.json, for trials whose last result says done."""
+    finished = {}
+    for result in (out / "tune").glob("ray/*/train_*/result.json"):
+        lines = result.read_bytes().splitlines()
+        if lines and json.loads(lines[-1]).get("done"):
+            finished[result.parent.name] = result.read_bytes()
+    return finished
+
+
+def test_cluster_stopped_during_tune_resumes_without_rerunning_finished_trials(out, tmp_path):
+    # cpus_per_trial 2 on a 2-CPU cluster: trials run one after another.
+    job_args = pipeline(out, epochs="2", batch_sizes="16,32,64", cpus_per_trial="2")
+    cluster = RayCluster.start(num_cpus=2)
+    try:
+        job = cluster.submit(job_args)
+        deadline = time.monotonic() + 300
+        while True:
+            states = trial_states(out)
+            terminated = [t for t, s in states.items() if s == "TERMINATED"]
+            if terminated and len(terminated) < 3:
+                break
+            assert cluster.status(job) not in ("FAILED", "STOPPED", "SUCCEEDED"), (
+                "Tune finished (or failed) before the cluster could be stopped:\n"
+                + cluster.logs(job)[-4000:]
+            )
+            assert time.monotonic() < deadline, "no trial finished"
+            time.sleep(0.1)
+        cluster.stop()  # the whole cluster: head, driver, trials
+    finally:
+        cluster.cleanup()
+    finished_before = finished_trial_results(out)
+    assert finished_before and len(finished_before) < 3
+    assert not (out / "tune" / "tune.json").exists()
+
+    with RayCluster.start(num_cpus=2) as restarted:
+        seconds = run_job(restarted, job_args)
+        record_time(out, "resubmitted after a stop during Tune", seconds)
+    check_outputs(out, grid_points=3)
+    finished_after = finished_trial_results(out)
+    assert len(finished_after) == 3, "every grid point finished exactly once"
+    for trial, result in finished_before.items():
+        assert finished_after[trial] == result, f"finished trial {trial} was run again"
+    tune = read_json(out / "tune" / "tune.json")
+    assert sorted(t["batch_size"] for t in tune["trials"]) == [16, 32, 64]
