@@ -118,6 +118,14 @@ class _NpyStream:
             os.remove(self.path)
 
 
+def _remove_stale_temporaries(folder: str) -> None:
+    """Temporary array files a killed writer left behind (they are never part of a dataset)."""
+    for name in os.listdir(folder):
+        stem, _, tag = name.partition(".npy.tmp-")
+        if tag and stem in _ARRAYS:
+            os.remove(os.path.join(folder, name))
+
+
 class DatasetWriter:
     """Stream a merged dataset to `uri`, chunk by chunk.
 
@@ -142,6 +150,7 @@ class DatasetWriter:
             self._tmpdir = None
             folder = storage.filesystem(self.uri)[1]
             os.makedirs(folder, exist_ok=True)
+            _remove_stale_temporaries(folder)
             suffix = f".tmp-{uuid.uuid4().hex}"
         self._streams: dict[str, _NpyStream] = {}
         for name, (dtype, row_shape) in _ARRAYS.items():

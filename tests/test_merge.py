@@ -222,3 +222,14 @@ def test_s3_round_trip(s3_bucket):
     assert storage.exists(f"{out}/merge.json")
     X, Y = ds.part("train")
     assert X.dtype == np.float32 and Y.dtype == bool and len(X) == len(Y)
+
+
+def test_stale_temporaries_of_a_killed_merge_are_removed(tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "embeddings.npy.tmp-0123abcd").write_bytes(b"half")
+    (out / "notes.tmp-1").write_text("not ours")
+    make(str(tmp_path / "s"))
+    merge.run(config(str(tmp_path / "s"), str(out)))
+    names = os.listdir(out)
+    assert "embeddings.npy.tmp-0123abcd" not in names and "notes.tmp-1" in names

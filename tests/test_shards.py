@@ -137,3 +137,23 @@ def test_bad_arguments_are_refused(tmp_path):
             stats={"count": 9},
         )  # fmt: skip
     assert shards.finished_shards(str(tmp_path)) == {}
+
+
+def test_line_separators_inside_strings_survive(tmp_path):
+    root = str(tmp_path)
+    post = Post(id="u", image=None, tags=("x",), caption="one\u2028two\u0085three\nfour")
+    shards.write_shard(
+        root, 0, [post], np.zeros((1, 0), np.float32), embedder=SPEC, image_sha256=[None],
+        stats={},
+    )  # fmt: skip
+    assert shards.read_shard(root, 0).posts[0]["caption"] == post.caption
+
+
+def test_a_broken_line_is_named(tmp_path):
+    root = str(tmp_path)
+    write(root, 0, n=3)
+    path = tmp_path / "shards" / "shard-00000" / "posts.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "{oops", lines[2]]) + "\n")
+    with pytest.raises(shards.ShardError, match="line 2 of"):
+        shards.read_shard(root, 0)
