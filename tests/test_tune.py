@@ -166,3 +166,26 @@ def test_grid_on_ray_writes_report_and_model_then_resumes(tmp_path, local_ray, c
     seconds = sorted(t["seconds"] for t in summary["trials"])
     assert sorted(t["seconds"] for t in again["trials"]) == seconds
     assert again["best"] == summary["best"]
+
+
+@pytest.mark.slow
+def test_grid_with_data_and_results_on_s3(tmp_path, s3_bucket, local_ray):
+    local = str(tmp_path / "data")
+    write_dataset(local, posts=120)
+    fs, bucket = storage.filesystem(s3_bucket)
+    fs.put(local, f"{bucket}/data", recursive=True)
+    config = tune.TuneConfig(
+        data=f"{s3_bucket}/data",
+        out=f"{s3_bucket}/tune",
+        batch_sizes=(32,),
+        learning_rates=(1e-2,),
+        epochs=1,
+        references=("popularity",),
+    )
+    summary = tune.run(config)
+    assert not summary["failed"] and summary["experiment"].startswith(bucket)
+    for name in ("results.csv", "heatmap.png", "tune.json", "model/manifest.json"):
+        assert storage.exists(f"{s3_bucket}/tune/{name}"), name
+    assert models.load(f"{s3_bucket}/tune/model").metadata["vocab"]
+    # Rerun: the experiment is found on S3 and restored.
+    assert tune.run(config)["trials"] == summary["trials"]
