@@ -348,7 +348,7 @@ class RayCluster:
         self,
         entrypoint: list[str],
         *,
-        working_dir: Path = REPO,
+        working_dir: Path | None = REPO,
         excludes: list[str] | None = None,
         env_vars: dict[str, str] | None = None,
         cli_env: dict[str, str | None] | None = None,
@@ -356,11 +356,16 @@ class RayCluster:
     ) -> str | subprocess.CompletedProcess:
         """`ray job submit --no-wait`; returns the submission id (or, check=False, the run).
 
-        `cli_env` changes the CLI's environment (None removes a variable): to submit without
+        `working_dir=None` uploads nothing: the nodes already have the project (as in the
+        node image); `cli_env` changes the CLI's environment (None removes a variable): to submit without
         the token, for instance.
         """
         submission_id = f"test-{uuid.uuid4().hex[:10]}"
-        runtime_env = {"excludes": EXCLUDES if excludes is None else excludes}
+        runtime_env: dict = {}
+        options = []
+        if working_dir is not None:
+            runtime_env["excludes"] = EXCLUDES if excludes is None else excludes
+            options.append(f"--working-dir={working_dir}")
         if env_vars:
             runtime_env["env_vars"] = env_vars
         command = [
@@ -368,7 +373,7 @@ class RayCluster:
             "job",
             "submit",
             f"--address={self.dashboard}",
-            f"--working-dir={working_dir}",
+            *options,
             f"--runtime-env-json={json.dumps(runtime_env)}",
             f"--submission-id={submission_id}",
             "--no-wait",

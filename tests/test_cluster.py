@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster_util import RayCluster, fake_autoscaling_config
+from cluster_util import REPO, RayCluster, fake_autoscaling_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -37,17 +37,17 @@ SMALL = {
 }
 
 
-def pipeline(out: Path, **overrides: str) -> list[str]:
+def pipeline(out: Path, script: str = "jobs/pipeline.py", **overrides: str) -> list[str]:
     options = {**SMALL, **{"--" + k.replace("_", "-"): v for k, v in overrides.items()}}
-    return ["python", "jobs/pipeline.py", "--demo", "--out", str(out)] + [
+    return ["python", script, "--demo", "--out", str(out)] + [
         item for pair in options.items() for item in pair
     ]
 
 
-def run_job(cluster: RayCluster, entrypoint: list[str], timeout: float = 300) -> float:
+def run_job(cluster: RayCluster, entrypoint: list[str], timeout: float = 300, **submit) -> float:
     """Submit, wait for SUCCEEDED (failing with the job's logs otherwise); the wall time."""
     start = time.monotonic()
-    job = cluster.submit(entrypoint)
+    job = cluster.submit(entrypoint, **submit)
     status = cluster.wait(job, timeout=timeout)
     seconds = time.monotonic() - start
     assert status == "SUCCEEDED", f"job {job} {status}:\n{cluster.logs(job)[-6000:]}"
@@ -149,7 +149,16 @@ def test_autoscaler_adds_cpu_and_gpu_workers_then_removes_them(out):
     config = lambda gcs_port: fake_autoscaling_config(gcs_port, idle_timeout_minutes=0.15)  # noqa: E731
     with RayCluster.start(num_cpus=0, autoscaling=config) as cluster:
         assert workers(cluster) == [], "min_workers 0: nothing runs before the job"
-        seconds = run_job(cluster, pipeline(out, gpus_per_trial="1"), timeout=400)
+        # The fake nodes share this machine's disk: a node joining mid-job would unpack the
+        # uploaded working_dir again over the driver's cwd. So, as with cluster.yaml's image,
+        # the project is already "installed" (on PYTHONPATH) and nothing is uploaded.
+        seconds = run_job(
+            cluster,
+            pipeline(out, script=str(REPO / "jobs" / "pipeline.py"), gpus_per_trial="1"),
+            timeout=400,
+            working_dir=None,
+            env_vars={"PYTHONPATH": str(REPO)},
+        )
         record_time(out, "simulated autoscaling cluster, 60 posts, 2x1 grid", seconds)
         check_outputs(out, grid_points=2)
 
