@@ -205,7 +205,7 @@ def _find_pool_before_classifier(flat: Any, names: list[str]) -> str | None:
     width = int(np.prod(outputs[0].shape[1:])) if len(outputs) == 1 else 0
     if width < _CLASSIFIER_MIN_CLASSES and _SOFTMAX not in codes[-3:]:
         return None
-    for op, code in zip(reversed(graph.operators), reversed(codes)):
+    for op, code in zip(reversed(graph.operators), reversed(codes), strict=True):
         if code not in (_AVERAGE_POOL_2D, _MEAN):
             continue
         out = graph.tensors[op.outputs[0]]
