@@ -233,3 +233,14 @@ def test_stale_temporaries_of_a_killed_merge_are_removed(tmp_path):
     merge.run(config(str(tmp_path / "s"), str(out)))
     names = os.listdir(out)
     assert "embeddings.npy.tmp-0123abcd" not in names and "notes.tmp-1" in names
+
+
+def test_empty_shards_are_fine(tmp_path):
+    root = str(tmp_path / "s")
+    write(root, 0, [])
+    write(root, 1, [("a", ["x"], "s1"), ("b", ["x"], "s1")])
+    write(root, 2, [])
+    summary = merge.run(config(root, str(tmp_path / "d")))
+    ds = Dataset.load(str(tmp_path / "d"))
+    assert ds.ids.tolist() == ["a"] and summary["shards"] == 3 and ds.vocab == []
+    assert ds.labels().shape == (1, 0) and summary["unlabeled"] == 1
