@@ -287,7 +287,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Score the model and the popularity baseline on the test split; print a Markdown table."""
     from hashtag import models
     from hashtag.dataset import Dataset
-    from hashtag.report import ResultRow, results_table, to_markdown
+    from hashtag.report import ResultRow, drop_empty_columns, results_table, to_markdown
 
     exported = ExportedModel(config.model)
     dataset = Dataset.load(config.data)
@@ -307,11 +307,17 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         raise ValueError(f"{config.data} has no test posts")
     popularity = models.create("popularity", models.ModelConfig())
     popularity.fit(X_train, Y_train, X_val, Y_val)
-    name = exported.metadata.get("model", "model")
+    meta = exported.metadata
     rows = [
-        ResultRow(model=name, test=exported.recommender.score(X_test, Y_test)),
+        ResultRow(
+            model=meta.get("model", exported.recommender.name),
+            batch_size=meta.get("batch_size"),
+            learning_rate=meta.get("learning_rate"),
+            epochs=meta.get("epochs"),
+            test=exported.recommender.score(X_test, Y_test),
+        ),
         ResultRow(model="popularity", test=popularity.score(X_test, Y_test)),
     ]
-    table = results_table(rows)
+    table = drop_empty_columns(results_table(rows))
     print(to_markdown(table))
     return {"model": config.model, "data": config.data, "test_posts": len(X_test), "table": table}

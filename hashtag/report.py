@@ -118,6 +118,16 @@ def results_table(rows: Sequence[ResultRow], baseline: str = BASELINE) -> list[d
     return table
 
 
+def drop_empty_columns(table: list[dict]) -> list[dict]:
+    """Without the columns that no row fills (e.g. batch size for reference models only)."""
+
+    def empty(value) -> bool:
+        return value == "" or value is None or (isinstance(value, float) and math.isnan(value))
+
+    keep = [c for c in (table[0] if table else {}) if not all(empty(r[c]) for r in table)]
+    return [{c: r[c] for c in keep} for r in table]
+
+
 def to_csv(table: list[dict]) -> str:
     if not table:
         return ""
@@ -138,7 +148,13 @@ def to_markdown(table: list[dict]) -> str:
         "|" + "|".join("---" if c in ("model", "status") else "---:" for c in columns) + "|",
     ]
     for record in table:
-        lines.append("| " + " | ".join(_format(record[c]) for c in columns) + " |")
+        cells = [
+            f"{record[c]:g}"
+            if c == "learning_rate" and isinstance(record[c], float)
+            else _format(record[c])
+            for c in columns
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -122,10 +122,11 @@ class TuneConfig:
         if self.loss not in LOSSES:
             raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
 
-    @property
-    def experiment_name(self) -> str:
-        """Same name for the same training settings, so a rerun restores instead of restarting."""
+    def experiment_name(self, dataset: dict[str, Any]) -> str:
+        """Same name for the same training settings and dataset (`dataset_fingerprint`), so a
+        rerun restores the experiment instead of restarting, and a rebuilt dataset retrains."""
         settings = {
+            "dataset": dataset,
             "data": self.data,
             "model": self.model,
             "batch_sizes": list(self.batch_sizes),
@@ -136,6 +137,12 @@ class TuneConfig:
         }
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
         return f"grid-{digest[:10]}"
+
+
+def dataset_fingerprint(dataset) -> dict[str, Any]:
+    """What identifies a dataset's content, from its manifest (not its timings)."""
+    keys = ("count", "dim", "vocab_size", "label_nnz", "splits", "embedder")
+    return {key: dataset.manifest.get(key) for key in keys}
 
 
 # ---------------------------------------------------------------- inside a trial (a Ray actor)
@@ -301,7 +308,12 @@ def _references(config: TuneConfig, dataset) -> list[ResultRow]:
     from hashtag import models
 
     cache_uri = storage.join(config.out, "references.json")
-    key = {"data": config.data, "count": len(dataset), "references": list(config.references)}
+    key = {
+        "data": config.data,
+        "dataset": dataset_fingerprint(dataset),
+        "references": list(config.references),
+        "seed": config.seed,
+    }
     if storage.exists(cache_uri):
         cached = storage.read_json(cache_uri)
         if cached.get("key") == key:
@@ -414,7 +426,7 @@ def _best_model(config: TuneConfig, results, best: ResultRow):
     raise RuntimeError(f"the best trial {best.label} has no checkpoint to export")
 
 
-def _run_grid(config: TuneConfig):
+def _run_grid(config: TuneConfig, dataset):
     from ray import tune
 
     from hashtag import raycluster
@@ -435,7 +447,8 @@ def _run_grid(config: TuneConfig):
     }
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(train_trial, settings=settings), resources)
-    experiment = f"{storage_path.rstrip('/')}/{config.experiment_name}"
+    name = config.experiment_name(dataset_fingerprint(dataset))
+    experiment = f"{storage_path.rstrip('/')}/{name}"
     raycluster.connect()
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         log.info("restoring the Tune experiment at %s", experiment)
@@ -453,7 +466,7 @@ def _run_grid(config: TuneConfig):
             # Reused actors keep TensorFlow imported between trials (seconds per trial).
             tune_config=tune.TuneConfig(metric="val_f1", mode="max", reuse_actors=True),
             run_config=tune.RunConfig(
-                name=config.experiment_name,
+                name=name,
                 storage_path=storage_path,
                 storage_filesystem=filesystem,
                 failure_config=tune.FailureConfig(max_failures=config.max_failures),
@@ -482,7 +495,7 @@ def run(config: TuneConfig) -> dict[str, Any]:
             "train an image model on"
         )
     references = _references(config, dataset)
-    results, experiment = _run_grid(config)
+    results, experiment = _run_grid(config, dataset)
     trials = sorted(
         (_trial_row(config, result, _trial_state(result)) for result in results),
         key=lambda r: (r.batch_size, -r.learning_rate),

@@ -71,9 +71,13 @@ def test_config_validation_says_what_to_do(tmp_path):
     for change, message in cases:
         with pytest.raises(ValueError, match=message):
             tune.TuneConfig(**{**ok, **change})
-    same = tune.TuneConfig(**ok, cpus_per_trial=2, max_failures=5)
-    assert same.experiment_name == tune.TuneConfig(**ok).experiment_name
-    assert tune.TuneConfig(**ok, epochs=3).experiment_name != same.experiment_name
+    fingerprint = {"count": 10, "label_nnz": 20}
+    name = tune.TuneConfig(**ok).experiment_name(fingerprint)
+    assert (
+        tune.TuneConfig(**ok, cpus_per_trial=2, max_failures=5).experiment_name(fingerprint) == name
+    )
+    assert tune.TuneConfig(**ok, epochs=3).experiment_name(fingerprint) != name
+    assert tune.TuneConfig(**ok).experiment_name({**fingerprint, "count": 11}) != name
 
 
 def test_trial_checkpoints_every_epoch_and_resumes(tmp_path, monkeypatch):
