@@ -245,8 +245,9 @@ def plot_curves(rows: Sequence[ResultRow], uri: str) -> None:
                 left.plot(
                     epochs, values, "-", color=colour, marker=".", label=f"{row.label} {name}"
                 )
-    left.set_title("F1 per epoch")
-    right.set_title("loss per epoch (dashed: validation)")
+    has_val_loss = any("val_loss" in row.history for row in trials)
+    left.set_title("validation F1 per epoch")
+    right.set_title("loss per epoch" + (" (dashed: validation)" if has_val_loss else " (training)"))
     for ax in (left, right):
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)

@@ -405,6 +405,9 @@ def export_model(config: TuneConfig, dataset, recommender, row: ResultRow) -> st
         "test": row.test,
         "trained_on": {"data": config.data, "count": len(dataset), "dim": dataset.dim},
     }
+    if getattr(recommender, "optimizer_state", None):
+        # Recommending needs no Adam moments (twice the weights); trial checkpoints keep them.
+        recommender.optimizer_state = []
     recommender.save(uri, metadata=metadata)
     _, Y_train = dataset.part("train")
     Cooccurrence().fit(Y_train).save(storage.join(uri, "cooccurrence"))

@@ -193,3 +193,18 @@ def test_grid_with_data_and_results_on_s3(tmp_path, s3_bucket, local_ray):
     assert models.load(f"{s3_bucket}/tune/model").metadata["vocab"]
     # Rerun: the experiment is found on S3 and restored.
     assert tune.run(config)["trials"] == summary["trials"]
+
+
+def test_a_failed_trial_is_a_row_with_its_error(tmp_path):
+    from types import SimpleNamespace
+
+    config = tune.TuneConfig(data=str(tmp_path / "d"), out=str(tmp_path / "o"))
+    result = SimpleNamespace(
+        config={"batch_size": 64, "learning_rate": 1e-3},
+        error=RuntimeError("Traceback ...\nValueError: out of memory"),
+        checkpoint=None,
+        path="/x/train_trial_00001",
+    )
+    row = tune._trial_row(config, result, tune._trial_state(result))
+    assert (row.batch_size, row.learning_rate) == (64, 1e-3)
+    assert row.status == "error: ValueError: out of memory" and not row.test
