@@ -428,6 +428,17 @@ class RayCluster:
             raise RuntimeError(f"/api/v0/nodes: HTTP {code}: {body}")
         return body["data"]["result"]["result"]
 
+    def wait_for_nodes(self, count: int, timeout: float = 60) -> list[dict]:
+        """Until `count` nodes are alive; returns them, oldest first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            alive = [n for n in self.list_nodes() if n["state"] == "ALIVE"]
+            if len(alive) >= count:
+                return sorted(alive, key=lambda n: n["start_time_ms"])
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(alive)} of {count} nodes alive after {timeout} s")
+            time.sleep(0.5)
+
     def list_tasks(self, name: str) -> list[dict]:
         """Ray's state API: tasks called `name` (state, node_id...)."""
         code, body = self.http(
