@@ -53,6 +53,7 @@ CHECKPOINT_MODEL = "model"
 CHECKPOINT_STATE = "state.json"
 # Per-epoch values shown in Tune's progress and kept for the learning curves.
 EPOCH_METRICS = ("loss", "val_f1", "val_f1@5", "val_map")
+UNFINISHED = "unfinished"
 
 
 @dataclass(frozen=True)
@@ -367,13 +368,12 @@ def _trial_row(config: TuneConfig, result, state: dict[str, Any] | None) -> Resu
         trial_id=os.path.basename(str(result.path or "")),
     )
     if state is None or not state.get("done"):
-        reason = result.error or "did not finish"
-        first_line = str(reason).strip().splitlines()[-1] if str(reason).strip() else "error"
-        return ResultRow(
-            **common,
-            status=f"error: {first_line[:200]}",
-            history=(state or {}).get("history", {}),
-        )
+        if result.error is None:  # stopped by Ctrl-C (or a lost driver) before its end
+            status = UNFINISHED
+        else:
+            lines = str(result.error).strip().splitlines() or ["error"]
+            status = f"error: {lines[-1][:200]}"
+        return ResultRow(**common, status=status, history=(state or {}).get("history", {}))
     return ResultRow(
         **common,
         val=state["val"],
@@ -508,6 +508,10 @@ def run(config: TuneConfig) -> dict[str, Any]:
     rows = trials + references
     for row in rows:
         print(trial_line(row))
+    if any(row.status == UNFINISHED for row in trials):
+        # Interrupted (Ctrl-C): Tune saved its state; exporting now could pick a worse model.
+        print(f"interrupted: rerun the same command to resume {experiment}")
+        return {"stage": "tune", "interrupted": True, "experiment": experiment, "failed": failed}
     if not finished:
         raise RuntimeError(
             f"every trial of {experiment} failed ({trials[0].status if trials else 'no trials'}); "

@@ -208,3 +208,46 @@ def test_a_failed_trial_is_a_row_with_its_error(tmp_path):
     row = tune._trial_row(config, result, tune._trial_state(result))
     assert (row.batch_size, row.learning_rate) == (64, 1e-3)
     assert row.status == "error: ValueError: out of memory" and not row.test
+
+
+@pytest.mark.slow
+def test_an_interrupted_experiment_resumes_with_the_same_command(tmp_path, local_ray):
+    """Ctrl-C (SIGINT) in the middle of a trial; the same run() continues from its checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    write_dataset(data, posts=600)
+    settings = dict(batch_sizes=(8,), learning_rates=(1e-3,), epochs=12, references=("popularity",))
+    script = (
+        "import ray, sys\n"
+        "ray.init(num_cpus=1, include_dashboard=False, logging_level='ERROR')\n"
+        "from hashtag import tune\n"
+        f"summary = tune.run(tune.TuneConfig(data={data!r}, out={out!r}, **{settings!r}))\n"
+        "print('SUMMARY', summary.get('interrupted', False))\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(
+        (tmp_path / "out").glob("ray/*/*/checkpoint_000001")
+    ):
+        time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    output, _ = child.communicate(timeout=60)
+    if "SUMMARY True" not in output:
+        pytest.skip("the trial finished before the interrupt landed")
+    summary = tune.run(tune.TuneConfig(data=data, out=out, **settings))
+    (trial,) = summary["trials"]
+    assert trial["status"] == "ok" and trial["epochs"] == 12
+    assert len(trial["history"]["val_f1"]) == 12
+    # Tune's log of the trial's reports, both runs: epoch 1 was trained once (continued, not
+    # restarted); epoch 12 is reported twice (last epoch, then the final scores).
+    import csv
+
+    (progress,) = (tmp_path / "out").glob("ray/*/*/progress.csv")
+    epochs = [int(row["epoch"]) for row in csv.DictReader(progress.open())]
+    assert epochs == list(range(1, 13)) + [12]
