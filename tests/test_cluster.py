@@ -272,6 +272,7 @@ def test_cluster_stopped_during_tune_resumes_without_rerunning_finished_trials(o
     finally:
         cluster.cleanup()
     finished_before = finished_trial_results(out)
+    print(f"\n[fault] cluster stopped with {len(finished_before)}/3 trials finished")
     assert finished_before and len(finished_before) < 3
     assert not (out / "tune" / "tune.json").exists()
 
