@@ -28,6 +28,7 @@ import random
 import tempfile
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +114,13 @@ class TFLiteConfig:
     num_threads: int | None = field(
         default=None, metadata={"help": "interpreter threads; None: the CPUs this process has"}
     )
+    interpreters: int = field(
+        default=1,
+        metadata={
+            "help": "interpreters run side by side on parts of a batch, num_threads split "
+            "between them; more than 1 helps models that run one image per invoke"
+        },
+    )
     max_batch: int = field(default=64, metadata={"help": "images per invoke when batchable"})
     sha256: str | None = field(
         default=None, metadata={"help": "expected hash of the model file (from a spec)"}
@@ -131,6 +139,8 @@ class TFLiteConfig:
         object.__setattr__(self, "input_range", (low, high))
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
+        if self.interpreters < 1:
+            raise ValueError(f"interpreters must be >= 1, got {self.interpreters}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
 
@@ -215,6 +225,34 @@ def _find_pool_before_classifier(flat: Any, names: list[str]) -> str | None:
     return None
 
 
+class _Runner:
+    """One interpreter and the batch size its tensors are allocated for."""
+
+    def __init__(self, model: bytes, num_threads: int) -> None:
+        self.interpreter = _new_interpreter(model, num_threads)
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self.batch = int(self.input["shape"][0])
+
+    def run(self, images: np.ndarray, step: int) -> np.ndarray:
+        """Raw outputs for `images`, `step` images per invoke."""
+        return np.concatenate(
+            [self._invoke(images[i : i + step]) for i in range(0, len(images), step)]
+        )
+
+    def _invoke(self, chunk: np.ndarray) -> np.ndarray:
+        if len(chunk) != self.batch:
+            self.interpreter.resize_tensor_input(
+                self.input["index"], [len(chunk), *chunk.shape[1:]]
+            )
+            self.interpreter.allocate_tensors()
+            self.batch = len(chunk)
+        self.interpreter.set_tensor(self.input["index"], np.ascontiguousarray(chunk))
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output["index"]).copy()
+
+
 class TFLiteEmbedder(Embedder):
     """A TensorFlow Lite image model; see the module docstring for conventions."""
 
@@ -236,8 +274,8 @@ class TFLiteEmbedder(Embedder):
         try:
             model, tensor = _expose_tensor(data, config.tensor)
             self.num_threads = config.num_threads or available_cpus()
-            self._interpreter = _new_interpreter(model, self.num_threads)
-            self._interpreter.allocate_tensors()
+            threads_each = max(1, self.num_threads // config.interpreters)
+            self._runners = [_Runner(model, threads_each) for _ in range(config.interpreters)]
         except ValueError:
             raise
         except Exception as err:  # the flatbuffer parser and the runtime raise various types
@@ -245,18 +283,20 @@ class TFLiteEmbedder(Embedder):
                 f"could not load TFLite model {config.uri!r}: {type(err).__name__}: {err}"
             ) from err
         self._model = model
-        self._lock = threading.Lock()  # an interpreter is not thread-safe
-        inp = self._interpreter.get_input_details()[0]
-        out = self._interpreter.get_output_details()[0]
+        self._lock = threading.Lock()  # one batch at a time: an interpreter is not thread-safe
+        self._pool = (
+            ThreadPoolExecutor(config.interpreters, thread_name_prefix="tflite")
+            if config.interpreters > 1
+            else None
+        )
+        inp, out = self._runners[0].input, self._runners[0].output
         if len(inp["shape"]) != 4 or inp["shape"][3] != 3:
             raise ValueError(
                 f"{config.uri!r} is not an RGB image model: input shape {inp['shape']}"
             )
         self.input_height, self.input_width = int(inp["shape"][1]), int(inp["shape"][2])
         self.input_dtype = np.dtype(inp["dtype"])
-        self._input_index, self._output_index = inp["index"], out["index"]
         self._out_scale, self._out_zero = out["quantization"]
-        self._batch = 1
         self.batchable = self._probe_batching()
         self.dim = int(np.prod(out["shape"][1:]))
         self.spec = {
@@ -290,33 +330,26 @@ class TFLiteEmbedder(Embedder):
             return np.zeros((0, self.dim), np.float32)
         step = self.config.max_batch if self.batchable else 1
         with self._lock:
-            parts = [self._invoke(batch[i : i + step]) for i in range(0, len(batch), step)]
-        raw = np.concatenate(parts).reshape(len(batch), -1)
+            if self._pool is None or len(batch) == 1:
+                raw = self._runners[0].run(batch, step)
+            else:  # contiguous parts, one per interpreter (TFLite releases the GIL)
+                parts = np.array_split(batch, min(len(batch), len(self._runners)))
+                raw = np.concatenate(
+                    list(self._pool.map(_Runner.run, self._runners, parts, [step] * len(parts)))
+                )
+        raw = raw.reshape(len(batch), -1)
         if raw.dtype.kind in "iu" and self._out_scale:
             raw = (raw.astype(np.float32) - self._out_zero) * self._out_scale
         return l2_normalize(raw)
-
-    def _invoke(self, chunk: np.ndarray) -> np.ndarray:
-        if len(chunk) != self._batch:
-            self._interpreter.resize_tensor_input(self._input_index, [len(chunk), *chunk.shape[1:]])
-            self._interpreter.allocate_tensors()
-            self._batch = len(chunk)
-        self._interpreter.set_tensor(self._input_index, np.ascontiguousarray(chunk))
-        self._interpreter.invoke()
-        return self._interpreter.get_tensor(self._output_index).copy()
 
     def _probe_batching(self) -> bool:
         """Whether the model runs on batches > 1 (many converted models fix the batch at 1)."""
         if self.config.max_batch == 1:
             return False
         try:
-            probe = _new_interpreter(self._model, 1)
-            probe.resize_tensor_input(
-                self._input_index, [2, self.input_height, self.input_width, 3]
-            )
-            probe.allocate_tensors()
-            probe.invoke()
-            return probe.get_tensor(self._output_index).shape[0] == 2
+            probe = _Runner(self._model, 1)
+            pair = np.zeros((2, self.input_height, self.input_width, 3), self.input_dtype)
+            return probe.run(pair, 2).shape[0] == 2
         except Exception:  # "failed to prepare", shape errors...: fall back to one at a time
             return False
 

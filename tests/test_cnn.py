@@ -122,6 +122,12 @@ def test_v1_uses_the_model_output_and_batches(v1, models_dir, photos):
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
 
 
+def test_side_by_side_interpreters_give_the_same_vectors(v2, models_dir, photos):
+    pair = embedders.create(f"tflite:{models_dir / V2}", interpreters=2, num_threads=2)
+    np.testing.assert_array_equal(pair.embed(photos[:5]), v2.embed(photos[:5]))
+    np.testing.assert_array_equal(pair.embed(photos[:1]), v2.embed(photos[:1]))
+
+
 @pytest.mark.parametrize("which", ["v2", "v1"])
 def test_tflite_is_deterministic_and_rebuilds_from_its_spec(which, request, photos):
     embedder = request.getfixturevalue(which)
