@@ -38,16 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from hashtag import storage
+from hashtag import models, storage
 from hashtag.report import ResultRow, trial_line, write_report
 
 log = logging.getLogger(__name__)
 
-MODEL_FORMAT = "hashtag-model"
-MODEL_VERSION = 1
-LOSSES = ("sigmoid", "softmax")
+# The exported model's metadata (inside models' own manifest) says what wrote it.
+EXPORT_FORMAT = "hashtag-export"
+EXPORT_VERSION = 1
 REFERENCE_MODELS = ("popularity", "knn")
-TRAINABLE_MODELS = ("mlp", "seed")
 # Inside a trial checkpoint: the model folder (models' save format) and our bookkeeping.
 CHECKPOINT_MODEL = "model"
 CHECKPOINT_STATE = "state.json"
@@ -89,9 +88,9 @@ class TuneConfig:
             raise ValueError("--data is required: the merged dataset (`hashtag merge`'s OUT)")
         if not str(self.out).strip():
             raise ValueError("--out is required: where the results and the model are written")
-        if self.model not in TRAINABLE_MODELS:
+        if self.model not in models.TRAINABLE:
             raise ValueError(
-                f"--model {self.model!r} cannot be tuned; use one of {', '.join(TRAINABLE_MODELS)}"
+                f"--model {self.model!r} cannot be tuned; use one of {', '.join(sorted(models.TRAINABLE))}"
             )
         if not self.batch_sizes or any(int(b) != b or b < 1 for b in self.batch_sizes):
             raise ValueError(f"--batch-sizes must be positive integers, got {self.batch_sizes}")
@@ -115,13 +114,14 @@ class TuneConfig:
             )
         if self.max_failures < 0:
             raise ValueError(f"--max-failures must be >= 0, got {self.max_failures}")
-        unknown = set(self.references) - set(REFERENCE_MODELS)
+        references = sorted(set(models.available()) - models.TRAINABLE)
+        unknown = set(self.references) - set(references)
         if unknown:
             raise ValueError(
-                f"unknown reference model(s) {sorted(unknown)}; choose from {', '.join(REFERENCE_MODELS)}"
+                f"unknown reference model(s) {sorted(unknown)}; choose from {', '.join(references)}"
             )
-        if self.loss not in LOSSES:
-            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.loss not in models.LOSSES:
+            raise ValueError(f"--loss must be one of {', '.join(models.LOSSES)}, got {self.loss!r}")
 
     def experiment_name(self, dataset: dict[str, Any]) -> str:
         """Same name for the same training settings and dataset (`dataset_fingerprint`), so a
@@ -184,8 +184,6 @@ class TrialSettings:
 
 
 def _model_config(grid: dict[str, Any], settings: TrialSettings):
-    from hashtag import models
-
     return models.ModelConfig(
         batch_size=int(grid["batch_size"]),
         learning_rate=float(grid["learning_rate"]),
@@ -229,7 +227,6 @@ def train_trial(grid: dict[str, Any], settings: TrialSettings) -> None:
     """One grid cell: `grid` holds its batch_size and learning_rate."""
     from ray import tune
 
-    from hashtag import models
     from hashtag.dataset import Dataset
 
     for name, value in settings.env.items():
@@ -306,8 +303,6 @@ def _storage_target(out: str) -> tuple[str, Any]:
 
 def _references(config: TuneConfig, dataset) -> list[ResultRow]:
     """Popularity and kNN, scored once per dataset; a rerun reads them back."""
-    from hashtag import models
-
     cache_uri = storage.join(config.out, "references.json")
     key = {
         "data": config.data,
@@ -391,8 +386,8 @@ def export_model(config: TuneConfig, dataset, recommender, row: ResultRow) -> st
     uri = storage.join(config.out, "model")
     storage.remove(uri)  # no file of an older export may survive beside the new one
     metadata = {
-        "format": MODEL_FORMAT,
-        "version": MODEL_VERSION,
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
         "model": recommender.name,
         "embedder": dataset.embedder,
         "vocab": list(dataset.vocab),
@@ -416,8 +411,6 @@ def export_model(config: TuneConfig, dataset, recommender, row: ResultRow) -> st
 
 def _best_model(config: TuneConfig, results, best: ResultRow):
     """The best trial's fitted recommender, from its last checkpoint (no retraining)."""
-    from hashtag import models
-
     for result in results:
         params = result.config or {}
         if (params.get("batch_size"), params.get("learning_rate")) == (

@@ -157,7 +157,7 @@ def test_grid_on_ray_writes_report_and_model_then_resumes(tmp_path, local_ray, c
     exported = models.load(summary["model"])
     assert exported.metadata["vocab"] == dataset.vocab
     assert exported.metadata["embedder"] == CLASSIC_SPEC
-    assert exported.metadata["format"] == tune.MODEL_FORMAT
+    assert exported.metadata["format"] == tune.EXPORT_FORMAT
     assert exported.metadata["decision"]["kind"] in ("top_k", "threshold")
     X_test, Y_test = dataset.part("test")
     assert exported.score(X_test, Y_test)["f1"] == pytest.approx(best["test"]["f1"])
