@@ -39,7 +39,8 @@ class Case:
     label: str
     embedder: str  # registry name
     options: dict = field(default_factory=dict)  # options for embedders.create
-    interpreter_threads: int | None = None  # TFLite num_threads
+    interpreter_threads: int | None = None  # TFLite num_threads (in all)
+    interpreters: int = 1  # TFLite interpreters side by side, sharing interpreter_threads
     decode_threads: int = 1  # 0: decode in the main thread, no overlap
     batch_size: int = 32
     pattern: str = "pipeline"  # or "predict-per-image" (the original project's)
@@ -54,31 +55,34 @@ def default_shared() -> Path:
 
 def cases_for(cpus: int, models: Path, quick: bool) -> list[Case]:
     v2, v1 = f"tflite:{models / V2}", f"tflite:{models / V1}"
-    cases = []
-    for interpreter in range(1, cpus + 1):
-        decode_choices = [cpus] if quick else sorted({1, cpus, cpus + 1})
-        if cpus == 1 and not quick:
-            decode_choices = [0, 1]
-        for decode in decode_choices:
-            cases.append(Case("tflite V2", v2, {}, interpreter, decode))
-    cases.append(Case("tflite V1", v1, {}, cpus, cpus))
-    cases.append(Case("classic", "classic", {}, None, cpus))
+    # (interpreters, threads in all, decode threads) for the V2 sweep
+    if cpus == 1:
+        settings = [(1, 1, 1)] if quick else [(1, 1, 0), (1, 1, 1), (1, 1, 2)]
+    elif quick:
+        settings = [(1, cpus, cpus), (cpus, cpus, cpus)]
+    else:
+        settings = [(1, 1, 1), (1, cpus, 1), (1, cpus, cpus), (1, cpus, cpus + 1)]
+        settings += [(cpus, cpus, 1), (cpus, cpus, cpus), (cpus, cpus, cpus + 1)]
+    cases = [Case("tflite V2", v2, {}, threads, n, decode) for n, threads, decode in settings]
+    cases.append(Case("tflite V1", v1, {}, cpus, 1, cpus))
+    cases.append(Case("classic", "classic", {}, None, 1, cpus))
     random_weights = {"weights": None}
     cases.append(
-        Case("keras mobilenet_v3_small", "keras:mobilenet_v3_small", random_weights, None, cpus)
+        Case("keras mobilenet_v3_small", "keras:mobilenet_v3_small", random_weights, None, 1, cpus)
     )
     vgg = {"weights": None, "pooled": False}
-    cases.append(Case("keras vgg19_block3 batched", "keras:vgg19_block3", vgg, None, cpus, 64))
+    cases.append(Case("keras vgg19_block3 batched", "keras:vgg19_block3", vgg, None, 1, cpus, 64))
     cases.append(
         Case(
             "keras vgg19_block3 predict/image",
             "keras:vgg19_block3",
             vgg,
             None,
+            1,
             0,
             1,
             "predict-per-image",
-        )
+        )  # fmt: skip
     )
     return cases
 
@@ -122,6 +126,7 @@ def measure(case: Case, files: list[Path], repeats: int) -> dict:
     options = dict(case.options)
     if case.interpreter_threads is not None:
         options["num_threads"] = case.interpreter_threads
+        options["interpreters"] = case.interpreters
     started = time.perf_counter()
     embedder = embedders.create(case.embedder, **options)
     load_seconds = time.perf_counter() - started
@@ -179,14 +184,24 @@ def run_pinned(cpus: int, cases: list[Case], args: argparse.Namespace) -> list[d
     return results
 
 
+def interpreters(result: dict) -> str:
+    """'2 x 1 thread': interpreters side by side x threads each."""
+    count = result["interpreters"]
+    each = max(1, result["interpreter_threads"] // count)
+    return f"{count} x {each} thr"
+
+
 def print_table(results: list[dict]) -> None:
-    header = f"{'embedder':34} {'cpus':>4} {'interp':>6} {'decode':>6} {'batch':>5} {'dim':>6} {'img/s':>7}"
+    header = (
+        f"{'embedder':34} {'cpus':>4} {'interpreters':>12} {'decode':>6} {'batch':>5} "
+        f"{'dim':>6} {'img/s':>7}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
-        interp = r["interpreter_threads"] if r["interpreter_threads"] is not None else "-"
+        interp = interpreters(r) if r["interpreter_threads"] is not None else "-"
         print(
-            f"{r['label']:34} {r['cpus']:>4} {interp:>6} {r['decode_threads']:>6} "
+            f"{r['label']:34} {r['cpus']:>4} {interp:>12} {r['decode_threads']:>6} "
             f"{r['batch_size']:>5} {r['dim']:>6} {r['images_per_s']:>7.1f}"
         )
 
@@ -199,8 +214,7 @@ def summarise(results: list[dict]) -> None:
             best = max(v2, key=lambda r: r["images_per_s"])
             print(
                 f"{cpus} CPU(s): best tflite V2 {best['images_per_s']:.0f} images/s with "
-                f"{best['interpreter_threads']} interpreter thread(s), {best['decode_threads']} "
-                f"decode thread(s)"
+                f"interpreters {interpreters(best)}, {best['decode_threads']} decode thread(s)"
             )
         batched = [r for r in mine if r["label"] == "keras vgg19_block3 batched"]
         original = [r for r in mine if r["pattern"] == "predict-per-image"]
