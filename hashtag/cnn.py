@@ -42,7 +42,7 @@ from hashtag.embedders import Embedder, l2_normalize, register
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # flatbuffer BuiltinOperator codes (tensorflow/lite/schema/schema.fbs)
-_AVERAGE_POOL_2D, _MEAN, _SOFTMAX = 1, 40, 25
+_AVERAGE_POOL_2D, _CONV_2D, _FULLY_CONNECTED, _SOFTMAX, _MEAN = 1, 3, 9, 25, 40
 # An output this wide is a classifier's (ImageNet: 1000 or 1001 classes).
 _CLASSIFIER_MIN_CLASSES = 900
 
@@ -207,22 +207,29 @@ def _expose_tensor(model: bytes, tensor: str | None) -> tuple[bytes, str | None]
 
 
 def _find_pool_before_classifier(flat: Any, names: list[str]) -> str | None:
-    """The last global-pool tensor when the model ends in a classifier, else None."""
+    """The last global-pool tensor when a classifier follows it, else None (use the output).
+
+    A classifier: a learned layer (fully connected or 1x1 conv) after the pool, and a softmax at
+    the end or ~1000 outputs. A model whose head is a small learned projection (an embedding
+    model) keeps its output.
+    """
     graph = flat.subgraphs[0]
-    outputs = [graph.tensors[i] for i in graph.outputs]
     ops = [flat.operatorCodes[op.opcodeIndex] for op in graph.operators]
     codes = [max(code.builtinCode, code.deprecatedBuiltinCode) for code in ops]
-    width = int(np.prod(outputs[0].shape[1:])) if len(outputs) == 1 else 0
-    if width < _CLASSIFIER_MIN_CLASSES and _SOFTMAX not in codes[-3:]:
+    pool = None
+    for position in range(len(codes) - 1, -1, -1):
+        shape = list(graph.tensors[graph.operators[position].outputs[0]].shape)
+        is_global = len(shape) == 2 or (len(shape) == 4 and shape[1] == shape[2] == 1)
+        if codes[position] in (_AVERAGE_POOL_2D, _MEAN) and is_global:
+            pool = position
+            break
+    if pool is None or not {_FULLY_CONNECTED, _CONV_2D} & set(codes[pool + 1 :]):
         return None
-    for op, code in zip(reversed(graph.operators), reversed(codes), strict=True):
-        if code not in (_AVERAGE_POOL_2D, _MEAN):
-            continue
-        out = graph.tensors[op.outputs[0]]
-        shape = list(out.shape)
-        if len(shape) == 2 or (len(shape) == 4 and shape[1] == shape[2] == 1):
-            return names[op.outputs[0]]
-    return None
+    output = graph.tensors[graph.outputs[0]]
+    width = int(np.prod(output.shape[1:]))
+    if _SOFTMAX not in codes[pool + 1 :] and width < _CLASSIFIER_MIN_CLASSES:
+        return None
+    return names[graph.operators[pool].outputs[0]]
 
 
 class _Runner:

@@ -115,7 +115,7 @@ def test_v2_unknown_tensor_names_the_pools(models_dir):
 
 
 def test_v1_uses_the_model_output_and_batches(v1, models_dir, photos):
-    assert v1.dim == 1024 and v1.batchable
+    assert v1.dim == 1024 and v1.batchable and v1.spec["tensor"] == "output"
     batched = v1.embed(photos)
     check_vectors(batched, len(photos), 1024)
     one_by_one = embedders.create(f"tflite:{models_dir / V1}", max_batch=1).embed(photos)
@@ -187,9 +187,8 @@ def test_unknown_option_is_refused(models_dir):
         embedders.create(f"tflite:{models_dir / V1}", threads=2)
 
 
-@pytest.fixture(scope="module")
-def float_classifier(tmp_path_factory) -> str:
-    """A small float TFLite classifier with a dynamic batch: conv, global mean, 1000 classes."""
+def tiny_float_model(folder, head: int, softmax: bool) -> str:
+    """A small float TFLite model with a dynamic batch: conv, global mean, dense head."""
     import keras
     import tensorflow as tf
 
@@ -197,12 +196,22 @@ def float_classifier(tmp_path_factory) -> str:
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(1000, activation="softmax")(x)
-    model = keras.Model(inputs, outputs)
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    path = tmp_path_factory.mktemp("float") / "tiny.tflite"
+    outputs = keras.layers.Dense(head, activation="softmax" if softmax else None)(x)
+    converter = tf.lite.TFLiteConverter.from_keras_model(keras.Model(inputs, outputs))
+    path = folder / f"tiny-{head}.tflite"
     path.write_bytes(converter.convert())
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def float_classifier(tmp_path_factory) -> str:
+    return tiny_float_model(tmp_path_factory.mktemp("float"), 1000, softmax=True)
+
+
+def test_an_embedding_head_is_kept_as_the_output(tmp_path):
+    model = tiny_float_model(tmp_path, 16, softmax=False)
+    embedder = embedders.create(f"tflite:{model}")
+    assert embedder.dim == 16 and embedder.spec["tensor"] == "output"
 
 
 def test_float_model_auto_pool_batches_and_input_range(float_classifier, photos):
