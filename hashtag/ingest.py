@@ -20,7 +20,7 @@ import numpy as np
 
 from hashtag import images
 from hashtag.embedders import Embedder
-from hashtag.fetch import FetchError, Fetcher
+from hashtag.fetch import Fetcher, FetchError
 from hashtag.posts import Post
 
 log = logging.getLogger(__name__)
