@@ -177,7 +177,8 @@ def _new_interpreter(model: bytes, num_threads: int):
 
 
 def _expose_tensor(model: bytes, tensor: str | None) -> tuple[bytes, str | None]:
-    """Rewrite the model's output list so that the embedding tensor is the output.
+    """Rewrite the model's output list so that the embedding tensor is the output, and drop the
+    operators after it.
 
     Returns the model bytes (unchanged when the embedding is the output) and the tensor name
     (None when the model's own output is used).
@@ -202,7 +203,14 @@ def _expose_tensor(model: bytes, tensor: str | None) -> tuple[bytes, str | None]
     index = names.index(tensor)
     if list(graph.outputs) == [index]:
         return model, tensor
+    producers = [i for i, op in enumerate(graph.operators) if index in list(op.outputs)]
+    if not producers:
+        raise ValueError(f"tensor {tensor!r} is not computed by the model (an input or constant)")
     graph.outputs = np.array([index], np.int32)
+    # Operators are stored in execution order, so nothing after the producer feeds the new
+    # output: dropping the head saves its work and often lifts a batch size fixed by its
+    # reshapes (MobileNetV2's classifier squeeze refuses batches > 1; its pool does not).
+    graph.operators = graph.operators[: producers[0] + 1]
     return bytes(flatbuffer_utils.convert_object_to_bytearray(flat)), tensor
 
 

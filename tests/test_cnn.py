@@ -95,10 +95,13 @@ def test_grey_and_rgba_images_are_accepted_and_bad_ones_refused():
 # TFLite on the real models
 
 
-def test_v2_auto_finds_the_pool_before_the_classifier(v2, photos):
+def test_v2_auto_finds_the_pool_before_the_classifier(v2, models_dir, photos):
     assert v2.spec["tensor"] == V2_POOL and v2.dim == 1280
-    assert not v2.batchable  # this file fixes the batch at 1: one invoke per image
-    check_vectors(v2.embed(photos[:3]), 3, 1280)
+    assert v2.batchable  # the classifier head, which fixes the batch at 1, is dropped
+    batched = v2.embed(photos[:5])
+    check_vectors(batched, 5, 1280)
+    one_by_one = embedders.create(f"tflite:{models_dir / V2}", max_batch=1).embed(photos[:5])
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-6)
 
 
 def test_v2_tensor_by_name_matches_auto_and_output_is_the_classifier(v2, models_dir, photos):
@@ -106,12 +109,15 @@ def test_v2_tensor_by_name_matches_auto_and_output_is_the_classifier(v2, models_
     np.testing.assert_array_equal(named.embed(photos[:3]), v2.embed(photos[:3]))
     classifier = embedders.create(f"tflite:{models_dir / V2}", tensor="output")
     assert classifier.dim == 1001 and classifier.spec["tensor"] == "output"
+    assert not classifier.batchable  # this file fixes the batch at 1: one invoke per image
     check_vectors(classifier.embed(photos[:2]), 2, 1001)
 
 
 def test_v2_unknown_tensor_names_the_pools(models_dir):
     with pytest.raises(ValueError, match="AvgPool"):
         embedders.create(f"tflite:{models_dir / V2}#no/such/tensor")
+    with pytest.raises(ValueError, match="not computed"):
+        embedders.create(f"tflite:{models_dir / V2}#input")
 
 
 def test_v1_uses_the_model_output_and_batches(v1, models_dir, photos):
