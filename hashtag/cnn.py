@@ -7,7 +7,11 @@ the model's input size, centre crop, OpenCV INTER_AREA; cheap, runs on decode th
 TFLite: any image model, float or quantised. The embedding is the model's output, or an
 internal tensor: named (`tflite:m.tflite#MobilenetV2/Logits/AvgPool`), or found automatically
 when the model ends in a classifier (the last global AVERAGE_POOL_2D / MEAN before it). The
-tensor is exposed by rewriting the flatbuffer's output list in memory. Input conventions:
+tensor is exposed by rewriting the flatbuffer in memory: it becomes the only output and the
+operators after it are dropped. Quantised outputs are dequantised (scale, zero point). Batches
+go through one invoke when the model accepts them (probed), else one image per invoke;
+`num_threads` defaults to the CPUs this process may use (pass a Ray task's CPUs), and
+`interpreters=k` runs k single-threaded interpreters on parts of a batch. Input conventions:
 uint8 models get the raw pixels (their input quantisation does the normalising), int8 models
 the pixels minus 128, float models the pixels scaled to `input_range` ([-1, 1] by default, as
 MobileNets expect; pass input_range=(0, 1) or (0, 255) for other models).
