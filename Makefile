@@ -11,7 +11,7 @@ OUT    ?= runs/demo
 $(BIN)/hashtag: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(BIN)/hashtag
 
 install: $(BIN)/hashtag
