@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 OUT    ?= runs/demo
+# Subprocesses (ray start, the job's `python`) must find the virtualenv's programs.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: demo test test-quick lint bench install clean
 
