@@ -252,7 +252,7 @@ def finished_trial_results(out: Path) -> dict[str, bytes]:
 
 def test_cluster_stopped_during_tune_resumes_without_rerunning_finished_trials(out, tmp_path):
     # cpus_per_trial 2 on a 2-CPU cluster: trials run one after another.
-    job_args = pipeline(out, epochs="2", batch_sizes="16,32,64", cpus_per_trial="2")
+    job_args = pipeline(out, epochs="8", batch_sizes="16,32,64", cpus_per_trial="2")
     cluster = RayCluster.start(num_cpus=2)
     try:
         job = cluster.submit(job_args)
