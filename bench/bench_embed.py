@@ -4,11 +4,17 @@
     python bench/bench_embed.py --quick               # fewer settings and images
     python bench/bench_embed.py --images DIR --models DIR --cpus 2
 
-The pipeline measured is ingest.py's: a thread pool reads, decodes (images.decode, which lets
-libjpeg shrink large photos) and preprocesses while the main thread runs embed_batch; OpenCV and
-the TFLite interpreter release the GIL, so the two overlap. Settings swept: interpreter threads
-(TFLite) and decode threads, on 1 and 2 CPUs. Each CPU count runs in its own process pinned to
-that many cores (thread pools take their size from the affinity at start-up).
+The pipeline measured is the product's, ingest.embed_posts: a thread pool reads, decodes
+(images.decode, which lets libjpeg shrink large photos) and preprocesses while the main thread
+runs embed_batch; OpenCV and the TFLite interpreter release the GIL, so the two overlap.
+Settings swept: interpreter threads (TFLite) and decode threads, on 1 and 2 CPUs. Each CPU count
+runs in its own process pinned to that many cores (thread pools take their size from the
+affinity at start-up).
+
+The ceiling printed is what these cores can do at best: the model alone on decoded arrays and
+one thread's decoding, measured in the same run; the pipeline is reported as a fraction of it.
+The V2 file is uint8-quantised; the embedder runs it as int8 (cnn._requantize_int8), and the
+"uint8 as stored" row is the same pipeline without that rewrite.
 
 Next to it, the original project's pattern: one Keras `model.predict` call per image (VGG19 at
 64x64, block3_conv3 raveled), against our batched call of the same model on the same photos.
@@ -23,7 +29,6 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,9 +46,11 @@ class Case:
     options: dict = field(default_factory=dict)  # options for embedders.create
     interpreter_threads: int | None = None  # TFLite num_threads (in all)
     interpreters: int = 1  # TFLite interpreters side by side, sharing interpreter_threads
-    decode_threads: int = 1  # 0: decode in the main thread, no overlap
+    decode_threads: int = 1  # ingest's thread pool size
     batch_size: int = 32
-    pattern: str = "pipeline"  # or "predict-per-image" (the original project's)
+    # "pipeline" (ingest.embed_posts), "predict-per-image" (the original project's loop),
+    # "model-alone" (embed_batch on decoded arrays), "decode-alone" (one thread, no model)
+    pattern: str = "pipeline"
 
 
 def default_shared() -> Path:
@@ -57,13 +64,19 @@ def cases_for(cpus: int, models: Path, quick: bool) -> list[Case]:
     v2, v1 = f"tflite:{models / V2}", f"tflite:{models / V1}"
     # (interpreters, threads in all, decode threads) for the V2 sweep
     if cpus == 1:
-        settings = [(1, 1, 1)] if quick else [(1, 1, 0), (1, 1, 1), (1, 1, 2)]
+        settings = [(1, 1, 1)] if quick else [(1, 1, 1), (1, 1, 2)]
     elif quick:
         settings = [(1, cpus, cpus), (cpus, cpus, cpus)]
     else:
         settings = [(1, 1, 1), (1, cpus, 1), (1, cpus, cpus), (1, cpus, cpus + 1)]
         settings += [(cpus, cpus, 1), (cpus, cpus, cpus), (cpus, cpus, cpus + 1)]
     cases = [Case("tflite V2", v2, {}, threads, n, decode) for n, threads, decode in settings]
+    # What bounds it: the model on decoded arrays, one thread's decoding, and the model file as
+    # stored (uint8 kernels, no int8 rewrite) through the same pipeline.
+    cases.append(Case("tflite V2 model alone", v2, {}, cpus, 1, 0, 32, "model-alone"))
+    cases.append(Case("tflite V2 decode alone", v2, {}, cpus, 1, 1, 32, "decode-alone"))
+    uint8 = {"int8": False}
+    cases.append(Case("tflite V2 uint8 as stored", v2, uint8, cpus, 1, cpus))
     cases.append(Case("tflite V1", v1, {}, cpus, 1, cpus))
     cases.append(Case("classic", "classic", {}, None, 1, cpus))
     random_weights = {"weights": None}
@@ -88,25 +101,40 @@ def cases_for(cpus: int, models: Path, quick: bool) -> list[Case]:
 
 
 def run_pipeline(files: list[Path], embedder, decode_threads: int, batch_size: int) -> int:
-    """ingest.py's pattern: decode on a pool, embed batches on this thread. Returns images done."""
+    """The product's path: ingest.embed_posts (read, decode and preprocess on a thread pool while
+    this thread embeds batches). Returns the images embedded."""
+    from hashtag import ingest
+    from hashtag.fetch import Fetcher
+    from hashtag.posts import Post
+
+    posts = [Post(path.stem, str(path), ()) for path in files]
+    result = ingest.embed_posts(
+        posts, embedder, Fetcher(), threads=decode_threads, batch_size=batch_size
+    )
+    return len(result.posts)
+
+
+def run_model_alone(files: list[Path], embedder, batch_size: int) -> tuple[int, float]:
+    """embed_batch on arrays decoded beforehand (not timed): the model's own ceiling."""
     from hashtag import images
 
-    def load(path: Path) -> np.ndarray:
-        rgb = images.decode(path.read_bytes(), min_side=embedder.min_side)
-        return embedder.preprocess(rgb)
+    arrays = [
+        embedder.preprocess(images.decode(p.read_bytes(), min_side=embedder.min_side))
+        for p in files
+    ]
+    started = time.perf_counter()
+    for i in range(0, len(arrays), batch_size):
+        embedder.embed_batch(np.stack(arrays[i : i + batch_size]))
+    return len(arrays), time.perf_counter() - started
 
-    done = 0
-    with ThreadPoolExecutor(max_workers=max(1, decode_threads)) as pool:
-        arrays = pool.map(load, files) if decode_threads else map(load, files)
-        batch: list[np.ndarray] = []
-        for array in arrays:
-            batch.append(array)
-            if len(batch) == batch_size:
-                done += len(embedder.embed_batch(np.stack(batch)))
-                batch = []
-        if batch:
-            done += len(embedder.embed_batch(np.stack(batch)))
-    return done
+
+def run_decode_alone(files: list[Path], embedder) -> int:
+    """Read, decode and preprocess on this one thread: one core's decode rate."""
+    from hashtag import images
+
+    for path in files:
+        embedder.preprocess(images.decode(path.read_bytes(), min_side=embedder.min_side))
+    return len(files)
 
 
 def run_predict_per_image(files: list[Path], embedder) -> int:
@@ -131,17 +159,21 @@ def measure(case: Case, files: list[Path], repeats: int) -> dict:
     embedder = embedders.create(case.embedder, **options)
     load_seconds = time.perf_counter() - started
 
-    def once(subset: list[Path]) -> int:
+    def once(subset: list[Path]) -> tuple[int, float | None]:
         if case.pattern == "predict-per-image":
-            return run_predict_per_image(subset, embedder)
-        return run_pipeline(subset, embedder, case.decode_threads, case.batch_size)
+            return run_predict_per_image(subset, embedder), None
+        if case.pattern == "model-alone":
+            return run_model_alone(subset, embedder, case.batch_size)
+        if case.pattern == "decode-alone":
+            return run_decode_alone(subset, embedder), None
+        return run_pipeline(subset, embedder, case.decode_threads, case.batch_size), None
 
     once(files[: case.batch_size * 2])  # warm-up: graph tracing, allocations, file cache
     rates = []
     for _ in range(repeats):
         started = time.perf_counter()
-        count = once(files)
-        rates.append(count / (time.perf_counter() - started))
+        count, seconds = once(files)
+        rates.append(count / (seconds or time.perf_counter() - started))
     return {
         **asdict(case),
         "images": len(files),
@@ -210,12 +242,28 @@ def summarise(results: list[dict]) -> None:
     for cpus in sorted({r["cpus"] for r in results}):
         mine = [r for r in results if r["cpus"] == cpus]
         v2 = [r for r in mine if r["label"] == "tflite V2"]
+        by_label = {r["label"]: r["images_per_s"] for r in mine}
         if v2:
             best = max(v2, key=lambda r: r["images_per_s"])
             print(
                 f"{cpus} CPU(s): best tflite V2 {best['images_per_s']:.0f} images/s with "
                 f"interpreters {interpreters(best)}, {best['decode_threads']} decode thread(s)"
             )
+        model, decode = (
+            by_label.get("tflite V2 model alone"),
+            by_label.get("tflite V2 decode alone"),
+        )
+        if v2 and model and decode:
+            # Every image costs 1/decode core-seconds to decode plus cpus/model to embed (the
+            # model's rate was measured with all cpus): the most the cores can do end to end.
+            ceiling = cpus / (1 / decode + cpus / model)
+            print(
+                f"{cpus} CPU(s): model alone {model:.0f}/s, decoding {decode:.0f}/s per core: "
+                f"ceiling {ceiling:.0f}/s; pipeline at {best['images_per_s'] / ceiling:.0%} of it"
+            )
+        if v2 and "tflite V2 uint8 as stored" in by_label:
+            ratio = best["images_per_s"] / by_label["tflite V2 uint8 as stored"]
+            print(f"{cpus} CPU(s): int8 rewrite vs the uint8 model as stored: {ratio:.2f}x")
         batched = [r for r in mine if r["label"] == "keras vgg19_block3 batched"]
         original = [r for r in mine if r["pattern"] == "predict-per-image"]
         if batched and original:

@@ -32,6 +32,8 @@ import cv2
 import numpy as np
 
 MIN_IMAGE_SIDE = 8
+# OpenCV >= 4.10 decodes straight to RGB with this flag (None before).
+_COLOR_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 _REDUCED_FLAGS = {
     2: cv2.IMREAD_REDUCED_COLOR_2,
     4: cv2.IMREAD_REDUCED_COLOR_4,
@@ -101,6 +103,9 @@ def decode(
         flags = cv2.IMREAD_UNCHANGED  # unknown layout: take it as stored, convert below
     elif min_side is not None:
         flags = _REDUCED_FLAGS.get(_reduction(header, min_side), cv2.IMREAD_COLOR)
+    already_rgb = flags != cv2.IMREAD_UNCHANGED and _COLOR_RGB is not None
+    if already_rgb:  # libjpeg writes RGB directly: no BGR->RGB pass over the pixels
+        flags = (flags & ~cv2.IMREAD_COLOR) | _COLOR_RGB
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as e:
@@ -113,7 +118,7 @@ def decode(
         raise ImageError(f"OpenCV cannot decode this {header.kind} image", "corrupt")
     if header is None:  # no header check was possible: check the decoded size instead
         _check_size(image.shape[1], image.shape[0], max_pixels, min_image_side)
-    return _to_rgb8(image)
+    return image if already_rgb else _to_rgb8(image)
 
 
 def _check_size(width: int, height: int, max_pixels: int, min_image_side: int) -> None:

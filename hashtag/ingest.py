@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,6 +71,20 @@ def _load(post: Post, embedder: Embedder, fetcher: Fetcher, max_pixels: int) -> 
     return _Loaded(post, array, hashlib.sha256(data).hexdigest(), len(data))
 
 
+def _read_ahead(
+    pool: ThreadPoolExecutor, load: Callable[[Post], _Loaded], posts: list[Post], window: int
+) -> Iterator[_Loaded]:
+    """pool.map(load, posts) in order, with at most `window` posts loaded ahead of the consumer:
+    a shard of large photos must not sit decoded in memory while the model catches up."""
+    pending: deque[Future] = deque()
+    for post in posts:
+        pending.append(pool.submit(load, post))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def _batches(items: Iterator[_Loaded], size: int) -> Iterator[list[_Loaded]]:
     batch: list[_Loaded] = []
     for item in items:
@@ -97,7 +111,9 @@ def embed_posts(
     result = ShardResult([], np.zeros((0, embedder.dim), np.float32), [])
     chunks: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
-        loaded = pool.map(lambda p: _load(p, embedder, fetcher, max_pixels), posts)
+        loaded = _read_ahead(
+            pool, lambda p: _load(p, embedder, fetcher, max_pixels), posts, 2 * batch_size
+        )
         for batch in _batches(loaded, batch_size):
             good = [item for item in batch if item.reason is None]
             for item in batch:

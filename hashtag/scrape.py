@@ -95,7 +95,12 @@ class ScrapeConfig:
         )
 
     def embedder_options(self) -> dict:
-        return {"weights": self.embedder_weights} if self.embedder_weights else {}
+        options: dict = {"weights": self.embedder_weights} if self.embedder_weights else {}
+        if self.embedder.startswith("tflite:"):
+            # The interpreter's threads fill the task's CPUs, not the node's: Ray does not pin
+            # tasks to cores, so the default (every CPU visible) would oversubscribe the node.
+            options["num_threads"] = max(1, round(self.cpus_per_task))
+        return options
 
 
 def embed_shard(config: ScrapeConfig, index: int, posts: list[Post], label_only: bool) -> dict:

@@ -153,6 +153,45 @@ def test_an_edited_copy_is_nearer_than_any_other_photo(which, request, photos):
     assert np.diag(similarity).min() > 0.8
 
 
+@pytest.mark.parametrize("which", ["v2", "v1"])
+def test_uint8_models_run_as_int8_close_to_the_model_as_stored(which, request, models_dir, photos):
+    fast = request.getfixturevalue(which)
+    stored = embedders.create(fast.spec["name"], int8=False)
+    assert fast.int8 and fast.spec["int8"] is True and stored.spec["int8"] is False
+    assert fast.input_dtype == np.int8 and stored.input_dtype == np.uint8
+    a, b = fast.embed(photos), stored.embed(photos)
+    assert (a * b).sum(axis=1).min() > 0.99  # per photo cosine similarity
+    # Photo-to-photo similarities, what nearest neighbours rank by, barely move.
+    assert np.abs(a @ a.T - b @ b.T).max() < 0.03
+    assert embedders.create_from_spec(stored.spec).int8 is False
+
+
+def test_requantize_leaves_float_models_alone(float_classifier):
+    assert cnn._requantize_int8(open(float_classifier, "rb").read()) is None
+    assert embedders.create(f"tflite:{float_classifier}").spec["int8"] is False
+
+
+def test_requantized_weights_are_exact_where_they_fit(models_dir):
+    """A weight channel whose uint8 steps lie within 127 of the zero point keeps them exactly."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    data = (models_dir / V2).read_bytes()
+    before = flatbuffer_utils.convert_bytearray_to_object(bytearray(data)).subgraphs[0]
+    flat = flatbuffer_utils.convert_bytearray_to_object(bytearray(cnn._requantize_int8(data)))
+    graph = flat.subgraphs[0]
+    conv = graph.operators[0]  # the first convolution: OHWI weights, per-tensor uint8
+    old, new = before.tensors[conv.inputs[1]], graph.tensors[conv.inputs[1]]
+    old_q = np.asarray(flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+                       .buffers[old.buffer].data, np.uint8).reshape(old.shape)  # fmt: skip
+    new_q = np.asarray(flat.buffers[new.buffer].data, np.uint8).view(np.int8).reshape(new.shape)
+    steps = old_q.astype(int) - old.quantization.zeroPoint[0]
+    fits = np.abs(steps).reshape(len(steps), -1).max(axis=1) <= 127
+    assert fits.any()
+    np.testing.assert_array_equal(new_q[fits], steps[fits])
+    np.testing.assert_allclose(new.quantization.scale[fits], old.quantization.scale[0])
+    assert (np.asarray(new.quantization.zeroPoint) == 0).all()
+
+
 def test_a_changed_model_file_is_refused(v1, models_dir, tmp_path):
     spec = dict(v1.spec, sha256="0" * 64)
     with pytest.raises(ValueError, match="changed"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import os
@@ -167,3 +168,11 @@ def test_config_errors_say_what_to_do():
         ScrapeConfig(source="x", out="y", shard_size=0)
     with pytest.raises(ValueError, match="unknown embedder"):
         ScrapeConfig(source="x", out="y", embedder="nope")
+
+
+def test_tflite_interpreters_get_the_task_cpus_not_the_node_cpus(tmp_path):
+    tflite = ScrapeConfig(source="m.jsonl", out=str(tmp_path), embedder="tflite:m.tflite")
+    assert tflite.embedder_options() == {"num_threads": 1}
+    wide = dataclasses.replace(tflite, cpus_per_task=4)
+    assert wide.embedder_options() == {"num_threads": 4}
+    assert ScrapeConfig(source="m.jsonl", out=str(tmp_path)).embedder_options() == {}
