@@ -66,7 +66,7 @@ class PipelineConfig:
     learning_rates: tuple[float, ...] = field(
         default=(1e-2, 1e-3, 1e-4), metadata={"help": "grid learning rates"}
     )
-    epochs: int = field(default=10, metadata={"help": "epochs per trial"})
+    epochs: int = field(default=20, metadata={"help": "epochs per trial"})
     cpus_per_trial: float = field(default=1.0, metadata={"help": "CPUs per Tune trial"})
     gpus_per_trial: float = field(
         default=0.0, metadata={"help": "GPUs per Tune trial (fractions share a GPU)"}

@@ -66,7 +66,7 @@ class TuneConfig:
     learning_rates: tuple[float, ...] = field(
         default=(1e-2, 1e-3, 1e-4), metadata={"help": "grid learning rates"}
     )
-    epochs: int = field(default=10, metadata={"help": "epochs per trial"})
+    epochs: int = field(default=20, metadata={"help": "epochs per trial"})
     cpus_per_trial: float = field(
         default=1.0, metadata={"help": "CPUs per trial (also bounds TensorFlow's threads)"}
     )
@@ -429,7 +429,8 @@ def _run_grid(config: TuneConfig, dataset):
 
     storage_path, filesystem = _storage_target(config.out)
     settings = TrialSettings(
-        data=config.data,
+        # Tune runs each trial in its own directory: a relative local path would miss.
+        data=config.data if storage.is_remote(config.data) else os.path.abspath(config.data),
         model=config.model,
         epochs=config.epochs,
         loss=config.loss,

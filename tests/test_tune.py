@@ -172,6 +172,18 @@ def test_grid_on_ray_writes_report_and_model_then_resumes(tmp_path, local_ray, c
     assert again["best"] == summary["best"]
 
 
+def test_relative_paths_reach_the_trials(tmp_path, local_ray, monkeypatch):
+    """Tune runs each trial in its own directory; `--data runs/dataset` must still be found."""
+    write_dataset(str(tmp_path / "data"), posts=120)
+    monkeypatch.chdir(tmp_path)
+    config = tune.TuneConfig(
+        data="data", out="out", batch_sizes=(32,), learning_rates=(1e-2,), epochs=1,
+        references=("popularity",),
+    )  # fmt: skip
+    summary = tune.run(config)
+    assert not summary["failed"] and (tmp_path / "out" / "model" / "manifest.json").is_file()
+
+
 @pytest.mark.slow
 def test_grid_with_data_and_results_on_s3(tmp_path, s3_bucket, local_ray):
     local = str(tmp_path / "data")
