@@ -452,6 +452,7 @@ class RayCluster:
         return self.root / "r" / "session_latest" / "logs"
 
     def autoscaler_log(self) -> str:
-        """The autoscaler's own log (monitor.log: 'Adding N node(s) of type ...', 'Terminating')."""
-        path = self.session_logs() / "monitor.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        """The autoscaler's own logs ('Adding N node(s) of type ...', 'Terminating'): monitor.log,
+        its rotations and monitor.out/.err, where some Ray versions print the same events."""
+        paths = sorted(self.session_logs().glob("monitor*"))
+        return "\n".join(p.read_text(errors="replace") for p in paths if p.is_file())
