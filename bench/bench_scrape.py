@@ -22,12 +22,13 @@ from hashtag import demo, scrape
 def measure(source: str, out: str, cpus: int, args: argparse.Namespace) -> dict:
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR")
     try:
-        # Warm the workers up (process start, imports) so that both runs time steady work.
+        # Warm every worker up (process start, imports, model load): one shard per CPU, all in
+        # flight at once, so that each CPU's worker process exists before the timed run.
         scrape.run(
             scrape.ScrapeConfig(
                 source=source,
                 out=out + "-warmup",
-                shard_size=args.posts,
+                shard_size=-(-args.posts // cpus),
                 embedder=args.embedder,
                 max_in_flight=cpus,
             )
