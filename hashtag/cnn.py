@@ -337,15 +337,16 @@ def _requantize_int8(model: bytes) -> bytes | None:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(flat))
 
 
-def _agreement(model: bytes, candidate: bytes, height: int, width: int) -> float:
+def _agreement(model: bytes, candidate: bytes) -> float:
     """Cosine similarity of the two models' dequantised outputs on a fixed test pattern."""
+    runners = [_Runner(model, 1), _Runner(candidate, 1)]
+    height, width = (int(side) for side in runners[0].input["shape"][1:3])
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 255, width)[None, :, None] * np.linspace(0.2, 1, height)[:, None, None]
     noisy = ramp * np.array([1.0, 0.6, 0.3]) + rng.normal(0, 24, (height, width, 3))
     pixels = np.clip(noisy, 0, 255).astype(np.uint8)[None]
     outputs = []
-    for content in (model, candidate):
-        runner = _Runner(content, 1)
+    for runner in runners:
         feed = pixels if runner.input["dtype"] == np.uint8 else (pixels ^ 0x80).view(np.int8)
         raw = runner.run(feed, 1).astype(np.float64).ravel()
         scale, zero = runner.output["quantization"]
@@ -446,8 +447,7 @@ class TFLiteEmbedder(Embedder):
         candidate = _requantize_int8(model)
         if candidate is None:
             return model, False
-        shape = _Runner(model, 1).input["shape"]
-        if _agreement(model, candidate, int(shape[1]), int(shape[2])) < _INT8_MIN_COSINE:
+        if _agreement(model, candidate) < _INT8_MIN_COSINE:
             return model, False
         return candidate, True
 
