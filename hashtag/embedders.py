@@ -48,6 +48,12 @@ class Embedder:
         raise NotImplementedError
 
     @property
+    def lanes(self) -> int:
+        """How many embed_batch calls may run at once (threads of the caller, each on its own
+        copy of the model); 1: one at a time."""
+        return 1
+
+    @property
     def min_side(self) -> int | None:
         """Shorter side the preprocessing needs; decoders may shrink larger images to it."""
         return None

@@ -134,8 +134,7 @@ class Fetcher:
 
     def _get_storage(self, uri: str) -> bytes:
         try:
-            fs, path = storage.filesystem(uri)
-            size = fs.size(path)
+            size = storage.size(uri)
             if size is not None and size > self.config.max_bytes:
                 raise FetchError(
                     f"{uri} is {size} bytes, over max_bytes={self.config.max_bytes}", "too-large"

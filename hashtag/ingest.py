@@ -1,8 +1,9 @@
 """Turn one shard of posts into embeddings: fetch, decode, preprocess, embed. No Ray here.
 
 Fetching, decoding and preprocessing run in a thread pool (urllib, OpenCV and the TFLite
-interpreter release the GIL) while the calling thread embeds the previous batch, so decoding
-never leaves a core idle behind the model. Every failure is a counted skip with the post id and a
+interpreter release the GIL) while the model embeds earlier batches, so decoding never leaves a
+core idle behind the model. An embedder with several lanes (TFLite with `interpreters=k`) gets k
+embedding threads, each taking the next batch as soon as its interpreter is free. Every failure is a counted skip with the post id and a
 reason; nothing in here raises for a bad post.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -106,37 +108,78 @@ def embed_posts(
     batch_size: int = 32,
     on_progress: Callable[[int, int, int], None] | None = None,
 ) -> ShardResult:
-    """Embed the images of `posts`. `on_progress(posts_done, skipped, bytes)` after each batch."""
+    """Embed the images of `posts`. `on_progress(posts_done, skipped, bytes)` after each batch.
+
+    Rows come out in the order of `posts`, whatever the number of lanes.
+    """
     threads = threads or len(os.sched_getaffinity(0))
-    result = ShardResult([], np.zeros((0, embedder.dim), np.float32), [])
-    chunks: list[np.ndarray] = []
+    lanes = max(1, embedder.lanes)
+    done: dict[int, _Embedded] = {}
+    take, report = threading.Lock(), threading.Lock()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
         loaded = _read_ahead(
-            pool, lambda p: _load(p, embedder, fetcher, max_pixels), posts, 2 * batch_size
+            pool,
+            lambda p: _load(p, embedder, fetcher, max_pixels),
+            posts,
+            (lanes + 1) * batch_size,
         )
-        for batch in _batches(loaded, batch_size):
-            good = [item for item in batch if item.reason is None]
-            for item in batch:
-                if item.reason is not None:
-                    log.warning("skip post %s (%s): %s", item.post.id, item.post.image, item.reason)
-                    result.skips.append((item.post.id, item.reason))
-            if good:
-                try:
-                    vectors = embedder.embed_batch(np.stack([item.array for item in good]))
-                except Exception:
-                    log.exception("embedding a batch of %d images failed", len(good))
-                    result.skips.extend((item.post.id, "embed-error") for item in good)
-                    good, vectors = [], None
-                if good:
-                    chunks.append(np.asarray(vectors, np.float32))
-                    result.posts.extend(item.post for item in good)
-                    result.image_sha256.extend(item.sha256 for item in good)
-                    result.bytes_read += sum(item.size for item in good)
-            if on_progress:
-                on_progress(len(batch), len(batch) - len(good), sum(i.size for i in good))
+        numbered = enumerate(_batches(loaded, batch_size))
+
+        def lane() -> None:
+            while True:
+                with take:  # generators are not thread-safe: one lane pulls at a time
+                    index, batch = next(numbered, (-1, None))
+                if batch is None:
+                    return
+                done[index] = embedded = _embed(batch, embedder)
+                if on_progress:
+                    with report:
+                        on_progress(len(batch), len(embedded.skips), embedded.bytes_read)
+
+        if lanes == 1:
+            lane()
+        else:
+            with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="embed") as embedding:
+                for running in [embedding.submit(lane) for _ in range(lanes)]:
+                    running.result()
+    result = ShardResult([], np.zeros((0, embedder.dim), np.float32), [])
+    for embedded in (done[index] for index in sorted(done)):
+        result.posts.extend(item.post for item in embedded.good)
+        result.image_sha256.extend(item.sha256 for item in embedded.good)
+        result.bytes_read += embedded.bytes_read
+        result.skips.extend(embedded.skips)
+    chunks = [done[index].vectors for index in sorted(done) if done[index].good]
     if chunks:
         result.embeddings = np.concatenate(chunks)
     return result
+
+
+@dataclass
+class _Embedded:
+    good: list[_Loaded]
+    vectors: np.ndarray | None
+    skips: list[tuple[str, str]]
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(item.size for item in self.good)
+
+
+def _embed(batch: list[_Loaded], embedder: Embedder) -> _Embedded:
+    """One batch through the model; a failure skips the batch's posts, not the shard."""
+    good = [item for item in batch if item.reason is None]
+    skips = [(item.post.id, item.reason) for item in batch if item.reason is not None]
+    for item in batch:
+        if item.reason is not None:
+            log.warning("skip post %s (%s): %s", item.post.id, item.post.image, item.reason)
+    if not good:
+        return _Embedded([], None, skips)
+    try:
+        vectors = np.asarray(embedder.embed_batch(np.stack([item.array for item in good])))
+    except Exception:
+        log.exception("embedding a batch of %d images failed", len(good))
+        return _Embedded([], None, skips + [(item.post.id, "embed-error") for item in good])
+    return _Embedded(good, vectors.astype(np.float32, copy=False), skips)
 
 
 def label_only(posts: list[Post]) -> ShardResult:

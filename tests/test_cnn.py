@@ -128,10 +128,23 @@ def test_v1_uses_the_model_output_and_batches(v1, models_dir, photos):
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
 
 
-def test_side_by_side_interpreters_give_the_same_vectors(v2, models_dir, photos):
+def test_side_by_side_interpreters_give_the_same_vectors(v2, models_dir, photos, tmp_path):
+    from hashtag import ingest
+    from hashtag.fetch import Fetcher
+    from hashtag.posts import Post
+
     pair = embedders.create(f"tflite:{models_dir / V2}", interpreters=2, num_threads=2)
+    assert pair.lanes == 2 and v2.lanes == 1
     np.testing.assert_array_equal(pair.embed(photos[:5]), v2.embed(photos[:5]))
-    np.testing.assert_array_equal(pair.embed(photos[:1]), v2.embed(photos[:1]))
+    # Two callers at once, each on its own interpreter, through ingest's embedding lanes.
+    posts = []
+    for i, photo in enumerate(photos):
+        cv2.imwrite(str(tmp_path / f"{i}.jpg"), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
+        posts.append(Post(str(i), str(tmp_path / f"{i}.jpg"), ()))
+    lanes = ingest.embed_posts(posts, pair, Fetcher(), threads=2, batch_size=2)
+    single = ingest.embed_posts(posts, v2, Fetcher(), threads=2, batch_size=2)
+    assert [p.id for p in lanes.posts] == [p.id for p in posts]
+    np.testing.assert_array_equal(lanes.embeddings, single.embeddings)
 
 
 @pytest.mark.parametrize("which", ["v2", "v1"])
