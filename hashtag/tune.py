@@ -446,6 +446,9 @@ def _run_grid(config: TuneConfig, dataset):
     trainable = tune.with_resources(tune.with_parameters(train_trial, settings=settings), resources)
     name = config.experiment_name(dataset_fingerprint(dataset))
     experiment = f"{storage_path.rstrip('/')}/{name}"
+    # Every epoch checkpoints (so that a stopped job resumes mid-trial); with short trials that
+    # makes Tune print a snapshot-frequency warning several times a second. It is by design here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     raycluster.connect()
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         log.info("restoring the Tune experiment at %s", experiment)
