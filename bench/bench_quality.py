@@ -48,9 +48,7 @@ def run_embedder(args: argparse.Namespace, embedder: str, label: str) -> list[di
         # Split 0 is merge's default split; the others reshuffle with another salt.
         salt = "hashtag" if split == 0 else f"hashtag-{split}"
         dataset = storage.join(root, "dataset" if split == 0 else f"dataset-{split}")
-        merge.run(
-            merge.MergeConfig(shards=root, out=dataset, seed=salt, min_count=args.min_count)
-        )
+        merge.run(merge.MergeConfig(shards=root, out=dataset, seed=salt, min_count=args.min_count))
         for model in args.trainable:
             summary = tune.run(
                 tune.TuneConfig(
