@@ -176,3 +176,32 @@ def test_tflite_interpreters_get_the_task_cpus_not_the_node_cpus(tmp_path):
     wide = dataclasses.replace(tflite, cpus_per_task=4)
     assert wide.embedder_options() == {"num_threads": 4, "interpreters": 4}
     assert ScrapeConfig(source="m.jsonl", out=str(tmp_path)).embedder_options() == {}
+
+
+def test_scrape_with_the_real_tflite_model_on_two_lanes(local_ray, shared_dir, tmp_path):
+    """A 2-CPU task runs two single-threaded interpreters side by side; its rows are the same
+    vectors, in the same order, as one interpreter embedding the same photos."""
+    from hashtag import embedders, ingest
+    from hashtag.fetch import Fetcher
+    from hashtag.posts import Post
+
+    model = shared_dir / "models" / "mobilenet_v2_1.0_224_quant.tflite"
+    photos = sorted((shared_dir / "data" / "feedme-food" / "images").glob("*.jpg"))[:20]
+    if not model.is_file() or len(photos) < 20:
+        pytest.skip("the MobileNetV2 model or the feedme photos are not in ../shared")
+    rows = [{"id": f"f{i:02d}", "image": str(p), "tags": ["food"]} for i, p in enumerate(photos)]
+    manifest = tmp_path / "posts.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = str(tmp_path / "run")
+    config = ScrapeConfig(
+        source=str(manifest), out=out, embedder=f"tflite:{model}", shard_size=12, cpus_per_task=2
+    )
+    summary = scrape(config)
+    assert summary["posts_embedded"] == 20
+    first = shards.read_shard(out, 0)
+    assert first.manifest["embedder"]["int8"] is True and first.embeddings.shape == (12, 1280)
+    single = embedders.create(f"tflite:{model}", num_threads=1)
+    posts = [Post(r["id"], r["image"], ()) for r in rows[:12]]
+    expected = ingest.embed_posts(posts, single, Fetcher(), threads=1).embeddings
+    assert [p["id"] for p in first.posts] == [r["id"] for r in rows[:12]]
+    np.testing.assert_array_equal(first.embeddings, expected)
