@@ -2,9 +2,9 @@
 
 Fetching, decoding and preprocessing run in a thread pool (urllib, OpenCV and the TFLite
 interpreter release the GIL) while the model embeds earlier batches, so decoding never leaves a
-core idle behind the model. An embedder with several lanes (TFLite with `interpreters=k`) gets k
-embedding threads, each taking the next batch as soon as its interpreter is free. Every failure is a counted skip with the post id and a
-reason; nothing in here raises for a bad post.
+core idle behind the model. An embedder with several lanes (TFLite with `interpreters=k`) gets
+k embedding threads, each taking the next batch as soon as its interpreter is free. Every
+failure is a counted skip with the post id and a reason; nothing in here raises for a bad post.
 """
 
 from __future__ import annotations
@@ -143,12 +143,14 @@ def embed_posts(
                 for running in [embedding.submit(lane) for _ in range(lanes)]:
                     running.result()
     result = ShardResult([], np.zeros((0, embedder.dim), np.float32), [])
+    chunks = []
     for embedded in (done[index] for index in sorted(done)):
         result.posts.extend(item.post for item in embedded.good)
         result.image_sha256.extend(item.sha256 for item in embedded.good)
         result.bytes_read += embedded.bytes_read
         result.skips.extend(embedded.skips)
-    chunks = [done[index].vectors for index in sorted(done) if done[index].good]
+        if embedded.good:
+            chunks.append(embedded.vectors)
     if chunks:
         result.embeddings = np.concatenate(chunks)
     return result
@@ -167,11 +169,13 @@ class _Embedded:
 
 def _embed(batch: list[_Loaded], embedder: Embedder) -> _Embedded:
     """One batch through the model; a failure skips the batch's posts, not the shard."""
-    good = [item for item in batch if item.reason is None]
-    skips = [(item.post.id, item.reason) for item in batch if item.reason is not None]
+    good, skips = [], []
     for item in batch:
-        if item.reason is not None:
+        if item.reason is None:
+            good.append(item)
+        else:
             log.warning("skip post %s (%s): %s", item.post.id, item.post.image, item.reason)
+            skips.append((item.post.id, item.reason))
     if not good:
         return _Embedded([], None, skips)
     try:

@@ -99,8 +99,8 @@ class ScrapeConfig:
         if self.embedder.startswith("tflite:"):
             # The interpreters fill the task's CPUs, not the node's: Ray does not pin tasks to
             # cores, so the default (every CPU visible) would oversubscribe the node. One
-            # single-threaded interpreter per CPU, each fed by its own embedding lane: ~6% faster
-            # than one multi-threaded interpreter beside the decode threads (bench_embed.py).
+            # single-threaded interpreter per CPU, each fed by its own embedding lane: its threads
+            # never wait on each other's (bench_embed.py: 1-4% faster than one 2-thread one).
             cpus = max(1, round(self.cpus_per_task))
             options.update(num_threads=cpus, interpreters=cpus)
         return options
