@@ -35,6 +35,9 @@ allow_pickle=False.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
 import shutil
 import struct
@@ -45,13 +48,19 @@ from typing import Any
 
 import numpy as np
 
-from hashtag import storage
+from hashtag import artifacts, storage
+from hashtag.errors import UserError
 
 DATASET_FORMAT = "hashtag-dataset"
 DATASET_VERSION = 1
 PARTED_VERSION = 2  # a manifest that lists part folders
 PARTS = "parts"
 EMBEDDING_DTYPES = {"float32": "<f4", "float16": "<f2"}
+_FIX = "rerun `hashtag merge` to rebuild it"
+MAX_DIM = 1 << 16  # wider embeddings, or more tags, are a tampered manifest, not a dataset
+MAX_VOCAB = 10_000_000
+MAX_VOCAB_BYTES = 1 << 30
+MAX_ID_LENGTH = 256  # ids are capped by the sources (longer ones are `bad-id` rows)
 MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
 SPLITS = ("train", "val", "test")
@@ -128,16 +137,17 @@ class _NpyStream:
 
     def discard(self) -> None:
         if not self.file.closed:
-            self.file.close()
+            with contextlib.suppress(OSError):  # flushing the buffer may fail again (disk full)
+                self.file.close()
         if os.path.exists(self.path):
             os.remove(self.path)
 
 
 def _remove_stale_temporaries(folder: str) -> None:
     """Temporary array files a killed writer left behind (they are never part of a dataset)."""
+    staged = tuple(f"{name}.npy.tmp-" for name in _ARRAYS) + (f"{VOCAB}.tmp-",)
     for name in os.listdir(folder):
-        stem, _, tag = name.partition(".npy.tmp-")
-        if tag and stem in _ARRAYS:
+        if name.startswith(staged):
             os.remove(os.path.join(folder, name))
 
 
@@ -158,9 +168,10 @@ class DatasetWriter:
             raise ValueError(f"dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {dtype!r}")
         self.uri, self.dim, self.id_length = str(uri), int(dim), max(int(id_length), 1)
         self.dtype = dtype
+        if self.id_length > MAX_ID_LENGTH:
+            raise ValueError(f"id_length {self.id_length} is over the cap of {MAX_ID_LENGTH}")
         self.remote = storage.is_remote(self.uri)
-        # The old dataset (if any) stops existing before any of its files is replaced.
-        storage.remove(storage.join(self.uri, MANIFEST))
+        # The old dataset (if any) stays loadable until finish() moves the new files in.
         if self.remote:
             self._tmpdir: str | None = tempfile.mkdtemp(prefix="hashtag-dataset-")
             folder, suffix = self._tmpdir, ""
@@ -170,6 +181,7 @@ class DatasetWriter:
             os.makedirs(folder, exist_ok=True)
             _remove_stale_temporaries(folder)
             suffix = f".tmp-{uuid.uuid4().hex}"
+        self._folder, self._suffix = folder, suffix
         self._streams: dict[str, _NpyStream] = {}
         for name, (dtype, row_shape) in _ARRAYS.items():
             dtype = dtype or f"<U{self.id_length}"
@@ -195,6 +207,10 @@ class DatasetWriter:
     ) -> None:
         """Add n rows: embeddings (n, dim), ids (n,), split codes (n,), and their labels as a CSR
         chunk (label_indptr (n+1,) from 0, label_indices) over the vocabulary given to finish."""
+        with self._disk_full_is_an_error():
+            self._append(embeddings, ids, split, label_indptr, label_indices)
+
+    def _append(self, embeddings, ids, split, label_indptr, label_indices) -> None:
         n = len(ids)
         embeddings = np.asarray(embeddings).reshape(n, self.dim)
         split = np.asarray(split, np.uint8)
@@ -247,23 +263,33 @@ class DatasetWriter:
             raise ValueError(
                 f"a label index {self.max_label} is outside the vocabulary of {len(vocab)}"
             )
-        files = {}
-        for name, stream in self._streams.items():
+        with self._disk_full_is_an_error():
+            manifest = self._finish(vocab, tag_counts, embedder, extra)
+        self._done = True
+        self._cleanup()
+        return manifest
+
+    def _finish(self, vocab, tag_counts, embedder, extra) -> dict[str, Any]:
+        vocab_bytes = storage.dumps({"tags": list(vocab), "counts": [int(c) for c in tag_counts]})
+        vocab_path = os.path.join(self._folder, VOCAB + self._suffix)
+        with open(vocab_path, "w", encoding="utf-8") as f:
+            f.write(vocab_bytes + "\n")
+        staged = {f"{name}.npy": stream.path for name, stream in self._streams.items()}
+        staged[VOCAB] = vocab_path
+        for stream in self._streams.values():
             stream.close()
-            final = storage.join(self.uri, f"{name}.npy")
-            files[f"{name}.npy"] = os.path.getsize(stream.path)
+        files = {name: artifacts.file_entry(path) for name, path in staged.items()}
+        # Everything is on disk: only now does the old dataset stop existing (renames and the
+        # manifest take no space, so a full disk cannot strike in between).
+        artifacts.remove_manifest(self.uri)
+        for name, path in staged.items():
+            final = storage.join(self.uri, name)
             if self.remote:
-                storage.upload(stream.path, final)
+                storage.upload(path, final)
             else:
-                os.replace(stream.path, storage.filesystem(final)[1])
-        storage.write_json(
-            storage.join(self.uri, VOCAB),
-            {"tags": list(vocab), "counts": [int(c) for c in tag_counts]},
-        )
-        manifest = dict(extra or {})
-        manifest.update(
-            format=DATASET_FORMAT,
-            version=DATASET_VERSION,
+                os.replace(path, storage.filesystem(final)[1])
+        fields = dict(extra or {})
+        fields.update(
             count=self.count,
             dim=self.dim,
             dtype=self.dtype,
@@ -272,17 +298,32 @@ class DatasetWriter:
             splits={name: int(c) for name, c in zip(SPLITS, self.split_counts, strict=True)},
             label_nnz=self.nnz,
             unlabeled=self.unlabeled,
-            files=files,
         )
-        storage.write_json(storage.join(self.uri, MANIFEST), manifest)
-        self._done = True
-        self._cleanup()
-        return manifest
+        return artifacts.write_manifest(self.uri, DATASET_FORMAT, DATASET_VERSION, files, **fields)
+
+    @contextlib.contextmanager
+    def _disk_full_is_an_error(self) -> Iterator[None]:
+        """A full disk: temporaries removed, one clear error, the previous dataset untouched."""
+        try:
+            yield
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            self.abort()
+            self._done = True
+            raise UserError(
+                f"no space left writing the dataset {self.uri} ({error.strerror}); its temporary "
+                "files were removed and any previous dataset there is unchanged: free space (or "
+                "use another --out) and rerun `hashtag merge`"
+            ) from None
 
     def abort(self) -> None:
         """Discard everything written so far (the output keeps no manifest)."""
         for stream in self._streams.values():
             stream.discard()
+        vocab_path = os.path.join(self._folder, VOCAB + self._suffix)
+        if self._suffix and os.path.exists(vocab_path):
+            os.remove(vocab_path)
         self._cleanup()
 
     def _cleanup(self) -> None:
@@ -348,51 +389,41 @@ class Dataset:
     @classmethod
     def load(cls, uri: str, mmap: bool = True) -> Dataset:
         """Load the dataset at `uri` (memory-mapped when local and `mmap`)."""
-        uri = str(uri)
-        manifest_uri = storage.join(uri, MANIFEST)
-        if not storage.exists(manifest_uri):
-            raise FileNotFoundError(
-                f"no dataset at {uri}: {MANIFEST} is missing (the merge did not run or did not "
-                "finish); run `hashtag merge` to build it"
-            )
-        manifest = storage.read_json(manifest_uri)
-        if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
-            raise ValueError(f"{manifest_uri} is not a {DATASET_FORMAT!r} manifest")
-        if manifest.get("version") not in (DATASET_VERSION, PARTED_VERSION):
-            raise ValueError(
-                f"{uri} is dataset format version {manifest.get('version')!r}; this code reads "
-                f"versions {DATASET_VERSION} and {PARTED_VERSION}: rerun `hashtag merge` to "
-                "rebuild it"
-            )
-        parted = manifest["version"] == PARTED_VERSION
-        if parted and not manifest.get("parts"):
-            raise ValueError(f"{manifest_uri} lists no parts; rerun `hashtag merge`")
-        # A parted dataset's vocabulary is its first part's (every part carries the same).
-        folder = storage.join(uri, PARTS, manifest["parts"][0]["name"]) if parted else uri
-        vocab_json = storage.read_json(storage.join(folder, VOCAB))
-        vocab = [str(t) for t in vocab_json["tags"]]
-        tag_counts = np.asarray(vocab_json["counts"], np.int64)
-        if parted:
-            parts = [cls.load(storage.join(uri, PARTS, p["name"]), mmap) for p in manifest["parts"]]
-            counts = [len(p.parts[0]._array("ids")) for p in parts]
-            if (
-                counts != [p["count"] for p in manifest["parts"]]
-                or sum(counts) != manifest["count"]
-            ):
-                raise ValueError(
-                    f"{uri}: the parts hold {counts} rows, the manifest says "
-                    f"{[p['count'] for p in manifest['parts']]}; rerun `hashtag merge`"
-                )
-            if len(vocab) != manifest["vocab_size"]:
-                raise ValueError(
-                    f"{uri}/{VOCAB} does not match the manifest; rerun `hashtag merge`"
-                )
-            return cls(uri, manifest, None, vocab, tag_counts, [p.parts[0] for p in parts])
-        arrays = {
-            name: storage.load_npy(storage.join(uri, f"{name}.npy"), mmap=mmap) for name in _ARRAYS
-        }
-        _check(uri, manifest, arrays, vocab, tag_counts)
-        return cls(uri, manifest, arrays, vocab, tag_counts)
+        artifact = artifacts.read(
+            uri, DATASET_FORMAT, (DATASET_VERSION, PARTED_VERSION), what="dataset", fix=_FIX
+        )
+        if artifact.manifest["version"] == PARTED_VERSION:
+            return cls._load_parts(artifact, mmap)
+        arrays = {name: artifact.load_array(f"{name}.npy", mmap=mmap) for name in _ARRAYS}
+        vocab, tag_counts = _read_vocab(artifact)
+        _check(artifact, arrays, vocab, tag_counts)
+        return cls(artifact.uri, artifact.manifest, arrays, vocab, tag_counts)
+
+    @classmethod
+    def _load_parts(cls, artifact: artifacts.Artifact, mmap: bool) -> Dataset:
+        """A parted dataset: every part is a checked dataset folder; their row counts must add
+        up to the manifest's, and they share one vocabulary."""
+        listed = artifact.manifest.get("parts")
+        if (
+            not isinstance(listed, list)
+            or not listed
+            or not all(isinstance(p, dict) and isinstance(p.get("count"), int) for p in listed)
+        ):
+            raise artifact.error("its manifest's 'parts' is not a list of {name, count}")
+        folder = storage.join(artifact.uri, PARTS)
+        parts = [
+            cls.load(storage.join(folder, artifacts.check_name(folder, p.get("name"), _FIX)), mmap)
+            for p in listed
+        ]
+        counts = [len(part) for part in parts]
+        if counts != [p["count"] for p in listed] or sum(counts) != artifact.int_field("count"):
+            raise artifact.error(f"its parts hold {counts} rows, its manifest says otherwise")
+        vocab = parts[0].vocab
+        if any(part.vocab != vocab for part in parts) or len(vocab) != artifact.int_field(
+            "vocab_size", high=MAX_VOCAB
+        ):
+            raise artifact.error("its parts do not share the manifest's vocabulary")
+        return cls(artifact.uri, artifact.manifest, None, vocab, parts[0].tag_counts, parts)
 
     def __len__(self) -> int:
         return int(self.manifest["count"])
@@ -539,8 +570,6 @@ def write_parted_manifest(
     first = parts[0]
     manifest = dict(extra or {})
     manifest.update(
-        format=DATASET_FORMAT,
-        version=PARTED_VERSION,
         count=sum(int(p["count"]) for p in parts),
         dim=first["dim"],
         dtype=first.get("dtype", "float32"),
@@ -551,33 +580,50 @@ def write_parted_manifest(
         unlabeled=sum(int(p["unlabeled"]) for p in parts),
         parts=[{"name": p["name"], "count": int(p["count"])} for p in parts],
     )
-    storage.write_json(storage.join(uri, MANIFEST), manifest)
-    return manifest
+    return artifacts.write_manifest(uri, DATASET_FORMAT, PARTED_VERSION, {}, **manifest)
+
+
+def _read_vocab(artifact: artifacts.Artifact) -> tuple[list[str], np.ndarray]:
+    try:
+        if VOCAB in artifact.files:
+            data = artifact.read_bytes(VOCAB)
+        else:  # a dataset written before vocab.json was listed in its manifest
+            data = storage.read_bytes(storage.join(artifact.uri, VOCAB), limit=MAX_VOCAB_BYTES)
+        vocab_json = json.loads(data)
+        tags, counts = vocab_json["tags"], vocab_json["counts"]
+        if not all(isinstance(t, str) for t in tags) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts
+        ):
+            raise ValueError("tags must be strings and counts non-negative integers")
+    except artifacts.ArtifactError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as error:
+        raise artifact.error(f"{VOCAB} is unreadable or malformed ({error})") from None
+    return list(tags), np.asarray(counts, np.int64)
 
 
 def _check(
-    uri: str,
-    manifest: dict[str, Any],
+    artifact: artifacts.Artifact,
     arrays: dict[str, np.ndarray],
     vocab: list[str],
     tag_counts: np.ndarray,
 ) -> None:
-    count, dim = manifest["count"], manifest["dim"]
-    expected = {
-        "embeddings": ((count, dim), "f"),
-        "ids": ((count,), "U"),
-        "split": ((count,), "u"),
-        "labels_indptr": ((count + 1,), "i"),
-        "labels_indices": ((int(arrays["labels_indptr"][-1]),), "i"),
-    }
-    for name, (shape, kind) in expected.items():
-        array = arrays[name]
-        if array.shape != shape or array.dtype.kind != kind:
-            raise ValueError(
-                f"{uri}/{name}.npy is {array.dtype} {array.shape}, expected kind {kind!r} {shape}: "
-                "the dataset is damaged; rerun `hashtag merge`"
-            )
-    if len(vocab) != manifest["vocab_size"] or len(tag_counts) != len(vocab):
-        raise ValueError(
-            f"{uri}/{VOCAB} does not match the manifest's vocab_size; rerun `hashtag merge`"
+    """Shapes, dtypes and index ranges: a tampered dataset is an ArtifactError, not a crash."""
+    count = artifact.int_field("count")
+    dim = artifact.int_field("dim", high=MAX_DIM)
+    vocab_size = artifact.int_field("vocab_size", high=MAX_VOCAB)
+    indptr = arrays["labels_indptr"]
+    artifact.check_array("embeddings.npy", arrays["embeddings"], shape=(count, dim), kinds="f")
+    artifact.check_array("ids.npy", arrays["ids"], shape=(count,), kinds="U")
+    artifact.check_array("split.npy", arrays["split"], shape=(count,), kinds="u")
+    artifact.check_array("labels_indptr.npy", indptr, shape=(count + 1,), kinds="i")
+    indices = arrays["labels_indices"]
+    artifact.check_array("labels_indices.npy", indices, shape=(len(indices),), kinds="i")
+    artifact.check_csr("labels_indptr.npy", indptr, len(indices))
+    artifact.check_range("labels_indices.npy", indices, 0, vocab_size)
+    artifact.check_range("split.npy", arrays["split"], 0, len(SPLITS))
+    if len(vocab) != vocab_size or len(tag_counts) != len(vocab):
+        raise artifact.error(
+            f"{VOCAB} has {len(vocab)} tags and {len(tag_counts)} counts, the manifest says "
+            f"vocab_size {vocab_size}"
         )
