@@ -14,6 +14,8 @@ split of 603 photos is ~85 posts, so `--splits 3` repeats merge and the grids wi
 salts and reports the mean and how often the picked model beat kNN. Stages resume, so a rerun
 only redoes what changed. `--min-count N` sets merge's vocabulary (tags on >= N posts; default
 2): absolute F1 rises as rare tags leave the label space, so compare rows of one vocabulary.
+`--dtype float16` merges half-size embeddings (into dataset-float16 folders beside the float32
+ones), to compare their quality on the same splits.
 """
 
 from __future__ import annotations
@@ -48,12 +50,23 @@ def run_embedder(args: argparse.Namespace, embedder: str, label: str) -> list[di
         # Split 0 is merge's default split; the others reshuffle with another salt.
         salt = "hashtag" if split == 0 else f"hashtag-{split}"
         dataset = storage.join(root, "dataset" if split == 0 else f"dataset-{split}")
-        merge.run(merge.MergeConfig(shards=root, out=dataset, seed=salt, min_count=args.min_count))
+        if args.dtype != "float32":
+            dataset += f"-{args.dtype}"
+        merge.run(
+            merge.MergeConfig(
+                shards=root, out=dataset, seed=salt, min_count=args.min_count, dtype=args.dtype
+            )
+        )
         for model in args.trainable:
             summary = tune.run(
                 tune.TuneConfig(
                     data=dataset,
-                    out=storage.join(root, f"tune-{model}" + (f"-{split}" if split else "")),
+                    out=storage.join(
+                        root,
+                        f"tune-{model}"
+                        + (f"-{split}" if split else "")
+                        + (f"-{args.dtype}" if args.dtype != "float32" else ""),
+                    ),
                     model=model,
                     epochs=args.epochs,
                     batch_sizes=tuple(args.batch_sizes),
@@ -136,6 +149,9 @@ def main() -> None:
         type=int,
         default=2,
         help="merge's vocabulary: tags on at least this many posts (fewer rare tags, higher F1)",
+    )
+    parser.add_argument(
+        "--dtype", default="float32", help="merge's embedding dtype: float32 or float16"
     )
     parser.add_argument("--json", type=Path, help="also write every row here")
     args = parser.parse_args()
