@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from hashtag import storage
 from hashtag.dataset import DatasetWriter, csr_from_lists, split_code
+from hashtag.results import StageResult
 from hashtag.shards import ShardError, finished_shards, read_embeddings, read_rows
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,14 @@ def _check_compatible(manifests: dict[int, dict[str, Any]]) -> None:
             )
 
 
-def run(config: MergeConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class MergeResult(StageResult):
+    out: str
+    count: int
+    vocab_size: int
+
+
+def run(config: MergeConfig) -> MergeResult:
     """Merge the finished shards under config.shards into a dataset at config.out; return the
     summary (also written as OUT/merge.json)."""
     started = time.monotonic()
@@ -260,4 +268,4 @@ def run(config: MergeConfig) -> dict[str, Any]:
         manifest["count"],
         len(vocab),
     )
-    return summary
+    return MergeResult(summary, config.out, summary["count"], summary["vocab_size"])
