@@ -23,6 +23,7 @@ grow with the file.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -333,17 +334,6 @@ def _query(row: dict, number: int, base: str) -> Query:
     return Query(image=image, given=tuple(parse_tag_list(",".join(given))), id=str(post_id))
 
 
-def _batches(queries: Iterable[Query], size: int) -> Iterator[list[Query]]:
-    batch: list[Query] = []
-    for query in queries:
-        batch.append(query)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def recommend_stream(config: RecommendConfig) -> Iterator[dict[str, Any]]:
     """Results in input order, computed BATCH queries at a time (memory bounded by a batch)."""
     exported = ExportedModel(config.model)
@@ -365,7 +355,8 @@ def recommend_stream(config: RecommendConfig) -> Iterator[dict[str, Any]]:
                 queries = [Query(image=image, given=given) for image in images]
         else:
             queries = [Query(image=None, given=given)]
-    for batch in _batches(queries, BATCH):
+    queries = iter(queries)
+    for batch in iter(lambda: list(itertools.islice(queries, BATCH)), []):
         yield from _recommend_batch(exported, batch, config, blocked)
 
 
