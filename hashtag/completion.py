@@ -28,10 +28,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from hashtag import storage
+from hashtag import artifacts, storage
 
 FORMAT = "hashtag-cooccurrence"
 VERSION = 1
+COUNTS = "counts.npy"
+MAX_TAGS = 100_000  # a (V, V) int64 matrix: more tags than this is a tampered folder
 
 
 @dataclass(frozen=True)
@@ -161,27 +163,34 @@ class Cooccurrence:
 
     def save(self, uri: str) -> None:
         self._check_fitted()
-        storage.save_npy(storage.join(uri, "counts.npy"), self.counts)
-        storage.write_json(
-            storage.join(uri, "manifest.json"),
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "n_posts": self.n_posts,
-                "config": asdict(self.config),
-            },
+        artifacts.remove_manifest(uri)
+        files = {COUNTS: artifacts.write_array(uri, COUNTS, self.counts)}
+        artifacts.write_manifest(
+            uri, FORMAT, VERSION, files, n_posts=self.n_posts, config=asdict(self.config)
         )
 
     @classmethod
     def load(cls, uri: str) -> Cooccurrence:
-        manifest = storage.read_json(storage.join(uri, "manifest.json"))
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            raise ValueError(
-                f"{uri} is not a {FORMAT} v{VERSION} folder (manifest says "
-                f"{manifest.get('format')!r} v{manifest.get('version')!r})"
+        """ArtifactError when the folder is missing, foreign or damaged."""
+        artifact = artifacts.read(
+            uri, FORMAT, VERSION, what="co-occurrence model", fix="rebuild it from the dataset"
+        )
+        n_posts = artifact.int_field("n_posts")
+        try:
+            model = cls(CooccurrenceConfig(**artifact.manifest["config"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise artifact.error(f"its config is invalid ({error})") from None
+        if artifact.files:
+            counts = artifact.load_array(COUNTS, verify=True)
+        else:  # written before the manifest listed its files
+            counts = storage.load_npy(storage.join(artifact.uri, COUNTS))
+        n = counts.shape[0] if counts.ndim else 0
+        artifact.check_array(COUNTS, counts, shape=(n, n), kinds="iu")
+        if n > MAX_TAGS or (counts.size and int(counts.min()) < 0):
+            raise artifact.error(
+                f"{COUNTS} must be a square count matrix of at most {MAX_TAGS} tags"
             )
-        model = cls(CooccurrenceConfig(**manifest["config"]))
-        model.counts = storage.load_npy(storage.join(uri, "counts.npy")).astype(np.int64)
-        model.n_posts = int(manifest["n_posts"])
+        model.counts = counts.astype(np.int64)
+        model.n_posts = n_posts
         model._derive()
         return model

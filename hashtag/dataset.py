@@ -23,20 +23,29 @@ allow_pickle=False.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
 import shutil
 import struct
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from hashtag import storage
+from hashtag import artifacts, storage
+from hashtag.errors import UserError
 
 DATASET_FORMAT = "hashtag-dataset"
 DATASET_VERSION = 1
+_FIX = "rerun `hashtag merge` to rebuild it"
+MAX_DIM = 1 << 16  # wider embeddings, or more tags, are a tampered manifest, not a dataset
+MAX_VOCAB = 10_000_000
+MAX_VOCAB_BYTES = 1 << 30
+MAX_ID_LENGTH = 256  # ids are capped by the sources (longer ones are `bad-id` rows)
 MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
 SPLITS = ("train", "val", "test")
@@ -113,16 +122,17 @@ class _NpyStream:
 
     def discard(self) -> None:
         if not self.file.closed:
-            self.file.close()
+            with contextlib.suppress(OSError):  # flushing the buffer may fail again (disk full)
+                self.file.close()
         if os.path.exists(self.path):
             os.remove(self.path)
 
 
 def _remove_stale_temporaries(folder: str) -> None:
     """Temporary array files a killed writer left behind (they are never part of a dataset)."""
+    staged = tuple(f"{name}.npy.tmp-" for name in _ARRAYS) + (f"{VOCAB}.tmp-",)
     for name in os.listdir(folder):
-        stem, _, tag = name.partition(".npy.tmp-")
-        if tag and stem in _ARRAYS:
+        if name.startswith(staged):
             os.remove(os.path.join(folder, name))
 
 
@@ -140,9 +150,10 @@ class DatasetWriter:
         if dim < 0 or id_length < 0:
             raise ValueError(f"dim and id_length must be >= 0, got {dim} and {id_length}")
         self.uri, self.dim, self.id_length = str(uri), int(dim), max(int(id_length), 1)
+        if self.id_length > MAX_ID_LENGTH:
+            raise ValueError(f"id_length {self.id_length} is over the cap of {MAX_ID_LENGTH}")
         self.remote = storage.is_remote(self.uri)
-        # The old dataset (if any) stops existing before any of its files is replaced.
-        storage.remove(storage.join(self.uri, MANIFEST))
+        # The old dataset (if any) stays loadable until finish() moves the new files in.
         if self.remote:
             self._tmpdir: str | None = tempfile.mkdtemp(prefix="hashtag-dataset-")
             folder, suffix = self._tmpdir, ""
@@ -152,6 +163,7 @@ class DatasetWriter:
             os.makedirs(folder, exist_ok=True)
             _remove_stale_temporaries(folder)
             suffix = f".tmp-{uuid.uuid4().hex}"
+        self._folder, self._suffix = folder, suffix
         self._streams: dict[str, _NpyStream] = {}
         for name, (dtype, row_shape) in _ARRAYS.items():
             dtype = dtype or f"<U{self.id_length}"
@@ -176,6 +188,10 @@ class DatasetWriter:
     ) -> None:
         """Add n rows: embeddings (n, dim), ids (n,), split codes (n,), and their labels as a CSR
         chunk (label_indptr (n+1,) from 0, label_indices) over the vocabulary given to finish."""
+        with self._disk_full_is_an_error():
+            self._append(embeddings, ids, split, label_indptr, label_indices)
+
+    def _append(self, embeddings, ids, split, label_indptr, label_indices) -> None:
         n = len(ids)
         embeddings = np.asarray(embeddings, np.float32).reshape(n, self.dim)
         split = np.asarray(split, np.uint8)
@@ -228,23 +244,33 @@ class DatasetWriter:
             raise ValueError(
                 f"a label index {self.max_label} is outside the vocabulary of {len(vocab)}"
             )
-        files = {}
-        for name, stream in self._streams.items():
+        with self._disk_full_is_an_error():
+            manifest = self._finish(vocab, tag_counts, embedder, extra)
+        self._done = True
+        self._cleanup()
+        return manifest
+
+    def _finish(self, vocab, tag_counts, embedder, extra) -> dict[str, Any]:
+        vocab_bytes = storage.dumps({"tags": list(vocab), "counts": [int(c) for c in tag_counts]})
+        vocab_path = os.path.join(self._folder, VOCAB + self._suffix)
+        with open(vocab_path, "w", encoding="utf-8") as f:
+            f.write(vocab_bytes + "\n")
+        staged = {f"{name}.npy": stream.path for name, stream in self._streams.items()}
+        staged[VOCAB] = vocab_path
+        for stream in self._streams.values():
             stream.close()
-            final = storage.join(self.uri, f"{name}.npy")
-            files[f"{name}.npy"] = os.path.getsize(stream.path)
+        files = {name: artifacts.file_entry(path) for name, path in staged.items()}
+        # Everything is on disk: only now does the old dataset stop existing (renames and the
+        # manifest take no space, so a full disk cannot strike in between).
+        artifacts.remove_manifest(self.uri)
+        for name, path in staged.items():
+            final = storage.join(self.uri, name)
             if self.remote:
-                storage.upload(stream.path, final)
+                storage.upload(path, final)
             else:
-                os.replace(stream.path, storage.filesystem(final)[1])
-        storage.write_json(
-            storage.join(self.uri, VOCAB),
-            {"tags": list(vocab), "counts": [int(c) for c in tag_counts]},
-        )
-        manifest = dict(extra or {})
-        manifest.update(
-            format=DATASET_FORMAT,
-            version=DATASET_VERSION,
+                os.replace(path, storage.filesystem(final)[1])
+        fields = dict(extra or {})
+        fields.update(
             count=self.count,
             dim=self.dim,
             embedder=embedder,
@@ -252,17 +278,32 @@ class DatasetWriter:
             splits={name: int(c) for name, c in zip(SPLITS, self.split_counts, strict=True)},
             label_nnz=self.nnz,
             unlabeled=self.unlabeled,
-            files=files,
         )
-        storage.write_json(storage.join(self.uri, MANIFEST), manifest)
-        self._done = True
-        self._cleanup()
-        return manifest
+        return artifacts.write_manifest(self.uri, DATASET_FORMAT, DATASET_VERSION, files, **fields)
+
+    @contextlib.contextmanager
+    def _disk_full_is_an_error(self) -> Iterator[None]:
+        """A full disk: temporaries removed, one clear error, the previous dataset untouched."""
+        try:
+            yield
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            self.abort()
+            self._done = True
+            raise UserError(
+                f"no space left writing the dataset {self.uri} ({error.strerror}); its temporary "
+                "files were removed and any previous dataset there is unchanged: free space (or "
+                "use another --out) and rerun `hashtag merge`"
+            ) from None
 
     def abort(self) -> None:
         """Discard everything written so far (the output keeps no manifest)."""
         for stream in self._streams.values():
             stream.discard()
+        vocab_path = os.path.join(self._folder, VOCAB + self._suffix)
+        if self._suffix and os.path.exists(vocab_path):
+            os.remove(vocab_path)
         self._cleanup()
 
     def _cleanup(self) -> None:
@@ -307,29 +348,11 @@ class Dataset:
     @classmethod
     def load(cls, uri: str, mmap: bool = True) -> Dataset:
         """Load the dataset at `uri` (memory-mapped when local and `mmap`)."""
-        uri = str(uri)
-        manifest_uri = storage.join(uri, MANIFEST)
-        if not storage.exists(manifest_uri):
-            raise FileNotFoundError(
-                f"no dataset at {uri}: {MANIFEST} is missing (the merge did not run or did not "
-                "finish); run `hashtag merge` to build it"
-            )
-        manifest = storage.read_json(manifest_uri)
-        if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
-            raise ValueError(f"{manifest_uri} is not a {DATASET_FORMAT!r} manifest")
-        if manifest.get("version") != DATASET_VERSION:
-            raise ValueError(
-                f"{uri} is dataset format version {manifest.get('version')!r}; this code reads "
-                f"version {DATASET_VERSION}: rerun `hashtag merge` to rebuild it"
-            )
-        arrays = {
-            name: storage.load_npy(storage.join(uri, f"{name}.npy"), mmap=mmap) for name in _ARRAYS
-        }
-        vocab_json = storage.read_json(storage.join(uri, VOCAB))
-        vocab = [str(t) for t in vocab_json["tags"]]
-        tag_counts = np.asarray(vocab_json["counts"], np.int64)
-        _check(uri, manifest, arrays, vocab, tag_counts)
-        return cls(uri, manifest, arrays, vocab, tag_counts)
+        artifact = artifacts.read(uri, DATASET_FORMAT, DATASET_VERSION, what="dataset", fix=_FIX)
+        arrays = {name: artifact.load_array(f"{name}.npy", mmap=mmap) for name in _ARRAYS}
+        vocab, tag_counts = _read_vocab(artifact)
+        _check(artifact, arrays, vocab, tag_counts)
+        return cls(artifact.uri, artifact.manifest, arrays, vocab, tag_counts)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -380,29 +403,47 @@ class Dataset:
         return np.asarray(self.embeddings[rows], np.float32), self.labels(rows)
 
 
+def _read_vocab(artifact: artifacts.Artifact) -> tuple[list[str], np.ndarray]:
+    try:
+        if VOCAB in artifact.files:
+            data = artifact.read_bytes(VOCAB)
+        else:  # a dataset written before vocab.json was listed in its manifest
+            data = storage.read_bytes(storage.join(artifact.uri, VOCAB), limit=MAX_VOCAB_BYTES)
+        vocab_json = json.loads(data)
+        tags, counts = vocab_json["tags"], vocab_json["counts"]
+        if not all(isinstance(t, str) for t in tags) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts
+        ):
+            raise ValueError("tags must be strings and counts non-negative integers")
+    except artifacts.ArtifactError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as error:
+        raise artifact.error(f"{VOCAB} is unreadable or malformed ({error})") from None
+    return list(tags), np.asarray(counts, np.int64)
+
+
 def _check(
-    uri: str,
-    manifest: dict[str, Any],
+    artifact: artifacts.Artifact,
     arrays: dict[str, np.ndarray],
     vocab: list[str],
     tag_counts: np.ndarray,
 ) -> None:
-    count, dim = manifest["count"], manifest["dim"]
-    expected = {
-        "embeddings": ((count, dim), "f"),
-        "ids": ((count,), "U"),
-        "split": ((count,), "u"),
-        "labels_indptr": ((count + 1,), "i"),
-        "labels_indices": ((int(arrays["labels_indptr"][-1]),), "i"),
-    }
-    for name, (shape, kind) in expected.items():
-        array = arrays[name]
-        if array.shape != shape or array.dtype.kind != kind:
-            raise ValueError(
-                f"{uri}/{name}.npy is {array.dtype} {array.shape}, expected kind {kind!r} {shape}: "
-                "the dataset is damaged; rerun `hashtag merge`"
-            )
-    if len(vocab) != manifest["vocab_size"] or len(tag_counts) != len(vocab):
-        raise ValueError(
-            f"{uri}/{VOCAB} does not match the manifest's vocab_size; rerun `hashtag merge`"
+    """Shapes, dtypes and index ranges: a tampered dataset is an ArtifactError, not a crash."""
+    count = artifact.int_field("count")
+    dim = artifact.int_field("dim", high=MAX_DIM)
+    vocab_size = artifact.int_field("vocab_size", high=MAX_VOCAB)
+    indptr = arrays["labels_indptr"]
+    artifact.check_array("embeddings.npy", arrays["embeddings"], shape=(count, dim), kinds="f")
+    artifact.check_array("ids.npy", arrays["ids"], shape=(count,), kinds="U")
+    artifact.check_array("split.npy", arrays["split"], shape=(count,), kinds="u")
+    artifact.check_array("labels_indptr.npy", indptr, shape=(count + 1,), kinds="i")
+    indices = arrays["labels_indices"]
+    artifact.check_array("labels_indices.npy", indices, shape=(len(indices),), kinds="i")
+    artifact.check_csr("labels_indptr.npy", indptr, len(indices))
+    artifact.check_range("labels_indices.npy", indices, 0, vocab_size)
+    artifact.check_range("split.npy", arrays["split"], 0, len(SPLITS))
+    if len(vocab) != vocab_size or len(tag_counts) != len(vocab):
+        raise artifact.error(
+            f"{VOCAB} has {len(vocab)} tags and {len(tag_counts)} counts, the manifest says "
+            f"vocab_size {vocab_size}"
         )

@@ -46,11 +46,14 @@ from typing import Any
 
 import numpy as np
 
-from hashtag import metrics, storage
+from hashtag import artifacts, metrics, storage
 from hashtag.embedders import l2_normalize
 
 FORMAT = "hashtag-model"
 VERSION = 1
+_FIX = "retrain and export the model again (`hashtag tune`)"
+MAX_TAGS = 10_000_000  # more tags, or wider embeddings, are a tampered manifest
+MAX_DIM = 1 << 16
 TRAINABLE = {"seed", "mlp"}
 LOSSES = ("sigmoid", "softmax")
 THREADS_ENV = "HASHTAG_TF_THREADS"
@@ -391,41 +394,70 @@ class Recommender:
         state = self.get_state()
         if metadata is not None:
             self.metadata = dict(metadata)
-        for name, array in state.pop("arrays").items():
-            storage.save_npy(storage.join(uri, f"{name}.npy"), array)
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "model": self.name,
-            "config": asdict(self.config),
-            "vocab": self.vocab,
-            "arrays": sorted(self._arrays()),
-            "extra": self.metadata,
-            **state,
+        artifacts.remove_manifest(uri)
+        files = {
+            f"{name}.npy": artifacts.write_array(uri, f"{name}.npy", array)
+            for name, array in state.pop("arrays").items()
         }
-        storage.write_json(storage.join(uri, "manifest.json"), manifest)
+        artifacts.write_manifest(
+            uri,
+            FORMAT,
+            VERSION,
+            files,
+            model=self.name,
+            config=asdict(self.config),
+            vocab=self.vocab,
+            arrays=sorted(self._arrays()),
+            extra=self.metadata,
+            **state,
+        )
 
 
 def load(uri: str) -> Recommender:
-    """Load a model folder written by `Recommender.save`."""
-    manifest_uri = storage.join(uri, "manifest.json")
-    if not storage.exists(manifest_uri):
-        raise FileNotFoundError(f"no model at {uri}: {manifest_uri} is missing")
-    manifest = storage.read_json(manifest_uri)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{uri} is not a saved model (format {manifest.get('format')!r})")
-    if manifest.get("version") != VERSION:
-        raise ValueError(
-            f"{uri} is model format version {manifest.get('version')}; this code reads "
-            f"{VERSION}: retrain or upgrade hashtag"
+    """Load a model folder written by `Recommender.save`; ArtifactError if it is missing,
+    foreign or damaged (names outside the folder, wrong shapes, a vocabulary of another size)."""
+    artifact = artifacts.read(uri, FORMAT, VERSION, what="model", fix=_FIX)
+    manifest = artifact.manifest
+    names = manifest.get("arrays")
+    if not isinstance(names, list) or manifest.get("model") not in _REGISTRY:
+        raise artifact.error(
+            f"its manifest names no known model ({str(manifest.get('model'))[:40]})"
         )
-    model = create(manifest["model"], ModelConfig(**manifest["config"]))
-    arrays = {
-        name: storage.load_npy(storage.join(uri, f"{name}.npy")) for name in manifest["arrays"]
-    }
-    model.set_state({**manifest, "arrays": arrays})
-    model.vocab = manifest.get("vocab")
-    model.metadata = manifest.get("extra") or {}
+    n_tags = artifact.int_field("n_tags", low=1, high=MAX_TAGS)
+    # dim 0: a popularity model from label-only posts (tune exports it with completion).
+    dim = artifact.int_field("dim", low=0, high=MAX_DIM)
+    vocab = manifest.get("vocab")
+    if vocab is not None and (
+        not isinstance(vocab, list)
+        or len(vocab) != n_tags
+        or not all(isinstance(t, str) for t in vocab)
+    ):
+        raise artifact.error(f"its vocabulary is not a list of {n_tags} tags")
+    for name in names:
+        artifacts.check_name(artifact.uri, f"{name}.npy" if isinstance(name, str) else name, _FIX)
+    if artifact.files and set(artifact.files) != {f"{name}.npy" for name in names}:
+        raise artifact.error("its 'arrays' and 'files' do not match")
+    try:
+        model = create(manifest["model"], ModelConfig(**manifest["config"]))
+        arrays = {
+            name: (
+                artifact.load_array(f"{name}.npy", verify=True)
+                if artifact.files
+                else storage.load_npy(storage.join(artifact.uri, f"{name}.npy"))
+            )
+            for name in names
+        }
+        model.set_state({**manifest, "arrays": arrays})
+        model.vocab = vocab
+        model.metadata = manifest.get("extra") or {}
+        # A probe: arrays of the wrong shape for (dim, n_tags) fail here, not on a user's photo.
+        probe = model.predict_scores(np.zeros((1, dim), np.float32))
+    except artifacts.ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise artifact.error(f"its arrays or settings are inconsistent ({error})") from None
+    if probe.shape != (1, n_tags):
+        raise artifact.error(f"it predicts {probe.shape[1:]} scores, its manifest says {n_tags}")
     return model
 
 

@@ -104,7 +104,7 @@ def test_ordinary_mistakes_are_one_line_exit_2(tmp_path, two_runs):
     (tmp_path / "posts.jsonl").write_text("\n")
     cases = [
         (["merge", "--shards", "/missing", "--out", str(tmp_path / "d")], "run `hashtag scrape`"),
-        (["tune", "--data", "/missing", "--out", str(tmp_path / "t")], "run `hashtag merge`"),
+        (["tune", "--data", "/missing", "--out", str(tmp_path / "t")], "`hashtag merge`"),
         (["recommend", "--model", "/missing", "--tags", "a"], "give --model the folder"),
         (["scrape", "--source", "/missing", "--out", str(tmp_path / "s")], "no source at"),
         (
