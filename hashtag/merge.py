@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from hashtag import storage
 from hashtag.dataset import DatasetWriter, csr_from_lists, split_code
-from hashtag.shards import ShardError, finished_shards, read_embeddings, read_rows
+from hashtag.errors import ArtifactError
+from hashtag.shards import ShardError, finished_shards, read_embeddings, read_rows, verify
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +166,14 @@ def run(config: MergeConfig) -> dict[str, Any]:
     tag_counts: Counter[str] = Counter()
     posts_in = duplicate_ids = duplicate_images = id_length = 0
     for index in tqdm(indices, desc="merge 1/2: dedupe, count tags", unit="shard"):
-        try:
-            rows = read_rows(config.shards, index, manifests[index])
-        except ShardError as error:
-            log.error("skipping shard %d: %s", index, error)
-            bad_shards[index] = str(error)
-            continue
+        # A damaged shard is refused, not dropped: dropping it would lose its posts silently.
+        problem = verify(config.shards, index, manifests[index])
+        if problem:
+            raise ArtifactError(
+                f"shard {index} is damaged ({problem}); rerun the same `hashtag scrape` (it "
+                "rebuilds damaged shards), then merge again"
+            )
+        rows = read_rows(config.shards, index, manifests[index])
         ids = [str(row["id"]) for row in rows]
         shas = [row.get("image_sha256") for row in rows]
         new_id = seen_ids.first_occurrences(hash64(ids))

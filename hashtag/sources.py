@@ -163,6 +163,22 @@ def open_source(uri: str, *, trust_pickle: bool = False) -> Source:
     )
 
 
+def identity(uri: str) -> dict[str, Any]:
+    """What tells this source from another (a scrape records it to refuse mixing on resume):
+    its URI (without user:password), and its size and ETag (a file) or file count and total size
+    (a folder)."""
+    uri = _absolute(str(uri))
+    fs, path = storage.filesystem(uri)
+    if fs.isdir(path):
+        infos = list(fs.find(path, detail=True).values())
+        total = sum(int(info.get("size") or 0) for info in infos)
+        return {"uri": storage.redact(uri), "files": len(infos), "bytes": total}
+    info = fs.info(path)
+    found = {"uri": storage.redact(uri), "bytes": info.get("size")}
+    etag = info.get("ETag") or info.get("etag")
+    return {**found, "etag": str(etag).strip('"')} if etag else found
+
+
 # manifests --------------------------------------------------------------------------------------
 
 

@@ -294,3 +294,29 @@ def test_xz_bomb_metadata_is_capped(tmp_path):
     source = sources.open_source(str(folder))
     posts = list(source.posts())
     assert [p.tags for p in posts] == [("kept",)] and source.warnings == {"bad-metadata": 1}
+
+
+# secrets --------------------------------------------------------------------------------------
+
+
+def test_no_secret_travels_in_runtime_env_or_stored_urls(monkeypatch, tmp_path):
+    from hashtag import raycluster, shards, storage
+    from hashtag.posts import Post
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDSECRET")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret")
+    assert raycluster.worker_env() == {"env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}}
+
+    url = "http://alice:hunter2@127.0.0.1:9/a.jpg"
+    assert storage.redact(url) == "http://127.0.0.1:9/a.jpg"
+    with pytest.raises(FetchError) as info:
+        Fetcher(FetchConfig(allow_private=True, retries=0, timeout_s=0.5)).get(url)
+    assert "hunter2" not in str(info.value) and "alice" not in str(info.value)
+    post = Post(id="p", image=url, tags=("x",))
+    shards.write_shard(
+        str(tmp_path), 0, [post], np.zeros((1, 0), np.float32), embedder={"name": "classic"},
+        image_sha256=[None], stats={},
+    )  # fmt: skip
+    stored = (tmp_path / "shards" / "shard-00000" / "posts.jsonl").read_text()
+    assert "hunter2" not in stored and "127.0.0.1:9/a.jpg" in stored
