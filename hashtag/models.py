@@ -40,13 +40,15 @@ optimizer's state restored.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from hashtag import artifacts, metrics, storage
+from hashtag.dataset import array_blocks, dense_labels
 from hashtag.embedders import l2_normalize
 
 FORMAT = "hashtag-model"
@@ -102,6 +104,34 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = default), got {self.threads}")
+
+
+# ----------------------------------------------------------------------------- training data
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Training rows given block by block instead of as one (n, dim) + (n, V) pair, so that a
+    trial's memory does not grow with n. `read(order)` yields (X float32 (b, dim), labels indptr
+    (b+1,) from 0, label indices); with a Generator `order` the rows come shuffled (a new order
+    each epoch). `dataset.array_blocks` (arrays in memory, e.g. read-only views of Ray's object
+    store) and `Dataset.blocks` (the dataset's part files) make them. Labels stay sparse until
+    a batch needs them dense."""
+
+    read: Callable[
+        [np.random.Generator | None], Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    ]
+    rows: int
+    dim: int
+    n_tags: int
+
+
+def csr_of(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr, indices) of a dense bool (n, V) label matrix."""
+    rows, columns = np.nonzero(Y)
+    indptr = np.zeros(len(Y) + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=len(Y)), out=indptr[1:])
+    return indptr, columns.astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- decision rule
@@ -251,6 +281,7 @@ class Recommender:
 
     name = ""
     trainable = False
+    streams = False  # fit accepts Blocks (data larger than memory)
     fixed_decision: Decision | None = None
 
     def __init__(self, config: ModelConfig | None = None) -> None:
@@ -281,27 +312,39 @@ class Recommender:
         vocab: Sequence[str] | None = None,
         resume: bool = False,
     ) -> Recommender:
-        """Train on embeddings X (n, dim) and bool labels Y (n, V); choose the decision rule on
-        (X_val, Y_val) when given. `resume=True` continues a loaded/restored model's training."""
-        X = _as_features(X, "X", self.dim if resume else None)
-        Y = _as_labels(Y, "Y", len(X), self.n_tags if resume else None)
-        if len(X) == 0:
+        """Train on embeddings X (n, dim) and bool labels Y (n, V), or on `Blocks` (X) with
+        Y=None (models with `streams`); choose the decision rule on (X_val, Y_val) when given.
+        `resume=True` continues a loaded/restored model's training."""
+        if isinstance(X, Blocks):
+            if not self.streams or Y is not None:
+                raise ValueError(f"{self.name} trains on arrays (X, Y), not on Blocks with Y")
+            shape = (X.rows, X.dim, X.n_tags)
+        else:
+            X = _as_features(X, "X", self.dim if resume else None)
+            Y = _as_labels(Y, "Y", len(X), self.n_tags if resume else None)
+            shape = (len(X), X.shape[1], Y.shape[1])
+        if resume and (shape[1], shape[2]) != (self.dim, self.n_tags):
+            raise ValueError(
+                f"the training data has dim {shape[1]} and {shape[2]} tags, the model "
+                f"{self.dim} and {self.n_tags}: resume on the data it was trained on"
+            )
+        if shape[0] == 0:
             raise ValueError("X is empty: fit needs at least one training image")
         if (X_val is None) != (Y_val is None):
             raise ValueError("pass both X_val and Y_val, or neither")
         if X_val is not None:
-            X_val = _as_features(X_val, "X_val", X.shape[1])
-            Y_val = _as_labels(Y_val, "Y_val", len(X_val), Y.shape[1])
+            X_val = _as_features(X_val, "X_val", shape[1])
+            Y_val = _as_labels(Y_val, "Y_val", len(X_val), shape[2])
         if vocab is not None:
-            if len(vocab) != Y.shape[1]:
-                raise ValueError(f"vocab has {len(vocab)} tags but Y has {Y.shape[1]} columns")
+            if len(vocab) != shape[2]:
+                raise ValueError(f"vocab has {len(vocab)} tags but Y has {shape[2]} columns")
             self.vocab = [str(t) for t in vocab]
         for callback in callbacks:
             if not callable(getattr(callback, "on_epoch_end", None)):
                 raise TypeError(f"callback {callback!r} has no on_epoch_end(epoch, logs) method")
         if not resume:
             self.history, self.epochs_done = {}, 0
-        self.dim, self.n_tags = X.shape[1], Y.shape[1]
+        self.dim, self.n_tags = shape[1], shape[2]
         callbacks = list(callbacks)
         self._fit(X, Y, X_val, Y_val, callbacks)
         if not self.trainable:  # one "epoch", so Tune treats every model alike
@@ -356,6 +399,23 @@ class Recommender:
         scores = self.predict_scores(X)
         Y = _as_labels(Y, "Y", len(scores), self.n_tags)
         return metrics.evaluate(Y, scores, self.decision.apply(scores))
+
+    def score_blocks(
+        self, blocks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    ) -> dict[str, float]:
+        """`score` over (X, labels indptr, indices) blocks of rows (`Dataset.blocks`), one
+        block's scores in memory at a time; equal to `score` on the whole (up to rounding)."""
+
+        def scored():
+            for X, indptr, indices in blocks:
+                scores = self.predict_scores(X)
+                yield (
+                    dense_labels(indptr, indices, self.n_tags),
+                    scores,
+                    self.decision.apply(scores),
+                )
+
+        return metrics.evaluate_blocks(scored())
 
     def _scores(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -555,8 +615,13 @@ class _KerasTrained(Recommender):
     def _build(self, keras, n_images: int, dim: int, n_tags: int):
         raise NotImplementedError
 
-    def _training_data(self, X: np.ndarray, Y: np.ndarray) -> tuple[Any, np.ndarray]:
+    def _training_data(self, X: np.ndarray, Y: np.ndarray) -> Any:
         raise NotImplementedError
+
+    def _epoch_inputs(self, tf, data: Any, epoch: int) -> dict[str, Any]:
+        """model.fit's data arguments for one epoch; by default `data` is (inputs, targets)."""
+        inputs, targets = data
+        return {"x": inputs, "y": targets, "batch_size": self.config.batch_size, "shuffle": True}
 
     def _after_epoch(self, model) -> None:
         """Copy the Keras weights to numpy for prediction and checkpoints."""
@@ -573,7 +638,8 @@ class _KerasTrained(Recommender):
         tf = _tensorflow(self.config.threads)
         keras = tf.keras
         keras.utils.set_random_seed(self.config.seed + self.epochs_done)
-        model = self._build(keras, len(X), X.shape[1], Y.shape[1])
+        n_images = X.rows if isinstance(X, Blocks) else len(X)
+        model = self._build(keras, n_images, self.dim, self.n_tags)
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate=self.config.learning_rate),
             loss=self._loss(keras),
@@ -586,17 +652,17 @@ class _KerasTrained(Recommender):
                     model.optimizer.variables, self.optimizer_state, strict=True
                 ):
                     variable.assign(value)
-        inputs, targets = self._training_data(X, Y)
+        data = self._training_data(X, Y)
         for epoch in range(self.epochs_done, self.config.epochs):
-            result = model.fit(
-                inputs,
-                targets,
-                batch_size=self.config.batch_size,
-                epochs=epoch + 1,
-                initial_epoch=epoch,
-                shuffle=True,
-                verbose=0,
-            )
+            with warnings.catch_warnings():
+                # A stream's length is known only at its end, which Keras reports as a warning.
+                warnings.filterwarnings("ignore", message="Your input ran out of data")
+                result = model.fit(
+                    **self._epoch_inputs(tf, data, epoch),
+                    epochs=epoch + 1,
+                    initial_epoch=epoch,
+                    verbose=0,
+                )
             self._after_epoch(model)
             self.epochs_done = epoch + 1
             logs = {"loss": result.history["loss"][-1]}
@@ -636,6 +702,7 @@ class Mlp(_KerasTrained):
     """Multi-label classifier on the image embedding: Dense + dropout + Dense."""
 
     name = "mlp"
+    streams = True
 
     def _build(self, keras, n_images: int, dim: int, n_tags: int):
         layers = keras.layers
@@ -651,12 +718,35 @@ class Mlp(_KerasTrained):
             return keras.losses.CategoricalCrossentropy(from_logits=True)
         return super()._loss(keras)
 
-    def _training_data(self, X: np.ndarray, Y: np.ndarray) -> tuple[Any, np.ndarray]:
-        targets = Y.astype(np.float32)
-        if self.config.loss == "softmax":
-            tagged = targets.sum(axis=1) > 0  # an untagged post has no distribution to learn
-            X, targets = X[tagged], targets[tagged] / targets[tagged].sum(axis=1, keepdims=True)
-        return X, targets
+    def _training_data(self, X: np.ndarray | Blocks, Y: np.ndarray | None) -> Blocks:
+        if isinstance(X, Blocks):
+            return X
+        indptr, indices = csr_of(Y)  # dense targets are made per batch, never for all rows
+        return Blocks(
+            lambda order: array_blocks(X, indptr, indices, order), len(X), X.shape[1], Y.shape[1]
+        )
+
+    def _epoch_inputs(self, tf, data: Blocks, epoch: int) -> dict[str, Any]:
+        """One epoch as a tf.data stream of batches, shuffled by a generator seeded with
+        (seed, epoch): a block of rows in memory at a time, labels densified per batch."""
+        size, softmax = self.config.batch_size, self.config.loss == "softmax"
+
+        def batches():
+            order = np.random.default_rng([self.config.seed, epoch])
+            for X, indptr, indices in data.read(order):
+                Y = dense_labels(indptr, indices, data.n_tags, np.float32)
+                if softmax:  # an untagged post has no distribution to learn
+                    tagged = np.diff(indptr) > 0
+                    X, Y = X[tagged], Y[tagged] / Y[tagged].sum(axis=1, keepdims=True)
+                for start in range(0, len(X), size):
+                    yield X[start : start + size], Y[start : start + size]
+
+        signature = (
+            tf.TensorSpec((None, data.dim), tf.float32),
+            tf.TensorSpec((None, data.n_tags), tf.float32),
+        )
+        stream = tf.data.Dataset.from_generator(batches, output_signature=signature)
+        return {"x": stream.prefetch(2), "shuffle": False}
 
     def _scores(self, X: np.ndarray) -> np.ndarray:
         w_hidden, b_hidden, w_out, b_out = self.weights

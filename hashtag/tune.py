@@ -82,6 +82,14 @@ class TuneConfig:
     )
     loss: str = field(default="sigmoid", metadata={"help": "mlp loss: sigmoid or softmax"})
     seed: int = field(default=0, metadata={"help": "random seed of every trial"})
+    memory_budget: float = field(
+        default=0.0,
+        metadata={
+            "help": "GB a node gives the training data: under it the splits enter Ray's object "
+            "store once and trials share them; over it trials stream the dataset's parts "
+            "(0: a quarter of this machine's memory)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not str(self.data).strip():
@@ -112,6 +120,10 @@ class TuneConfig:
             raise ValueError(
                 f"--gpus-per-trial must be >= 0, and a whole number above 1; got {self.gpus_per_trial}"
             )
+        if not (math.isfinite(self.memory_budget) and self.memory_budget >= 0):
+            raise ValueError(
+                f"--memory-budget must be >= 0 GB (0: automatic), got {self.memory_budget}"
+            )
         if self.max_failures < 0:
             raise ValueError(f"--max-failures must be >= 0, got {self.max_failures}")
         references = sorted(set(models.available()) - models.TRAINABLE)
@@ -138,6 +150,13 @@ class TuneConfig:
         }
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
         return f"grid-{digest[:10]}"
+
+
+def memory_budget_bytes(config: TuneConfig) -> int:
+    """--memory-budget in bytes; automatic: a quarter of this machine's physical memory."""
+    if config.memory_budget:
+        return int(config.memory_budget * 2**30)
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
 
 
 def dataset_fingerprint(dataset) -> dict[str, Any]:
@@ -179,8 +198,75 @@ class TrialSettings:
     loss: str
     seed: int
     cpus: float
+    dim: int = 0
+    vocab: tuple[str, ...] = ()
     # Storage settings of the driver (the S3 endpoint override) that the trial's process needs.
     env: dict[str, str] = field(default_factory=dict)
+
+
+# Streamed trials choose the decision rule and report per-epoch validation metrics on the first
+# VAL_SAMPLE validation rows (a random sample: splits are a hash of the post id), so that their
+# memory does not grow with N; the final validation and test scores use every row.
+VAL_SAMPLE = 10_000
+BLOCK_ROWS = 65_536
+SPLIT_ARRAYS = ("X", "indptr", "indices")
+
+
+def split_arrays(dataset, name: str) -> dict[str, np.ndarray]:
+    """Split `name` in memory: X float32 (n, dim) and its labels as CSR (indptr, indices)."""
+    rows = dataset.rows(name)
+    indptr, indices = dataset.labels_csr(rows)
+    return {
+        "X": np.asarray(dataset.embeddings[rows], np.float32),
+        "indptr": indptr,
+        "indices": indices,
+    }
+
+
+class TrialData:
+    """Where a trial's rows come from: `arrays` ({split: split_arrays}, read-only views of Ray's
+    object store, shared by every trial on a node: no copy per trial), or, when the dataset is
+    over the memory budget, the dataset itself, streamed block by block from its parts."""
+
+    def __init__(self, data: str, arrays: dict[str, dict[str, np.ndarray]] | None):
+        self.arrays = arrays
+        self.dataset = None
+        if arrays is None:
+            from hashtag.dataset import Dataset
+
+            self.dataset = Dataset.load(data)
+
+    def blocks(self, name: str, order: np.random.Generator | None = None):
+        """(X, labels indptr, indices) blocks of split `name`."""
+        from hashtag.dataset import array_blocks
+
+        if self.dataset is not None:
+            return self.dataset.blocks(name, BLOCK_ROWS, order)
+        split = self.arrays[name]
+        return array_blocks(split["X"], split["indptr"], split["indices"], order, BLOCK_ROWS)
+
+    def train(self, dim: int, n_tags: int) -> models.Blocks:
+        rows = (
+            int(self.dataset.manifest["splits"]["train"])
+            if self.dataset is not None
+            else len(self.arrays["train"]["X"])
+        )
+        return models.Blocks(lambda order: self.blocks("train", order), rows, dim, n_tags)
+
+    def validation(self, n_tags: int) -> tuple[np.ndarray, np.ndarray]:
+        """(X, Y dense) for per-epoch validation: every row in memory, VAL_SAMPLE streamed."""
+        from hashtag.dataset import dense_labels
+
+        Xs, Ys, taken = [], [], 0
+        for X, indptr, indices in self.blocks("val"):
+            if self.dataset is not None and taken >= VAL_SAMPLE:
+                break
+            Xs.append(X)
+            Ys.append(dense_labels(indptr, indices, n_tags))
+            taken += len(X)
+        if self.dataset is not None:
+            return np.concatenate(Xs)[:VAL_SAMPLE], np.concatenate(Ys)[:VAL_SAMPLE]
+        return np.concatenate(Xs), np.concatenate(Ys)
 
 
 def _model_config(grid: dict[str, Any], settings: TrialSettings):
@@ -194,8 +280,16 @@ def _model_config(grid: dict[str, Any], settings: TrialSettings):
     )
 
 
-def _score(recommender, X: np.ndarray, Y: np.ndarray) -> dict[str, float]:
-    return {k: float(v) for k, v in recommender.score(X, Y).items()}
+def _score_blocks(recommender, blocks) -> dict[str, float]:
+    return {k: float(v) for k, v in recommender.score_blocks(blocks).items()}
+
+
+def _in_memory(blocks: models.Blocks) -> tuple[np.ndarray, np.ndarray]:
+    """(X, Y dense bool) of every row of `blocks`, in row order."""
+    from hashtag.dataset import dense_labels
+
+    parts = [(X, dense_labels(p, i, blocks.n_tags)) for X, p, i in blocks.read(None)]
+    return np.concatenate([X for X, _ in parts]), np.concatenate([Y for _, Y in parts])
 
 
 def _report(recommender, state: dict[str, Any], metrics: dict[str, Any]) -> None:
@@ -223,18 +317,23 @@ class _EpochReporter:
         _report(self.recommender, self.state, {"epoch": epoch + 1, "done": False, **shown})
 
 
-def train_trial(grid: dict[str, Any], settings: TrialSettings) -> None:
-    """One grid cell: `grid` holds its batch_size and learning_rate."""
+def train_trial(
+    grid: dict[str, Any],
+    settings: TrialSettings,
+    arrays: dict[str, dict[str, np.ndarray]] | None = None,
+) -> None:
+    """One grid cell: `grid` holds its batch_size and learning_rate; `arrays` the splits from
+    the object store, or None to stream them from the dataset (see TrialData)."""
     from ray import tune
-
-    from hashtag.dataset import Dataset
 
     for name, value in settings.env.items():
         os.environ.setdefault(name, value)
     _configure_tensorflow(settings.cpus)
-    dataset = Dataset.load(settings.data)
-    X_train, Y_train = dataset.part("train")
-    X_val, Y_val = dataset.part("val")
+    data = TrialData(settings.data, arrays)
+    # The driver names the vocabulary and dim; a streamed trial can read them itself.
+    vocab = list(settings.vocab) if settings.vocab else data.dataset.vocab
+    n_tags, dim = len(vocab), settings.dim or data.dataset.dim
+    X_val, Y_val = data.validation(n_tags)
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
@@ -247,18 +346,25 @@ def train_trial(grid: dict[str, Any], settings: TrialSettings) -> None:
                 state = json.load(f)
             recommender = models.load(os.path.join(folder, CHECKPOINT_MODEL))
     if recommender.epochs_done < settings.epochs:
+        train = data.train(dim, n_tags)
+        if recommender.streams:
+            X_train, Y_train = train, None
+        else:  # a model that needs every row at once (seed): in memory, whatever the budget
+            X_train, Y_train = _in_memory(train)
         recommender.fit(
             X_train,
             Y_train,
             X_val,
             Y_val,
             callbacks=[_EpochReporter(recommender, state)],
-            vocab=dataset.vocab,
+            vocab=vocab,
             resume=checkpoint is not None,
         )
-    X_test, Y_test = dataset.part("test")
+    del X_val, Y_val
     state.update(
-        done=True, val=_score(recommender, X_val, Y_val), test=_score(recommender, X_test, Y_test)
+        done=True,
+        val=_score_blocks(recommender, data.blocks("val")),
+        test=_score_blocks(recommender, data.blocks("test")),
     )
     _report(
         recommender,
@@ -301,7 +407,22 @@ def _storage_target(out: str) -> tuple[str, Any]:
     return path, PyFileSystem(FSSpecHandler(fs))
 
 
-def _references(config: TuneConfig, dataset) -> list[ResultRow]:
+REFERENCE_ROWS = 100_000
+
+
+def _first_rows(blocks, n: int):
+    """The blocks cut after their first `n` rows."""
+    for X, indptr, indices in blocks:
+        if n <= 0:
+            return
+        if len(X) > n:
+            X, indptr = X[:n], indptr[: n + 1]
+            indices = indices[: int(indptr[-1])]
+        n -= len(X)
+        yield X, indptr, indices
+
+
+def _references(config: TuneConfig, dataset, data: TrialData) -> list[ResultRow]:
     """Popularity and kNN, scored once per dataset; a rerun reads them back."""
     cache_uri = storage.join(config.out, "references.json")
     key = {
@@ -314,9 +435,19 @@ def _references(config: TuneConfig, dataset) -> list[ResultRow]:
         cached = storage.read_json(cache_uri)
         if cached.get("key") == key:
             return [ResultRow(**row) for row in cached["rows"]]
-    X_train, Y_train = dataset.part("train")
-    X_val, Y_val = dataset.part("val")
-    X_test, Y_test = dataset.part("test")
+    # Over the memory budget the references train on the first REFERENCE_ROWS training rows (a
+    # random sample: splits are a hash of the post id); kNN holds them all in memory.
+    train = data.train(dataset.dim, dataset.vocab_size)
+    if data.dataset is not None and train.rows > REFERENCE_ROWS:
+        log.info("references train on %d of %d training rows", REFERENCE_ROWS, train.rows)
+        train = models.Blocks(
+            lambda order: _first_rows(data.blocks("train"), REFERENCE_ROWS),
+            REFERENCE_ROWS,
+            train.dim,
+            train.n_tags,
+        )
+    X_train, Y_train = _in_memory(train)
+    X_val, Y_val = data.validation(dataset.vocab_size)
     rows = []
     for name in config.references:
         started = time.perf_counter()
@@ -325,8 +456,8 @@ def _references(config: TuneConfig, dataset) -> list[ResultRow]:
         rows.append(
             ResultRow(
                 model=name,
-                val=_score(recommender, X_val, Y_val),
-                test=_score(recommender, X_test, Y_test),
+                val=_score_blocks(recommender, data.blocks("val")),
+                test=_score_blocks(recommender, data.blocks("test")),
                 seconds=time.perf_counter() - started,
             )
         )
@@ -382,6 +513,7 @@ def _trial_row(config: TuneConfig, result, state: dict[str, Any] | None) -> Resu
 def export_model(config: TuneConfig, dataset, recommender, row: ResultRow) -> str:
     """Write the self-contained model folder OUT/model/: weights, metadata, co-occurrence."""
     from hashtag.completion import Cooccurrence
+    from hashtag.dataset import csr_rows, dense_labels
 
     uri = storage.join(config.out, "model")
     storage.remove(uri)  # no file of an older export may survive beside the new one
@@ -404,8 +536,16 @@ def export_model(config: TuneConfig, dataset, recommender, row: ResultRow) -> st
         # Recommending needs no Adam moments (twice the weights); trial checkpoints keep them.
         recommender.optimizer_state = []
     recommender.save(uri, metadata=metadata)
-    _, Y_train = dataset.part("train")
-    Cooccurrence().fit(Y_train).save(storage.join(uri, "cooccurrence"))
+    # From the training labels alone, a block of posts at a time.
+    indptr, indices = dataset.labels_csr(dataset.rows("train"))
+    blocks = (
+        dense_labels(
+            *csr_rows(indptr, indices, np.arange(a, min(a + 8192, len(indptr) - 1))),
+            dataset.vocab_size,
+        )
+        for a in range(0, len(indptr) - 1, 8192)
+    )
+    Cooccurrence().fit_blocks(blocks).save(storage.join(uri, "cooccurrence"))
     return uri
 
 
@@ -422,7 +562,7 @@ def _best_model(config: TuneConfig, results, best: ResultRow):
     raise RuntimeError(f"the best trial {best.label} has no checkpoint to export")
 
 
-def _run_grid(config: TuneConfig, dataset):
+def _run_grid(config: TuneConfig, dataset, data: TrialData):
     from ray import tune
 
     from hashtag import raycluster
@@ -436,6 +576,8 @@ def _run_grid(config: TuneConfig, dataset):
         loss=config.loss,
         seed=config.seed,
         cpus=config.cpus_per_trial,
+        dim=dataset.dim,
+        vocab=tuple(dataset.vocab),
         env=raycluster.worker_env().get("env_vars", {}),
     )
     params = {
@@ -443,7 +585,10 @@ def _run_grid(config: TuneConfig, dataset):
         "learning_rate": tune.grid_search(list(config.learning_rates)),
     }
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
-    trainable = tune.with_resources(tune.with_parameters(train_trial, settings=settings), resources)
+    # with_parameters puts the arrays into the object store once; trials get read-only views.
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, settings=settings, arrays=data.arrays), resources
+    )
     name = config.experiment_name(dataset_fingerprint(dataset))
     experiment = f"{storage_path.rstrip('/')}/{name}"
     # Every epoch checkpoints (so that a stopped job resumes mid-trial); with short trials that
@@ -477,6 +622,18 @@ def _run_grid(config: TuneConfig, dataset):
     return tuner.fit(), experiment
 
 
+def _trial_data(config: TuneConfig, dataset) -> TrialData:
+    """The splits in memory (for the object store) when they fit the budget, else streamed."""
+    from hashtag.dataset import SPLITS
+
+    needed, budget = sum(dataset.split_bytes(s) for s in SPLITS), memory_budget_bytes(config)
+    if needed <= budget:
+        log.info("the splits (%.2f GB) fit the budget: trials share them", needed / 2**30)
+        return TrialData(config.data, {s: split_arrays(dataset, s) for s in SPLITS})
+    log.info("the splits (%.2f GB) exceed the budget: trials stream them", needed / 2**30)
+    return TrialData(config.data, None)
+
+
 def run(config: TuneConfig) -> dict[str, Any]:
     """Tune the grid, score the references, write the report, export the best model."""
     from hashtag.dataset import Dataset
@@ -494,8 +651,9 @@ def run(config: TuneConfig) -> dict[str, Any]:
             f"{config.data} has no embeddings (dim 0, label-only posts): there is nothing to "
             "train an image model on"
         )
-    references = _references(config, dataset)
-    results, experiment = _run_grid(config, dataset)
+    data = _trial_data(config, dataset)
+    references = _references(config, dataset, data)
+    results, experiment = _run_grid(config, dataset, data)
     trials = sorted(
         (_trial_row(config, result, _trial_state(result)) for result in results),
         key=lambda r: (r.batch_size, -r.learning_rate),

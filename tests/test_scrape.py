@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from hashtag import shards, storage
+from hashtag.dataset import Dataset
 from hashtag.errors import UserError
 from hashtag.merge import MergeConfig
 from hashtag.merge import run as merge
@@ -25,9 +26,7 @@ ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
-def local_ray(s3_endpoint):
-    # Workers inherit this process's environment: start them after the S3 test variables are
-    # set (only the endpoint travels in runtime_env, never credentials).
+def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
@@ -221,8 +220,8 @@ def test_scrape_and_merge_on_s3(local_ray, s3_bucket, tmp_path):
     assert storage.exists(storage.join(out, "shards", "shard-00002", "manifest.json"))
     merged = merge(MergeConfig(shards=out, out=out + "/dataset", min_count=1))
     assert merged["count"] == 12
-    ids = storage.load_npy(out + "/dataset/ids.npy")
-    assert sorted(ids.tolist()) == [f"p{i:04d}" for i in range(12)]
+    ids = Dataset.load(out + "/dataset").ids  # parted: ids live in the parts
+    assert sorted(np.asarray(ids).tolist()) == [f"p{i:04d}" for i in range(12)]
 
 
 def test_config_errors_say_what_to_do():

@@ -118,10 +118,9 @@ def test_trial_checkpoints_every_epoch_and_resumes(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def local_ray(s3_endpoint):
+def local_ray():
     import ray
 
-    # Workers inherit this process's environment (credentials never travel in runtime_env).
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
