@@ -58,6 +58,7 @@ from hashtag.dataset import (
     write_parted_manifest,
 )
 from hashtag.errors import ArtifactError
+from hashtag.results import StageResult
 from hashtag.shards import ShardError, finished_shards, read_embeddings, read_rows, verify
 
 log = logging.getLogger(__name__)
@@ -396,7 +397,14 @@ def _run_stage(desc: str, task, calls: list[tuple]) -> list[Any]:
     return [results[i] for i in range(len(refs))]
 
 
-def run(config: MergeConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class MergeResult(StageResult):
+    out: str
+    count: int
+    vocab_size: int
+
+
+def run(config: MergeConfig) -> MergeResult:
     """Merge the finished shards under config.shards into a dataset at config.out; return the
     summary (also written as OUT/merge.json)."""
     import ray
@@ -518,7 +526,7 @@ def run(config: MergeConfig) -> dict[str, Any]:
         manifest["count"],
         len(vocab),
     )
-    return summary
+    return MergeResult(summary, config.out, summary["count"], summary["vocab_size"])
 
 
 def _remove_stale(out: str, parts: set[str]) -> None:

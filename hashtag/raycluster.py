@@ -15,15 +15,28 @@ log = logging.getLogger(__name__)
 _STORAGE_ENV = ("AWS_ENDPOINT_URL",)
 
 
+def verbose() -> bool:
+    """`-v` (the hashtag logger at DEBUG): Ray's and Tune's own output is shown only then."""
+    return logging.getLogger("hashtag").isEnabledFor(logging.DEBUG)
+
+
 def connect() -> None:
-    """`ray.init()` once: inside `ray job submit` it joins that cluster, by hand it starts one."""
+    """`ray.init()` once: inside `ray job submit` it joins that cluster, by hand it starts one.
+
+    Quiet unless -v: no worker output forwarded to the driver (TensorFlow's notices in every
+    trial), no start-up notices; task errors still reach the driver as exceptions."""
     import ray
 
     if ray.is_initialized():
         return
-    ray.init(logging_level=logging.WARNING)
+    loud = verbose()
+    ray.init(
+        logging_level=logging.INFO if loud else logging.ERROR,
+        log_to_driver=loud,
+        configure_logging=True,
+    )
     resources = ray.cluster_resources()
-    log.info("connected to Ray: %s", {k: v for k, v in resources.items() if "node:" not in k})
+    log.debug("connected to Ray: %s", {k: v for k, v in resources.items() if "node:" not in k})
 
 
 def worker_env() -> dict[str, Any]:

@@ -23,10 +23,18 @@ from hashtag import embedders, ingest, shards, sources, storage
 from hashtag.errors import UserError
 from hashtag.fetch import FetchConfig, Fetcher
 from hashtag.posts import Post
+from hashtag.results import StageResult
 from hashtag.sources import open_source
 
 log = logging.getLogger(__name__)
 SUMMARY = "scrape.json"
+
+# What each kind of source reads posts from: said when a source holds none.
+LOOKED_FOR = {
+    "manifest": "rows with an `image` (or label-only `tags`) in the manifest",
+    "instaloader": "instaloader posts (<date>_UTC.jpg with its .txt caption), searched recursively",
+    "seed": "rows of the *_csvs.npy files",
+}
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,18 @@ class ScrapeConfig:
         return options
 
 
+@dataclass(frozen=True)
+class ScrapeResult(StageResult):
+    shards_uri: str
+    posts_embedded: int
+    failed_shards: dict[int, str]
+
+    @property
+    def exit_code(self) -> int:
+        """1 when a shard failed (a rerun retries it), else 0."""
+        return 1 if self.failed_shards else 0
+
+
 def embed_shard(
     config: ScrapeConfig, index: int, posts: list[Post], label_only: bool, source: dict
 ) -> dict:
@@ -203,17 +223,32 @@ def _resumable(config: ScrapeConfig, identity: dict) -> dict[int, dict]:
     return kept
 
 
-def run(config: ScrapeConfig) -> dict:
+def run(config: ScrapeConfig) -> ScrapeResult:
     """Scrape and embed every post of `config.source` into shards under `config.out`."""
     import ray
 
     from hashtag import raycluster
 
-    raycluster.connect()
     start = time.perf_counter()
-    source = open_source(config.source, trust_pickle=config.trust_pickle)
+    try:
+        source = open_source(config.source, trust_pickle=config.trust_pickle)
+    except ValueError as error:  # an unknown kind, pickled files without --trust-pickle
+        raise UserError(str(error)) from error
+    posts = iter(source.posts())
+    first = next(posts, None)
+    if first is None:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(source.skipped.items()))
+        raise UserError(
+            f"no posts in {config.source}: looked for "
+            f"{LOOKED_FOR.get(source.kind, 'posts')}"
+            + (f"; skipped: {skipped}" if skipped else "")
+            + "; check the path, or give a manifest (.jsonl/.csv)"
+        )
+    label_only = first.image is None
+    posts = itertools.chain([first], posts)
     identity = sources.identity(config.source)
     finished = _resumable(config, identity)
+    raycluster.connect()
     cluster_cpus = int(ray.cluster_resources().get("CPU", 0))
     max_in_flight = config.max_in_flight or max(4, 2 * cluster_cpus)
     # Ray's own retries are off (max_retries=0 also turns off its OOM retries, which are
@@ -234,11 +269,6 @@ def run(config: ScrapeConfig) -> dict:
     in_flight: dict = {}
     config_ref = ray.put(config)
     progress = tqdm(desc="scrape", unit="post", dynamic_ncols=True)
-    posts = iter(source.posts())
-    first = next(posts, None)
-    label_only = first is not None and first.image is None
-    if first is not None:
-        posts = itertools.chain([first], posts)
 
     def submit(index: int, chunk: list[Post]) -> None:
         ref = task.remote(config_ref, index, chunk, label_only, identity)
@@ -315,4 +345,4 @@ def run(config: ScrapeConfig) -> dict:
         sum(skipped.values()),
         summary["shards_uri"],
     )
-    return summary
+    return ScrapeResult(summary, summary["shards_uri"], totals["posts_embedded"], failed)
