@@ -57,8 +57,9 @@ from hashtag.dataset import (
     split_code,
     write_parted_manifest,
 )
+from hashtag.errors import ArtifactError
 from hashtag.results import StageResult
-from hashtag.shards import ShardError, finished_shards, read_embeddings, read_rows
+from hashtag.shards import ShardError, finished_shards, read_embeddings, read_rows, verify
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +191,13 @@ def keys_task(
     bad: dict[str, str] = {}
     id_length = 0
     for index in group:
+        problem = verify(shards_root, index, manifests[index])  # sizes and sha256
+        if problem:  # the driver refuses the merge, naming the shard
+            bad[str(index)] = problem
+            continue
         try:
             rows = read_rows(shards_root, index, manifests[index])
-        except ShardError as error:  # logged by the driver
+        except ShardError as error:
             bad[str(index)] = str(error)
             continue
         ids = [str(row["id"]) for row in rows]
@@ -450,8 +455,13 @@ def run(config: MergeConfig) -> MergeResult:
         key=lambda tag: (-tag_counts[tag], tag),
     )[: config.vocab_size]
     bad_shards = {int(i): e for k in keys for i, e in k["bad"].items()}
-    for index, error in sorted(bad_shards.items()):
-        log.error("skipping shard %d: %s", index, error)
+    if bad_shards:  # refused, not dropped: dropping would lose their posts silently
+        index, error = min(bad_shards.items())
+        raise ArtifactError(
+            f"shard {index} is damaged ({error}); {len(bad_shards)} damaged shard(s) in all "
+            f"({sorted(bad_shards)}): rerun the same `hashtag scrape` (it rebuilds damaged "
+            "shards), then merge again"
+        )
     good = [i for i in indices if i not in bad_shards]
     id_length = max(k["id_length"] for k in keys)
     written = [

@@ -8,11 +8,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# Variables that steer storage and must reach every worker: the S3 endpoint override (MinIO, a
-# test server) and, only together with it, static test credentials. On AWS, workers use their
-# instance profile and none of these is set.
+# The one variable that steers storage and must reach every worker: the S3 endpoint override
+# (MinIO, a test server). Never credentials: Ray writes a runtime_env in plain text into its
+# logs, so workers take their keys from their own environment (a local cluster inherits the
+# driver's; a real cluster uses instance roles).
 _STORAGE_ENV = ("AWS_ENDPOINT_URL",)
-_ENDPOINT_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
 def verbose() -> bool:
@@ -40,8 +40,6 @@ def connect() -> None:
 
 
 def worker_env() -> dict[str, Any]:
-    """A runtime_env that forwards the storage settings of this process to Ray workers."""
+    """A runtime_env that forwards the S3 endpoint of this process to Ray workers (no secret)."""
     env = {name: os.environ[name] for name in _STORAGE_ENV if os.environ.get(name)}
-    if env:
-        env.update({n: os.environ[n] for n in _ENDPOINT_CREDENTIALS if os.environ.get(n)})
     return {"env_vars": env} if env else {}

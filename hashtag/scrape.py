@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
-from hashtag import embedders, ingest, shards, storage
+from hashtag import embedders, ingest, shards, sources, storage
 from hashtag.errors import UserError
 from hashtag.fetch import FetchConfig, Fetcher
 from hashtag.posts import Post
@@ -27,6 +27,7 @@ from hashtag.results import StageResult
 from hashtag.sources import open_source
 
 log = logging.getLogger(__name__)
+SUMMARY = "scrape.json"
 
 # What each kind of source reads posts from: said when a source holds none.
 LOOKED_FOR = {
@@ -62,7 +63,15 @@ class ScrapeConfig:
         default=0, metadata={"help": "shard tasks in flight at once (0: twice the cluster's CPUs)"}
     )
     max_retries: int = field(
-        default=3, metadata={"help": "retries of a shard task whose worker died or that failed"}
+        default=3,
+        metadata={
+            "help": "retries of a shard task whose worker died (crash, memory monitor) or that "
+            "failed; then its posts are skipped and the shard reported as failed"
+        },
+    )
+    memory_per_task_mb: int = field(
+        default=1024,
+        metadata={"help": "memory each embed task declares to Ray (MB), so Ray packs them"},
     )
     trust_pickle: bool = field(
         default=False,
@@ -94,6 +103,8 @@ class ScrapeConfig:
             raise ValueError("--cpus-per-task must be > 0 and --gpus-per-task >= 0")
         if not self.fetch_deadline_s > 0:
             raise ValueError(f"--fetch-deadline-s must be > 0, got {self.fetch_deadline_s}")
+        if self.memory_per_task_mb < 1:
+            raise ValueError(f"--memory-per-task-mb must be >= 1, got {self.memory_per_task_mb}")
         if self.max_retries < 0 or self.max_in_flight < 0:
             raise ValueError("--max-retries and --max-in-flight must be >= 0")
         if self.embedder.partition(":")[0] not in embedders.available():
@@ -134,7 +145,9 @@ class ScrapeResult(StageResult):
         return 1 if self.failed_shards else 0
 
 
-def embed_shard(config: ScrapeConfig, index: int, posts: list[Post], label_only: bool) -> dict:
+def embed_shard(
+    config: ScrapeConfig, index: int, posts: list[Post], label_only: bool, source: dict
+) -> dict:
     """Embed one shard and write it (data files first, manifest last). Runs in a Ray task."""
     start = time.perf_counter()
     if label_only:
@@ -157,6 +170,8 @@ def embed_shard(config: ScrapeConfig, index: int, posts: list[Post], label_only:
         "skips": [{"id": post_id, "reason": reason} for post_id, reason in result.skips],
         "bytes_read": result.bytes_read,
         "seconds": round(time.perf_counter() - start, 3),
+        "source": source,
+        "shard_size": config.shard_size,
     }
     return shards.write_shard(
         config.out,
@@ -175,6 +190,37 @@ def _chunks(posts: Iterator[Post], size: int) -> Iterator[tuple[int, list[Post]]
         if not chunk:
             return
         yield index, chunk
+
+
+def _resumable(config: ScrapeConfig, identity: dict) -> dict[int, dict]:
+    """The finished shards a rerun may keep: refuses another source or shard size (mixing them
+    would lose or repeat posts); a shard whose files do not match its manifest is rebuilt."""
+    summary_uri = storage.join(config.out, SUMMARY)
+    recorded = []
+    if storage.exists(summary_uri):
+        previous = storage.read_json(summary_uri)
+        if isinstance(previous, dict) and "source" in previous:
+            recorded.append((previous["source"], previous.get("shard_size"), summary_uri))
+    finished = shards.finished_shards(config.out)
+    for index, manifest in finished.items():
+        if "source" in manifest:
+            recorded.append((manifest["source"], manifest.get("shard_size"), f"shard {index}"))
+    for source, shard_size, where in recorded:
+        if source != identity or shard_size != config.shard_size:
+            raise UserError(
+                f"{config.out} holds a scrape of another source or shard size ({where}: "
+                f"{source}, shard size {shard_size}; now: {identity}, shard size "
+                f"{config.shard_size}); mixing them would lose or repeat posts: use a new --out, "
+                "or delete the old one"
+            )
+    kept = {}
+    for index, manifest in finished.items():
+        problem = shards.verify(config.out, index, manifest)
+        if problem:
+            log.warning("shard %d is damaged (%s); rebuilding it", index, problem)
+            continue
+        kept[index] = manifest
+    return kept
 
 
 def run(config: ScrapeConfig) -> ScrapeResult:
@@ -200,33 +246,51 @@ def run(config: ScrapeConfig) -> ScrapeResult:
         )
     label_only = first.image is None
     posts = itertools.chain([first], posts)
+    identity = sources.identity(config.source)
+    finished = _resumable(config, identity)
     raycluster.connect()
-    finished = shards.finished_shards(config.out)
     cluster_cpus = int(ray.cluster_resources().get("CPU", 0))
     max_in_flight = config.max_in_flight or max(4, 2 * cluster_cpus)
+    # Ray's own retries are off (max_retries=0 also turns off its OOM retries, which are
+    # otherwise unbounded): the driver resubmits a failed shard at most config.max_retries times.
     task = ray.remote(embed_shard).options(
         name="embed_shard",
         num_cpus=config.cpus_per_task,
         num_gpus=config.gpus_per_task,
-        max_retries=config.max_retries,
-        retry_exceptions=True,
+        memory=config.memory_per_task_mb * 2**20,
+        max_retries=0,
+        retry_exceptions=False,
         runtime_env=raycluster.worker_env() or None,
     )
     totals: Counter = Counter()
     skipped: Counter = Counter()
     failed: dict[int, str] = {}
+    attempts: Counter = Counter()
     in_flight: dict = {}
     config_ref = ray.put(config)
     progress = tqdm(desc="scrape", unit="post", dynamic_ncols=True)
 
+    def submit(index: int, chunk: list[Post]) -> None:
+        ref = task.remote(config_ref, index, chunk, label_only, identity)
+        in_flight[ref] = (index, chunk)
+
     def collect(ready: list) -> None:
         for ref in ready:
-            index = in_flight.pop(ref)
+            index, chunk = in_flight.pop(ref)
             try:
                 manifest = ray.get(ref)
             except Exception as error:  # reported, the other shards go on; a rerun retries it
-                log.error("shard %d failed after %d retries: %s", index, config.max_retries, error)
-                failed[index] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                attempts[index] += 1
+                if attempts[index] <= config.max_retries:
+                    log.warning("shard %d failed (%s); retry %d", index, reason, attempts[index])
+                    totals["task_retries"] += 1
+                    submit(index, chunk)
+                    continue
+                log.error("shard %d failed after %d retries: %s", index, config.max_retries, reason)
+                failed[index] = reason
+                skipped["shard-failed"] += len(chunk)
+                progress.update(len(chunk))
                 continue
             record(manifest, written=True)
 
@@ -251,7 +315,7 @@ def run(config: ScrapeConfig) -> ScrapeResult:
         while len(in_flight) >= max_in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             collect(ready)
-        in_flight[task.remote(config_ref, index, chunk, label_only)] = index
+        submit(index, chunk)
     while in_flight:
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         collect(ready)
@@ -262,6 +326,8 @@ def run(config: ScrapeConfig) -> ScrapeResult:
     summary = {
         "stage": "scrape",
         "config": asdict(config),
+        "source": identity,
+        "shard_size": config.shard_size,
         "shards_uri": storage.join(config.out, "shards"),
         **dict(totals),
         "skipped": dict(sorted(skipped.items())),
@@ -270,7 +336,7 @@ def run(config: ScrapeConfig) -> ScrapeResult:
         "seconds": round(seconds, 2),
         "posts_per_second": round(totals["posts_in"] / seconds, 1) if seconds else None,
     }
-    storage.write_json(storage.join(config.out, "scrape.json"), summary)
+    storage.write_json(storage.join(config.out, SUMMARY), summary)
     log.info(
         "scrape: %d shards (%d already done), %d posts embedded, %d skipped -> %s",
         totals["shards"],
