@@ -322,7 +322,7 @@ def _queries(lines: Iterable[bytes], base: str) -> Iterator[Query]:
             if not isinstance(row, dict):
                 raise ValueError(f"a JSON object per line, got {type(row).__name__}")
             yield _query(row, number, base)
-        except ValueError as error:  # also UnicodeDecodeError
+        except (ValueError, RecursionError) as error:  # also UnicodeDecodeError, deep nesting
             yield Query(image=None, id=f"line {number}", error=f"bad line: {error}")
 
 

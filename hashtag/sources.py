@@ -427,8 +427,9 @@ class InstaloaderSource(Source):
         caption = _node_caption(node)
         if "txt" in group:
             try:
-                caption = storage.read_bytes(group["txt"]).decode("utf-8", errors="replace")
-            except OSError as e:
+                data = storage.read_bytes(group["txt"], limit=MAX_ROW_BYTES)
+                caption = data.decode("utf-8", errors="replace")
+            except (OSError, storage.TooLarge) as e:
                 self._warn(stem, "bad-caption", f"{group['txt']}: {e}")
         metadata: dict[str, Any] = {"stem": stem}
         if len(images) > 1:

@@ -327,7 +327,7 @@ def _report(recommender, state: dict[str, Any], metrics: dict[str, Any]) -> None
     with tempfile.TemporaryDirectory(prefix="hashtag-ckpt-") as folder:
         recommender.save(os.path.join(folder, CHECKPOINT_MODEL))
         with open(os.path.join(folder, CHECKPOINT_STATE), "w") as f:
-            json.dump(state, f)
+            f.write(storage.dumps(storage.json_safe(state)))  # strict JSON: a NaN loss is null
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
