@@ -256,3 +256,27 @@ def test_pipeline_config_sections_flags_and_yaml(tmp_path):
     done = hashtag("pipeline", "--config", str(path))
     assert_one_line_error(done, "hashtag pipeline", 2, "shards is set by the pipeline")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_is_quiet_by_default(tmp_path):
+    """A whole small demo run prints progress bars, one summary per stage and the results:
+    no Tune tables or boxes, no tensorboardX name warnings, no checkpoint or Ray notices."""
+    out = tmp_path / "run"
+    small = ["--demo-posts", "40", "--shard-size", "20", "--epochs", "2"]
+    grid = ["--batch-sizes", "16", "--learning-rates", "1e-2", "--examples", "1"]
+    argv = ["pipeline", "--demo", "--out", str(out), *small, *grid]
+    # Bytes, not text: text mode would turn a progress bar's \r into line ends.
+    done = subprocess.run(
+        [sys.executable, "-m", "hashtag.cli", *argv], cwd=REPO, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
+    text = (done.stdout + done.stderr).decode()
+    # What a terminal keeps: lines end at \n, a progress bar redraws itself after \r.
+    lines = [line.rsplit("\r", 1)[-1] for line in text.strip().split("\n")]
+    for noise in ("is illegal", "Configuration for experiment", "Checkpoint", "Traceback"):
+        assert noise not in text, noise
+    assert "Token authentication" not in text and "Started a local Ray" not in text
+    assert len(lines) <= 25, "\n".join(lines)
+    assert any("(selected)" in line for line in lines)
+    assert any(line.startswith("pipeline done") for line in lines)
