@@ -57,7 +57,7 @@ from hashtag.dataset import (
     split_code,
     write_parted_manifest,
 )
-from hashtag.errors import ArtifactError
+from hashtag.errors import ArtifactError, UserError
 from hashtag.results import StageResult
 from hashtag.shards import ShardError, finished_shards, read_embeddings, read_rows, verify
 
@@ -392,7 +392,12 @@ def _run_stage(desc: str, task, calls: list[tuple]) -> list[Any]:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
-                results[pending.pop(ref)] = ray.get(ref)
+                try:
+                    results[pending.pop(ref)] = ray.get(ref)
+                except ray.exceptions.RayTaskError as error:
+                    if isinstance(error.cause, UserError):  # a full disk: one clear line
+                        raise error.cause from None
+                    raise
                 bar.update()
     return [results[i] for i in range(len(refs))]
 
