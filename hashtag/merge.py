@@ -37,6 +37,8 @@ from tqdm.auto import tqdm
 
 from hashtag import storage
 from hashtag.dataset import DatasetWriter, csr_from_lists, split_code
+from hashtag.embedders import EmbedderSpec
+from hashtag.errors import UserError
 from hashtag.shards import ShardError, finished_shards, read_embeddings, read_rows
 
 log = logging.getLogger(__name__)
@@ -127,18 +129,30 @@ class _SeenSet:
 def _check_compatible(manifests: dict[int, dict[str, Any]]) -> None:
     first_index = next(iter(manifests))
     first = manifests[first_index]
+    spec = EmbedderSpec.from_json(first["embedder"])
     for index, manifest in manifests.items():
-        if manifest["embedder"] != first["embedder"]:
-            raise ValueError(
-                f"shard {first_index} was embedded with {first['embedder']} but shard {index} with "
-                f"{manifest['embedder']}; merge shards of one embedder only (scrape the others "
-                "again with the same --embedder, or into another folder)"
+        other = EmbedderSpec.from_json(manifest["embedder"])
+        if other != spec:
+            raise UserError(
+                f"shard {first_index} was embedded with {spec} but shard {index} with "
+                f"{other}{_difference(spec, other)}; merge shards of one embedder set only "
+                "(scrape the others again with the same --embedder flags, or into another folder)"
             )
         if manifest["dim"] != first["dim"]:
-            raise ValueError(
+            raise UserError(
                 f"shard {first_index} has dim {first['dim']} but shard {index} has dim "
                 f"{manifest['dim']} (same embedder {first['embedder']}); rescrape one of them"
             )
+
+
+def _difference(a: EmbedderSpec, b: EmbedderSpec) -> str:
+    """Why two specs differ, when their names alone do not say it."""
+    if a.parts or b.parts:
+        return f" ({len(a.parts) or 1} embedder(s) vs {len(b.parts) or 1})"
+    if a.name == b.name:
+        changed = sorted(k for k in dict(a.options) | dict(b.options) if a.get(k) != b.get(k))
+        return f" (same model, different {', '.join(changed)})"
+    return ""
 
 
 def run(config: MergeConfig) -> dict[str, Any]:

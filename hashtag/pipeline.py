@@ -40,8 +40,13 @@ class PipelineConfig:
         metadata={"help": "generate synthetic demo posts under OUT/posts and use them"},
     )
     demo_posts: int = field(default=600, metadata={"help": "how many demo posts --demo generates"})
-    embedder: str = field(
-        default="classic", metadata={"help": "classic, tflite:PATH_OR_URI[#tensor], keras:NAME"}
+    embedder: tuple[str, ...] = field(
+        default=("classic",),
+        metadata={
+            "help": "classic, tflite:PATH_OR_URI[#tensor], keras:NAME; repeat the flag for "
+            "several embedders side by side",
+            "repeatable": True,
+        },
     )
     embedder_weights: str = field(
         default="",

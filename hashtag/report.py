@@ -87,10 +87,13 @@ def _metric_sort_key(name: str) -> tuple[str, int]:
     return (prefix, int(k) if k.isdigit() else -1)
 
 
-def results_table(rows: Sequence[ResultRow], baseline: str = BASELINE) -> list[dict]:
-    """One dict per row: identity, validation F1, every test metric, lifts, time.
+def results_table(
+    rows: Sequence[ResultRow], baseline: str = BASELINE, selected: str = ""
+) -> list[dict]:
+    """One dict per row: identity, validation F1 and F1@5, every test metric, lifts, time.
 
-    Trials first (by batch size, then learning rate), then the reference models.
+    Trials first (by batch size, then learning rate), then the reference models. The row whose
+    label is `selected` (the exported one) is marked "selected".
     """
     metrics = metric_names(rows)
     reference = next((r for r in rows if r.model == baseline and not r.is_trial), None)
@@ -106,7 +109,10 @@ def results_table(rows: Sequence[ResultRow], baseline: str = BASELINE) -> list[d
             "status": row.status,
             "epochs": row.epochs if row.epochs is not None else "",
             "val_f1": row.val.get("f1", math.nan),
+            "val_f1@5": row.val.get("f1@5", math.nan),
         }
+        if selected:
+            record["selected"] = "yes" if row.label == selected else ""
         for name in metrics:
             record[name] = row.test.get(name, math.nan)
         for name in LIFT_METRICS:
@@ -262,9 +268,11 @@ def plot_curves(rows: Sequence[ResultRow], uri: str) -> None:
     _save_figure(fig, uri)
 
 
-def write_report(rows: Sequence[ResultRow], out: str, baseline: str = BASELINE) -> dict[str, str]:
+def write_report(
+    rows: Sequence[ResultRow], out: str, baseline: str = BASELINE, selected: str = ""
+) -> dict[str, str]:
     """Write results.csv, results.md, heatmap.png and curves.png under `out`; returns their URIs."""
-    table = results_table(rows, baseline)
+    table = results_table(rows, baseline, selected)
     paths = {
         name: storage.join(out, name)
         for name in ("results.csv", "results.md", "heatmap.png", "curves.png")
