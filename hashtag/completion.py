@@ -24,14 +24,17 @@ tests/test_completion.py for the protocol.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from hashtag import storage
+from hashtag import artifacts, storage
 
 FORMAT = "hashtag-cooccurrence"
 VERSION = 1
+COUNTS = "counts.npy"
+MAX_TAGS = 100_000  # a (V, V) int64 matrix: more tags than this is a tampered folder
 
 
 @dataclass(frozen=True)
@@ -92,12 +95,22 @@ class Cooccurrence:
 
     def fit(self, y_train: np.ndarray) -> Cooccurrence:
         """Count the hashtag pairs of the training posts: bool (n, V)."""
-        y = _as_bool_matrix(y_train, "y_train").astype(np.float32)
-        if y.shape[0] == 0:
+        return self.fit_blocks([y_train])
+
+    def fit_blocks(self, blocks: Iterable[np.ndarray]) -> Cooccurrence:
+        """`fit` on the training labels given as bool (b, V) blocks of posts, one in memory at
+        a time. Memory is the (V, V) tables: ~5 x 8 x V**2 bytes while fitting (40 MB at the
+        default 1,000-tag vocabulary, 4 GB at 10,000): the vocabulary cap bounds it, not N."""
+        self.counts, self.n_posts = None, 0
+        for block in blocks:
+            y = _as_bool_matrix(block, "y_train", self.counts.shape[0] if self.n_posts else None)
+            y = y.astype(np.float32)
+            # float32 matmul is exact for counts below 2**24 per block; the sum is int64.
+            counts = np.rint(y.T @ y).astype(np.int64)
+            self.counts = counts if self.counts is None else self.counts + counts
+            self.n_posts += int(y.shape[0])
+        if not self.n_posts:
             raise ValueError("y_train has no posts: fit on at least one tagged post")
-        # float32 matmul is exact for counts below 2**24 (16M posts).
-        self.counts = np.rint(y.T @ y).astype(np.int64)
-        self.n_posts = int(y.shape[0])
         self._derive()
         return self
 
@@ -153,27 +166,34 @@ class Cooccurrence:
 
     def save(self, uri: str) -> None:
         self._check_fitted()
-        storage.save_npy(storage.join(uri, "counts.npy"), self.counts)
-        storage.write_json(
-            storage.join(uri, "manifest.json"),
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "n_posts": self.n_posts,
-                "config": asdict(self.config),
-            },
+        artifacts.remove_manifest(uri)
+        files = {COUNTS: artifacts.write_array(uri, COUNTS, self.counts)}
+        artifacts.write_manifest(
+            uri, FORMAT, VERSION, files, n_posts=self.n_posts, config=asdict(self.config)
         )
 
     @classmethod
     def load(cls, uri: str) -> Cooccurrence:
-        manifest = storage.read_json(storage.join(uri, "manifest.json"))
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            raise ValueError(
-                f"{uri} is not a {FORMAT} v{VERSION} folder (manifest says "
-                f"{manifest.get('format')!r} v{manifest.get('version')!r})"
+        """ArtifactError when the folder is missing, foreign or damaged."""
+        artifact = artifacts.read(
+            uri, FORMAT, VERSION, what="co-occurrence model", fix="rebuild it from the dataset"
+        )
+        n_posts = artifact.int_field("n_posts")
+        try:
+            model = cls(CooccurrenceConfig(**artifact.manifest["config"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise artifact.error(f"its config is invalid ({error})") from None
+        if artifact.files:
+            counts = artifact.load_array(COUNTS, verify=True)
+        else:  # written before the manifest listed its files
+            counts = storage.load_npy(storage.join(artifact.uri, COUNTS))
+        n = counts.shape[0] if counts.ndim else 0
+        artifact.check_array(COUNTS, counts, shape=(n, n), kinds="iu")
+        if n > MAX_TAGS or (counts.size and int(counts.min()) < 0):
+            raise artifact.error(
+                f"{COUNTS} must be a square count matrix of at most {MAX_TAGS} tags"
             )
-        model = cls(CooccurrenceConfig(**manifest["config"]))
-        model.counts = storage.load_npy(storage.join(uri, "counts.npy")).astype(np.int64)
-        model.n_posts = int(manifest["n_posts"])
+        model.counts = counts.astype(np.int64)
+        model.n_posts = n_posts
         model._derive()
         return model

@@ -9,6 +9,18 @@
       vocab.json          {"tags": [...], "counts": [...]}, most frequent first
       manifest.json       written LAST; a folder without it holds no dataset
 
+A large dataset (what `hashtag merge` writes: one part per group of shards, written by parallel
+Ray tasks) is the same thing split into parts, each a complete folder of the layout above:
+
+    OUT/
+      parts/part-00000/   embeddings.npy, ids.npy, ... , manifest.json (rows 0..n0-1)
+      parts/part-00001/   rows n0..n0+n1-1, and so on
+      vocab.json
+      manifest.json       version 2: lists the parts in row order with their counts; LAST
+
+Embeddings are float32, or float16 when merged with `--dtype float16` (half the bytes; readers
+get float32 blocks either way).
+
 `DatasetWriter` streams rows in, chunk by chunk, straight to the files (plain sequential writes,
 not a memory map, so that written pages are page cache and not the writer's resident memory);
 its memory is bounded by the chunk it is given. Local outputs are written to temporary names in
@@ -23,20 +35,32 @@ allow_pickle=False.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
 import shutil
 import struct
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from hashtag import storage
+from hashtag import artifacts, storage
+from hashtag.errors import UserError
 
 DATASET_FORMAT = "hashtag-dataset"
 DATASET_VERSION = 1
+PARTED_VERSION = 2  # a manifest that lists part folders
+PARTS = "parts"
+EMBEDDING_DTYPES = {"float32": "<f4", "float16": "<f2"}
+_FIX = "rerun `hashtag merge` to rebuild it"
+MAX_DIM = 1 << 16  # wider embeddings, or more tags, are a tampered manifest, not a dataset
+MAX_VOCAB = 10_000_000
+MAX_VOCAB_BYTES = 1 << 30
+MAX_ID_LENGTH = 256  # ids are capped by the sources (longer ones are `bad-id` rows)
 MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
 SPLITS = ("train", "val", "test")
@@ -113,16 +137,17 @@ class _NpyStream:
 
     def discard(self) -> None:
         if not self.file.closed:
-            self.file.close()
+            with contextlib.suppress(OSError):  # flushing the buffer may fail again (disk full)
+                self.file.close()
         if os.path.exists(self.path):
             os.remove(self.path)
 
 
 def _remove_stale_temporaries(folder: str) -> None:
     """Temporary array files a killed writer left behind (they are never part of a dataset)."""
+    staged = tuple(f"{name}.npy.tmp-" for name in _ARRAYS) + (f"{VOCAB}.tmp-",)
     for name in os.listdir(folder):
-        stem, _, tag = name.partition(".npy.tmp-")
-        if tag and stem in _ARRAYS:
+        if name.startswith(staged):
             os.remove(os.path.join(folder, name))
 
 
@@ -136,13 +161,17 @@ class DatasetWriter:
     Leaving the `with` block without `finish` (an exception) discards the temporary files.
     """
 
-    def __init__(self, uri: str, *, dim: int, id_length: int):
+    def __init__(self, uri: str, *, dim: int, id_length: int, dtype: str = "float32"):
         if dim < 0 or id_length < 0:
             raise ValueError(f"dim and id_length must be >= 0, got {dim} and {id_length}")
+        if dtype not in EMBEDDING_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {dtype!r}")
         self.uri, self.dim, self.id_length = str(uri), int(dim), max(int(id_length), 1)
+        self.dtype = dtype
+        if self.id_length > MAX_ID_LENGTH:
+            raise ValueError(f"id_length {self.id_length} is over the cap of {MAX_ID_LENGTH}")
         self.remote = storage.is_remote(self.uri)
-        # The old dataset (if any) stops existing before any of its files is replaced.
-        storage.remove(storage.join(self.uri, MANIFEST))
+        # The old dataset (if any) stays loadable until finish() moves the new files in.
         if self.remote:
             self._tmpdir: str | None = tempfile.mkdtemp(prefix="hashtag-dataset-")
             folder, suffix = self._tmpdir, ""
@@ -152,9 +181,11 @@ class DatasetWriter:
             os.makedirs(folder, exist_ok=True)
             _remove_stale_temporaries(folder)
             suffix = f".tmp-{uuid.uuid4().hex}"
+        self._folder, self._suffix = folder, suffix
         self._streams: dict[str, _NpyStream] = {}
         for name, (dtype, row_shape) in _ARRAYS.items():
             dtype = dtype or f"<U{self.id_length}"
+            dtype = EMBEDDING_DTYPES[self.dtype] if name == "embeddings" else dtype
             row_shape = (self.dim,) if row_shape is None else row_shape
             path = os.path.join(folder, f"{name}.npy{suffix}")
             self._streams[name] = _NpyStream(path, dtype, row_shape)
@@ -176,8 +207,12 @@ class DatasetWriter:
     ) -> None:
         """Add n rows: embeddings (n, dim), ids (n,), split codes (n,), and their labels as a CSR
         chunk (label_indptr (n+1,) from 0, label_indices) over the vocabulary given to finish."""
+        with self._disk_full_is_an_error():
+            self._append(embeddings, ids, split, label_indptr, label_indices)
+
+    def _append(self, embeddings, ids, split, label_indptr, label_indices) -> None:
         n = len(ids)
-        embeddings = np.asarray(embeddings, np.float32).reshape(n, self.dim)
+        embeddings = np.asarray(embeddings).reshape(n, self.dim)
         split = np.asarray(split, np.uint8)
         label_indptr = np.asarray(label_indptr, np.int64)
         label_indices = np.asarray(label_indices, np.int32)
@@ -228,41 +263,67 @@ class DatasetWriter:
             raise ValueError(
                 f"a label index {self.max_label} is outside the vocabulary of {len(vocab)}"
             )
-        files = {}
-        for name, stream in self._streams.items():
+        with self._disk_full_is_an_error():
+            manifest = self._finish(vocab, tag_counts, embedder, extra)
+        self._done = True
+        self._cleanup()
+        return manifest
+
+    def _finish(self, vocab, tag_counts, embedder, extra) -> dict[str, Any]:
+        vocab_bytes = storage.dumps({"tags": list(vocab), "counts": [int(c) for c in tag_counts]})
+        vocab_path = os.path.join(self._folder, VOCAB + self._suffix)
+        with open(vocab_path, "w", encoding="utf-8") as f:
+            f.write(vocab_bytes + "\n")
+        staged = {f"{name}.npy": stream.path for name, stream in self._streams.items()}
+        staged[VOCAB] = vocab_path
+        for stream in self._streams.values():
             stream.close()
-            final = storage.join(self.uri, f"{name}.npy")
-            files[f"{name}.npy"] = os.path.getsize(stream.path)
+        files = {name: artifacts.file_entry(path) for name, path in staged.items()}
+        # Everything is on disk: only now does the old dataset stop existing (renames and the
+        # manifest take no space, so a full disk cannot strike in between).
+        artifacts.remove_manifest(self.uri)
+        for name, path in staged.items():
+            final = storage.join(self.uri, name)
             if self.remote:
-                storage.upload(stream.path, final)
+                storage.upload(path, final)
             else:
-                os.replace(stream.path, storage.filesystem(final)[1])
-        storage.write_json(
-            storage.join(self.uri, VOCAB),
-            {"tags": list(vocab), "counts": [int(c) for c in tag_counts]},
-        )
-        manifest = dict(extra or {})
-        manifest.update(
-            format=DATASET_FORMAT,
-            version=DATASET_VERSION,
+                os.replace(path, storage.filesystem(final)[1])
+        fields = dict(extra or {})
+        fields.update(
             count=self.count,
             dim=self.dim,
+            dtype=self.dtype,
             embedder=embedder,
             vocab_size=len(vocab),
             splits={name: int(c) for name, c in zip(SPLITS, self.split_counts, strict=True)},
             label_nnz=self.nnz,
             unlabeled=self.unlabeled,
-            files=files,
         )
-        storage.write_json(storage.join(self.uri, MANIFEST), manifest)
-        self._done = True
-        self._cleanup()
-        return manifest
+        return artifacts.write_manifest(self.uri, DATASET_FORMAT, DATASET_VERSION, files, **fields)
+
+    @contextlib.contextmanager
+    def _disk_full_is_an_error(self) -> Iterator[None]:
+        """A full disk: temporaries removed, one clear error, the previous dataset untouched."""
+        try:
+            yield
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            self.abort()
+            self._done = True
+            raise UserError(
+                f"no space left writing the dataset {self.uri} ({error.strerror}); its temporary "
+                "files were removed and any previous dataset there is unchanged: free space (or "
+                "use another --out) and rerun `hashtag merge`"
+            ) from None
 
     def abort(self) -> None:
         """Discard everything written so far (the output keeps no manifest)."""
         for stream in self._streams.values():
             stream.discard()
+        vocab_path = os.path.join(self._folder, VOCAB + self._suffix)
+        if self._suffix and os.path.exists(vocab_path):
+            os.remove(vocab_path)
         self._cleanup()
 
     def _cleanup(self) -> None:
@@ -281,65 +342,98 @@ class DatasetWriter:
 class Dataset:
     """A merged dataset, loaded. Rows are global ids 0..N-1.
 
-    embeddings (N, dim) float32, ids (N,) str, split (N,) uint8, vocab (list of V tags, most
-    frequent first), tag_counts (V,) int64, embedder (spec dict), manifest (dict);
-    labels(rows) -> bool (n, V), rows(name) -> indices, part(name) -> (X, Y).
+    embeddings (N, dim) float32 or float16, ids (N,) str, split (N,) uint8, vocab (list of V
+    tags, most frequent first), tag_counts (V,) int64, embedder (spec dict), manifest (dict);
+    labels(rows) -> bool (n, V), rows(name) -> indices, part(name) -> (X, Y) in memory, and
+    blocks(name) -> (X, labels CSR) a block of rows at a time, for data larger than memory.
+
+    A parted dataset keeps `parts` (one Dataset per part folder, memory-mapped when local); its
+    whole-dataset arrays are concatenated only when first asked for.
     """
 
     def __init__(
         self,
         uri: str,
         manifest: dict[str, Any],
-        arrays: dict[str, np.ndarray],
+        arrays: dict[str, np.ndarray] | None,
         vocab: list[str],
         tag_counts: np.ndarray,
+        parts: list[Dataset] | None = None,
     ):
         self.uri = uri
         self.manifest = manifest
-        self.embeddings = arrays["embeddings"]
-        self.ids = arrays["ids"]
-        self.split = arrays["split"]
-        self.labels_indptr = arrays["labels_indptr"]
-        self.labels_indices = arrays["labels_indices"]
+        self._arrays = arrays
+        self.parts = parts if parts is not None else [self]
         self.vocab = vocab
         self.tag_counts = tag_counts
+
+    def _array(self, name: str) -> np.ndarray:
+        if self._arrays is None:  # a parted dataset, asked for a whole array: concatenate once
+            self._arrays = {}
+        if name not in self._arrays and len(self.parts) == 1:  # one part: its own (mapped) array
+            return self.parts[0]._array(name)
+        if name not in self._arrays:
+            pieces = [part._array(name) for part in self.parts]
+            if name == "labels_indptr":
+                offsets = np.cumsum([0] + [int(p[-1]) for p in pieces[:-1]])
+                pieces = [pieces[0][:1]] + [p[1:] + o for p, o in zip(pieces, offsets, strict=True)]
+            self._arrays[name] = np.concatenate(pieces)
+        return self._arrays[name]
+
+    embeddings = property(lambda self: self._array("embeddings"))
+    ids = property(lambda self: self._array("ids"))
+    split = property(lambda self: self._array("split"))
+    labels_indptr = property(lambda self: self._array("labels_indptr"))
+    labels_indices = property(lambda self: self._array("labels_indices"))
 
     @classmethod
     def load(cls, uri: str, mmap: bool = True) -> Dataset:
         """Load the dataset at `uri` (memory-mapped when local and `mmap`)."""
-        uri = str(uri)
-        manifest_uri = storage.join(uri, MANIFEST)
-        if not storage.exists(manifest_uri):
-            raise FileNotFoundError(
-                f"no dataset at {uri}: {MANIFEST} is missing (the merge did not run or did not "
-                "finish); run `hashtag merge` to build it"
-            )
-        manifest = storage.read_json(manifest_uri)
-        if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
-            raise ValueError(f"{manifest_uri} is not a {DATASET_FORMAT!r} manifest")
-        if manifest.get("version") != DATASET_VERSION:
-            raise ValueError(
-                f"{uri} is dataset format version {manifest.get('version')!r}; this code reads "
-                f"version {DATASET_VERSION}: rerun `hashtag merge` to rebuild it"
-            )
-        arrays = {
-            name: storage.load_npy(storage.join(uri, f"{name}.npy"), mmap=mmap) for name in _ARRAYS
-        }
-        vocab_json = storage.read_json(storage.join(uri, VOCAB))
-        vocab = [str(t) for t in vocab_json["tags"]]
-        tag_counts = np.asarray(vocab_json["counts"], np.int64)
-        _check(uri, manifest, arrays, vocab, tag_counts)
-        return cls(uri, manifest, arrays, vocab, tag_counts)
+        artifact = artifacts.read(
+            uri, DATASET_FORMAT, (DATASET_VERSION, PARTED_VERSION), what="dataset", fix=_FIX
+        )
+        if artifact.manifest["version"] == PARTED_VERSION:
+            return cls._load_parts(artifact, mmap)
+        arrays = {name: artifact.load_array(f"{name}.npy", mmap=mmap) for name in _ARRAYS}
+        vocab, tag_counts = _read_vocab(artifact)
+        _check(artifact, arrays, vocab, tag_counts)
+        return cls(artifact.uri, artifact.manifest, arrays, vocab, tag_counts)
+
+    @classmethod
+    def _load_parts(cls, artifact: artifacts.Artifact, mmap: bool) -> Dataset:
+        """A parted dataset: every part is a checked dataset folder; their row counts must add
+        up to the manifest's, and they share one vocabulary."""
+        listed = artifact.manifest.get("parts")
+        if (
+            not isinstance(listed, list)
+            or not listed
+            or not all(isinstance(p, dict) and isinstance(p.get("count"), int) for p in listed)
+        ):
+            raise artifact.error("its manifest's 'parts' is not a list of {name, count}")
+        folder = storage.join(artifact.uri, PARTS)
+        parts = [
+            cls.load(storage.join(folder, artifacts.check_name(folder, p.get("name"), _FIX)), mmap)
+            for p in listed
+        ]
+        counts = [len(part) for part in parts]
+        if counts != [p["count"] for p in listed] or sum(counts) != artifact.int_field("count"):
+            raise artifact.error(f"its parts hold {counts} rows, its manifest says otherwise")
+        vocab = parts[0].vocab
+        if any(part.vocab != vocab for part in parts) or len(vocab) != artifact.int_field(
+            "vocab_size", high=MAX_VOCAB
+        ):
+            raise artifact.error("its parts do not share the manifest's vocabulary")
+        return cls(artifact.uri, artifact.manifest, None, vocab, parts[0].tag_counts, parts)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return int(self.manifest["count"])
 
     def __repr__(self) -> str:
         return f"Dataset({self.uri!r}, count={len(self)}, dim={self.dim}, vocab_size={self.vocab_size})"
 
     @property
     def dim(self) -> int:
-        return int(self.embeddings.shape[1])
+        return int(self.manifest["dim"])
 
     @property
     def vocab_size(self) -> int:
@@ -353,56 +447,183 @@ class Dataset:
         """Global ids of the rows in split `name` ("train", "val" or "test"), ascending."""
         return np.flatnonzero(np.asarray(self.split) == split_code(name))
 
+    def labels_csr(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(indptr from 0, indices) of the labels of `rows` (global ids), without densifying."""
+        return csr_rows(np.asarray(self.labels_indptr), self.labels_indices, rows)
+
     def labels(self, rows: np.ndarray | Sequence[int] | None = None) -> np.ndarray:
         """Dense bool (n, V) label matrix of `rows` (ids or a bool mask; all rows if None)."""
-        indptr = np.asarray(self.labels_indptr)
         if rows is None:
             rows = np.arange(len(self))
         rows = np.asarray(rows)
         if rows.dtype == bool:
             rows = np.flatnonzero(rows)
-        rows = rows.astype(np.int64, copy=False).reshape(-1)
-        starts, lengths = indptr[rows], indptr[rows + 1] - indptr[rows]
-        # Position of every label of the selected rows in labels_indices, without a Python loop.
-        ends = np.cumsum(lengths)
-        positions = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(
-            starts - ends + lengths, lengths
-        )
-        out = np.zeros((len(rows), self.vocab_size), bool)
-        out[
-            np.repeat(np.arange(len(rows)), lengths), np.asarray(self.labels_indices)[positions]
-        ] = True
-        return out
+        return dense_labels(*self.labels_csr(rows), self.vocab_size)
 
     def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(X float32 (n, dim), Y bool (n, V)) of split `name`, in memory."""
         rows = self.rows(name)
         return np.asarray(self.embeddings[rows], np.float32), self.labels(rows)
 
+    def split_bytes(self, name: str) -> int:
+        """Bytes split `name` takes in memory as float32 embeddings + CSR labels (an estimate
+        from the manifest: the share of the split times the whole)."""
+        share = self.manifest["splits"][split_code_name(name)] / max(1, len(self))
+        nnz = self.manifest.get("label_nnz", 0)
+        return int(share * (len(self) * (self.dim * 4 + 8) + nnz * 4))
+
+    def blocks(
+        self, name: str, block_rows: int = 65536, order: np.random.Generator | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(X float32 (b, dim), labels indptr (b+1,), indices) of split `name`, block by block,
+        each block at most `block_rows` rows of one part. With `order` (a Generator) blocks come
+        in a random order and rows are shuffled within each block (a per-epoch shuffle that
+        never holds more than one block). Every block re-opens its memory maps, so the pages it
+        touched leave this process with it: memory stays at one block, whatever N."""
+        code = split_code(name)
+        spans = []
+        for part in self.parts:
+            count = int(part.manifest["count"])
+            spans += [(part, a, min(a + block_rows, count)) for a in range(0, count, block_rows)]
+        if order is not None:
+            spans = [spans[i] for i in order.permutation(len(spans))]
+        for part, start, stop in spans:
+            arrays = part._reopen()
+            rows = start + np.flatnonzero(np.asarray(arrays["split"][start:stop]) == code)
+            if order is not None:
+                rows = order.permutation(rows)
+            if len(rows) == 0:
+                continue
+            lo = int(rows.min()) if order is not None else start
+            X = np.asarray(arrays["embeddings"][lo : int(rows.max()) + 1][rows - lo], np.float32)
+            indptr, indices = csr_rows(arrays["labels_indptr"], arrays["labels_indices"], rows)
+            del arrays
+            yield X, indptr, indices
+
+    def _reopen(self) -> dict[str, np.ndarray]:
+        """This part's arrays again: fresh memory maps when local (see `blocks`)."""
+        if self._arrays is None or storage.is_remote(self.uri):
+            return {name: self._array(name) for name in _ARRAYS}
+        return {
+            name: storage.load_npy(storage.join(self.uri, f"{name}.npy"), mmap=True)
+            for name in _ARRAYS
+        }
+
+
+def array_blocks(
+    X: np.ndarray,
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    order: np.random.Generator | None = None,
+    block_rows: int = 65536,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`Dataset.blocks` over arrays already in memory (for example read-only views of Ray's
+    object store): blocks of at most `block_rows` rows, copied one block at a time, never the
+    whole; with `order`, the rows of all blocks are one random permutation."""
+    rows = order.permutation(len(X)) if order is not None else np.arange(len(X))
+    for start in range(0, len(rows), block_rows):
+        block = rows[start : start + block_rows]
+        yield (np.asarray(X[block], np.float32), *csr_rows(indptr, indices, block))
+
+
+def split_code_name(name: str) -> str:
+    """The canonical split name ("validation" -> "val")."""
+    return SPLITS[split_code(name)]
+
+
+def csr_rows(
+    indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR (indptr from 0, indices) of `rows` of the CSR matrix (indptr, indices)."""
+    rows = np.asarray(rows).astype(np.int64, copy=False).reshape(-1)
+    starts = np.asarray(indptr[rows], np.int64)
+    lengths = np.asarray(indptr[rows + 1], np.int64) - starts
+    ends = np.cumsum(lengths)
+    # Position of every label of the selected rows in `indices`, without a Python loop.
+    positions = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(
+        starts - ends + lengths, lengths
+    )
+    out = np.zeros(len(rows) + 1, np.int64)
+    out[1:] = ends
+    return out, np.asarray(indices[positions] if len(positions) else indices[:0], np.int32)
+
+
+def dense_labels(indptr: np.ndarray, indices: np.ndarray, n_tags: int, dtype=bool) -> np.ndarray:
+    """Dense (n, n_tags) matrix of the CSR rows (indptr from 0, indices)."""
+    out = np.zeros((len(indptr) - 1, n_tags), dtype)
+    out[np.repeat(np.arange(len(indptr) - 1), np.diff(indptr)), indices] = 1
+    return out
+
+
+def write_parted_manifest(
+    uri: str,
+    parts: Sequence[dict[str, Any]],
+    *,
+    vocab: Sequence[str],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the manifest of a dataset made of the part folders OUT/parts/<name>, given their
+    manifests (each with its "name") in row order. The parts carry the vocabulary (vocab.json),
+    so this one write replaces an older dataset at OUT at once."""
+    if not parts:
+        raise ValueError("a parted dataset needs at least one part")
+    first = parts[0]
+    manifest = dict(extra or {})
+    manifest.update(
+        count=sum(int(p["count"]) for p in parts),
+        dim=first["dim"],
+        dtype=first.get("dtype", "float32"),
+        embedder=first["embedder"],
+        vocab_size=len(vocab),
+        splits={s: sum(int(p["splits"][s]) for p in parts) for s in SPLITS},
+        label_nnz=sum(int(p["label_nnz"]) for p in parts),
+        unlabeled=sum(int(p["unlabeled"]) for p in parts),
+        parts=[{"name": p["name"], "count": int(p["count"])} for p in parts],
+    )
+    return artifacts.write_manifest(uri, DATASET_FORMAT, PARTED_VERSION, {}, **manifest)
+
+
+def _read_vocab(artifact: artifacts.Artifact) -> tuple[list[str], np.ndarray]:
+    try:
+        if VOCAB in artifact.files:
+            data = artifact.read_bytes(VOCAB)
+        else:  # a dataset written before vocab.json was listed in its manifest
+            data = storage.read_bytes(storage.join(artifact.uri, VOCAB), limit=MAX_VOCAB_BYTES)
+        vocab_json = json.loads(data)
+        tags, counts = vocab_json["tags"], vocab_json["counts"]
+        if not all(isinstance(t, str) for t in tags) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts
+        ):
+            raise ValueError("tags must be strings and counts non-negative integers")
+    except artifacts.ArtifactError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as error:
+        raise artifact.error(f"{VOCAB} is unreadable or malformed ({error})") from None
+    return list(tags), np.asarray(counts, np.int64)
+
 
 def _check(
-    uri: str,
-    manifest: dict[str, Any],
+    artifact: artifacts.Artifact,
     arrays: dict[str, np.ndarray],
     vocab: list[str],
     tag_counts: np.ndarray,
 ) -> None:
-    count, dim = manifest["count"], manifest["dim"]
-    expected = {
-        "embeddings": ((count, dim), "f"),
-        "ids": ((count,), "U"),
-        "split": ((count,), "u"),
-        "labels_indptr": ((count + 1,), "i"),
-        "labels_indices": ((int(arrays["labels_indptr"][-1]),), "i"),
-    }
-    for name, (shape, kind) in expected.items():
-        array = arrays[name]
-        if array.shape != shape or array.dtype.kind != kind:
-            raise ValueError(
-                f"{uri}/{name}.npy is {array.dtype} {array.shape}, expected kind {kind!r} {shape}: "
-                "the dataset is damaged; rerun `hashtag merge`"
-            )
-    if len(vocab) != manifest["vocab_size"] or len(tag_counts) != len(vocab):
-        raise ValueError(
-            f"{uri}/{VOCAB} does not match the manifest's vocab_size; rerun `hashtag merge`"
+    """Shapes, dtypes and index ranges: a tampered dataset is an ArtifactError, not a crash."""
+    count = artifact.int_field("count")
+    dim = artifact.int_field("dim", high=MAX_DIM)
+    vocab_size = artifact.int_field("vocab_size", high=MAX_VOCAB)
+    indptr = arrays["labels_indptr"]
+    artifact.check_array("embeddings.npy", arrays["embeddings"], shape=(count, dim), kinds="f")
+    artifact.check_array("ids.npy", arrays["ids"], shape=(count,), kinds="U")
+    artifact.check_array("split.npy", arrays["split"], shape=(count,), kinds="u")
+    artifact.check_array("labels_indptr.npy", indptr, shape=(count + 1,), kinds="i")
+    indices = arrays["labels_indices"]
+    artifact.check_array("labels_indices.npy", indices, shape=(len(indices),), kinds="i")
+    artifact.check_csr("labels_indptr.npy", indptr, len(indices))
+    artifact.check_range("labels_indices.npy", indices, 0, vocab_size)
+    artifact.check_range("split.npy", arrays["split"], 0, len(SPLITS))
+    if len(vocab) != vocab_size or len(tag_counts) != len(vocab):
+        raise artifact.error(
+            f"{VOCAB} has {len(vocab)} tags and {len(tag_counts)} counts, the manifest says "
+            f"vocab_size {vocab_size}"
         )

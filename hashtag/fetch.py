@@ -5,7 +5,10 @@
 
 HTTP goes through http.client from the standard library, with what a scraper needs to be a good
 citizen and to survive the web:
-- timeouts on connect and on every read, and a wall-clock limit per attempt (slow-drip servers);
+- wall-clock deadlines: every socket operation (connect, request, status line, endless interim
+  `100 Continue` responses, header lines, body) gets at most the time left before the attempt's
+  deadline (attempt_deadline_s) and the image's (fetch_deadline_s, retries and waits included),
+  so a server that dribbles one byte a second cannot hold a worker longer than that;
 - bounded retries with exponential backoff for 5xx, 429 and connection errors / timeouts; 429 and
   503 honour Retry-After (seconds or an HTTP date), capped by max_backoff_s; other 4xx fail at once;
 - a size cap checked against Content-Length and again while streaming;
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import email.utils
 import http.client
+import io
 import ipaddress
 import random
 import socket
@@ -75,9 +79,13 @@ class FetchConfig:
         default=120.0,
         metadata={"help": "wall-clock limit of one HTTP attempt, against slow-drip servers"},
     )
+    fetch_deadline_s: float = field(
+        default=60.0,
+        metadata={"help": "wall-clock limit of fetching one image, retries and waits included"},
+    )
 
     def __post_init__(self):
-        for name in ("timeout_s", "attempt_deadline_s"):
+        for name in ("timeout_s", "attempt_deadline_s", "fetch_deadline_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"FetchConfig.{name} must be > 0, got {getattr(self, name)}")
         for name in ("retries", "max_redirects", "max_bytes"):
@@ -134,14 +142,11 @@ class Fetcher:
 
     def _get_storage(self, uri: str) -> bytes:
         try:
-            size = storage.size(uri)
-            if size is not None and size > self.config.max_bytes:
-                raise FetchError(
-                    f"{uri} is {size} bytes, over max_bytes={self.config.max_bytes}", "too-large"
-                )
-            data = storage.read_bytes(uri)
-        except FetchError:
-            raise
+            data = storage.read_bytes(uri, limit=self.config.max_bytes)
+        except storage.TooLarge as e:
+            raise FetchError(f"{uri} is over max_bytes={self.config.max_bytes}", "too-large") from e
+        except storage.NotRegularFile as e:
+            raise FetchError(f"{uri} is not a regular file (device, FIFO)", "not-a-file") from e
         except FileNotFoundError as e:
             raise FetchError(f"{uri} does not exist", "not-found") from e
         except IsADirectoryError as e:
@@ -150,15 +155,14 @@ class Fetcher:
             raise FetchError(f"no permission to read {uri}: {e}", "forbidden") from e
         except OSError as e:
             raise FetchError(f"cannot read {uri}: {e}", "read-error") from e
-        if len(data) > self.config.max_bytes:  # the object grew between size() and read
-            raise FetchError(f"{uri} is over max_bytes={self.config.max_bytes}", "too-large")
         return data
 
     # http -------------------------------------------------------------------------------------
 
     def _get_http(self, url: str) -> bytes:
+        deadline = time.monotonic() + self.config.fetch_deadline_s
         for _hop in range(self.config.max_redirects + 1):
-            status, location, body = self._request_with_retries(url)
+            status, location, body = self._request_with_retries(url, deadline)
             if status not in _REDIRECTS:
                 return body
             if not location:
@@ -172,13 +176,13 @@ class Fetcher:
             "too-many-redirects",
         )
 
-    def _request_with_retries(self, url: str) -> tuple[int, str | None, bytes]:
+    def _request_with_retries(self, url: str, deadline: float) -> tuple[int, str | None, bytes]:
         config = self.config
         for attempt in range(config.retries + 1):
             try:
-                return self._request_once(url)
+                return self._request_once(url, deadline)
             except _Retry as retry:
-                if attempt == config.retries:
+                if attempt == config.retries or time.monotonic() >= deadline:
                     raise retry.error from None
                 if retry.wait_s is not None:
                     wait = min(retry.wait_s, config.max_backoff_s)
@@ -186,12 +190,14 @@ class Fetcher:
                     # Jitter, so that many workers throttled together do not retry together.
                     wait = min(config.backoff_s * 2**attempt, config.max_backoff_s)
                     wait *= random.uniform(0.5, 1.0)
+                if time.monotonic() + wait >= deadline:  # no time left for another attempt
+                    raise retry.error from None
                 with self._lock:
                     self.retries += 1
                 self._sleep(wait)
         raise AssertionError("unreachable")
 
-    def _request_once(self, url: str) -> tuple[int, str | None, bytes]:
+    def _request_once(self, url: str, fetch_deadline: float) -> tuple[int, str | None, bytes]:
         """One HTTP request: (status, Location, body); the body is read only for 2xx."""
         config = self.config
         parts = urlsplit(url)
@@ -205,11 +211,13 @@ class Fetcher:
             raise FetchError(f"{url!r}: {e}", "bad-location") from e
         address = self._checked_address(host, port)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        deadline = time.monotonic() + config.attempt_deadline_s
+        deadline = min(time.monotonic() + config.attempt_deadline_s, fetch_deadline)
         if https:
-            conn = _PinnedHTTPSConnection(host, port, address, config.timeout_s, self._ssl_context)
+            conn = _PinnedHTTPSConnection(
+                host, port, address, config.timeout_s, deadline, self._ssl_context
+            )
         else:
-            conn = _PinnedHTTPConnection(host, port, address, config.timeout_s)
+            conn = _PinnedHTTPConnection(host, port, address, config.timeout_s, deadline)
         try:
             conn.request(
                 "GET",
@@ -225,11 +233,9 @@ class Fetcher:
                 raise _Retry(FetchError(f"{url}: HTTP {status}", f"http-{status}"), wait)
             if not 200 <= status < 300:
                 raise FetchError(f"{url}: HTTP {status} {response.reason}", f"http-{status}")
-            return status, None, self._read_body(url, response, deadline)
+            return status, None, self._read_body(url, response)
         except TimeoutError as e:
-            raise _Retry(
-                FetchError(f"{url}: timed out after {config.timeout_s}s", "timeout")
-            ) from e
+            raise _Retry(FetchError(f"{url}: timed out ({e or 'no answer'})", "timeout")) from e
         except ssl.SSLCertVerificationError as e:
             raise FetchError(f"{url}: TLS certificate not valid: {e}", "tls-error") from e
         except (OSError, http.client.HTTPException) as e:
@@ -237,7 +243,7 @@ class Fetcher:
         finally:
             conn.close()
 
-    def _read_body(self, url: str, response: http.client.HTTPResponse, deadline: float) -> bytes:
+    def _read_body(self, url: str, response: http.client.HTTPResponse) -> bytes:
         limit = self.config.max_bytes
         length = response.getheader("Content-Length")
         if length and length.strip().isdigit() and int(length) > limit:
@@ -249,12 +255,6 @@ class Fetcher:
             total += len(chunk)
             if total > limit:
                 raise FetchError(f"{url}: body over max_bytes={limit}", "too-large")
-            if time.monotonic() > deadline:
-                raise _Retry(
-                    FetchError(
-                        f"{url}: not downloaded in {self.config.attempt_deadline_s}s", "timeout"
-                    )
-                )
             chunks.append(chunk)
         if length and length.strip().isdigit() and total < int(length):
             # The server closed early; http.client's read1 does not raise for this.
@@ -271,6 +271,13 @@ class Fetcher:
                 raise _Retry(error) from e
             raise error from e
         addresses = [info[4][0] for info in infos]
+        for address in addresses:
+            if is_metadata_address(address):
+                raise FetchError(
+                    f"refusing {host!r}: it resolves to the cloud metadata address {address}, "
+                    "which is never fetched (not even with --allow-private-addresses)",
+                    "metadata-address",
+                )
         if not self.config.allow_private:
             for address in addresses:
                 if not is_public_address(address):
@@ -282,20 +289,56 @@ class Fetcher:
         return addresses[0]
 
 
-def is_public_address(address: str) -> bool:
-    """True for a globally routable unicast address; False for loopback, private, etc."""
+# Cloud metadata endpoints (AWS, GCP, Azure, ... IPv4 link-local; AWS's IPv6 one): never
+# fetched, not even with allow_private, since they hand out the node's credentials.
+_METADATA_NETWORKS = (
+    ipaddress.ip_network("169.254.0.0/16"),
+    ipaddress.ip_network("fd00:ec2::254/128"),
+)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _unwrapped(address: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The address and every IPv4 address embedded in it (IPv4-mapped, 6to4, Teredo, NAT64),
+    so that 2002:7f00:1:: is judged as the 127.0.0.1 it reaches."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    blocked = (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
+    found = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            found.append(ip.ipv4_mapped)
+        if ip.sixtofour is not None:
+            found.append(ip.sixtofour)
+        if ip.teredo is not None:
+            found.extend(ip.teredo)
+        if ip in _NAT64:
+            found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
+
+
+def is_metadata_address(address: str) -> bool:
+    """True for a cloud metadata address (169.254/16, fd00:ec2::254), also when embedded."""
+    return any(
+        ip.version == net.version and ip in net
+        for ip in _unwrapped(address)
+        for net in _METADATA_NETWORKS
     )
-    return ip.is_global and not blocked
+
+
+def is_public_address(address: str) -> bool:
+    """True for a globally routable unicast address; False for loopback, private, etc., also
+    when an IPv6 address embeds such an IPv4 one."""
+    return all(
+        ip.is_global
+        and not (
+            ip.is_private
+            or ip.is_loopback
+            or ip.is_link_local
+            or ip.is_multicast
+            or ip.is_reserved
+            or ip.is_unspecified
+        )
+        for ip in _unwrapped(address)
+    )
 
 
 def _retry_after_s(value: str | None) -> float | None:
@@ -314,25 +357,71 @@ def _retry_after_s(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+class _DeadlineSocket:
+    """A socket whose every send and receive gets at most the time left before `deadline`
+    (and at most `timeout_s`): a wall-clock limit that a dribbling server cannot stretch, since
+    http.client's own loops (interim responses, header lines) all read through recv_into."""
+
+    def __init__(self, sock: socket.socket, deadline: float, timeout_s: float):
+        self._sock, self._deadline, self._timeout_s = sock, deadline, timeout_s
+
+    def _arm(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the wall-clock deadline passed")
+        self._sock.settimeout(min(self._timeout_s, left))
+
+    def recv_into(self, buffer, nbytes: int = 0) -> int:
+        self._arm()
+        return self._sock.recv_into(buffer, nbytes)
+
+    def recv(self, nbytes: int) -> bytes:
+        self._arm()
+        return self._sock.recv(nbytes)
+
+    def sendall(self, data) -> None:
+        self._arm()
+        self._sock.sendall(data)
+
+    def makefile(self, mode: str = "rb", *args, **kwargs):
+        # Reads through this object (recv_into above), not the raw socket. Counted like
+        # socket.makefile does, so closing the connection waits for the response to close.
+        self._sock._io_refs += 1
+        return io.BufferedReader(socket.SocketIO(self, "rb"))
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+
+def _connect(address: str, port: int, timeout_s: float, deadline: float) -> socket.socket:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the wall-clock deadline passed before connecting")
+    return socket.create_connection((address, port), min(timeout_s, left))
+
+
 class _PinnedHTTPConnection(http.client.HTTPConnection):
     """Connects to an address checked beforehand, while Host stays the URL's host."""
 
-    def __init__(self, host: str, port: int, address: str, timeout: float):
+    def __init__(self, host: str, port: int, address: str, timeout: float, deadline: float):
         super().__init__(host, port, timeout=timeout)
-        self._address = address
+        self._address, self._deadline = address, deadline
 
     def connect(self):
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        sock = _connect(self._address, self.port, self.timeout, self._deadline)
+        self.sock = _DeadlineSocket(sock, self._deadline, self.timeout)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     """The same over TLS: SNI and certificate checks use the URL's host name."""
 
-    def __init__(self, host, port, address, timeout, context: ssl.SSLContext):
+    def __init__(self, host, port, address, timeout, deadline, context: ssl.SSLContext):
         super().__init__(host, port, timeout=timeout, context=context)
-        self._address = address
+        self._address, self._deadline = address, deadline
         self._tls_context = context
 
     def connect(self):
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._tls_context.wrap_socket(sock, server_hostname=self.host)
+        sock = _connect(self._address, self.port, self.timeout, self._deadline)
+        sock.settimeout(max(0.001, min(self.timeout, self._deadline - time.monotonic())))
+        tls = self._tls_context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = _DeadlineSocket(tls, self._deadline, self.timeout)

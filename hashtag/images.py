@@ -2,10 +2,14 @@
 
     rgb = decode(data, min_side=224)    # ImageError("...", reason="truncated") on bad input
 
-The header is read first, in Python and cheaply (JPEG, PNG, GIF, BMP, WebP): the pixel count is
-checked against `max_pixels` before any pixel is decoded (decompression bombs), and images whose
-shorter side is under `min_image_side` are refused as "too-small". Other formats OpenCV knows
-(TIFF, PPM, ...) are decoded first and checked after; OpenCV's own limit (2**30 pixels) bounds them.
+The header is read first, in Python and cheaply (JPEG, PNG, GIF, BMP, WebP, and TIFF's first
+IFD): the pixel count is checked against `max_pixels` before any pixel is decoded (decompression
+bombs: a 1 MB deflate TIFF or PNG of 16k x 16k never reaches the decoder), and images whose
+shorter side is under `min_image_side` are refused as "too-small". Only these formats are ever
+decoded: anything else (PPM, HDR, JPEG 2000, AVIF, HTML, ...) is an "unsupported-format" skip
+without decoding, since OpenCV would decode it in full before we could check its size. Decode
+work is bounded too: a progressive JPEG with more than MAX_JPEG_SCANS scans ("too-many-scans";
+real ones have about 10) would cost a full pass over the coefficients per scan.
 
 Truncated files: a JPEG without an EOI marker after its first scan, or a PNG whose chunks stop
 before IEND, is refused as "truncated". OpenCV would return such a JPEG "successfully" in many
@@ -20,8 +24,8 @@ Speed: when `min_side` is given, a JPEG much larger than needed is decoded at 1/
 scale by libjpeg itself (IMREAD_REDUCED_COLOR_*), keeping the shorter side >= min_side. That is
 several times faster than decoding in full and resizing.
 
-Reasons: "empty", "not-an-image", "truncated", "corrupt", "too-many-pixels", "too-small",
-"unsupported".
+Reasons: "empty", "unsupported-format", "truncated", "corrupt", "too-many-pixels",
+"too-many-scans", "too-small", "unsupported".
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import cv2
 import numpy as np
 
 MIN_IMAGE_SIDE = 8
+MAX_JPEG_SCANS = 100
 # OpenCV >= 4.10 decodes straight to RGB with this flag (None before).
 _COLOR_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 _REDUCED_FLAGS = {
@@ -94,12 +99,24 @@ def decode(
     if data is None or len(data) == 0:
         raise ImageError("empty image: zero bytes", "empty")
     header = _read_header(data)
-    if header is not None:
-        _check_size(header.width, header.height, max_pixels, min_image_side)
-        if header.kind == "jpeg":
-            _check_jpeg_complete(data, header)
+    if header is None:
+        raise ImageError(
+            f"not a format whose size can be checked before decoding (starts with "
+            f"{bytes(data[:8])!r}); use JPEG, PNG, WebP, GIF, BMP or TIFF",
+            "unsupported-format",
+        )
+    _check_size(header.width, header.height, max_pixels, min_image_side)
+    if header.kind == "jpeg":
+        _check_jpeg_complete(data, header)
+        scans = data.count(b"\xff\xda", header.scan_offset)  # FF is stuffed inside scans
+        if scans > MAX_JPEG_SCANS:
+            raise ImageError(
+                f"JPEG with {scans} scans, over {MAX_JPEG_SCANS}: decoding would cost a pass "
+                "per scan",
+                "too-many-scans",
+            )
     flags = cv2.IMREAD_COLOR
-    if header is None or header.needs_unchanged or header.kind not in ("jpeg", "png"):
+    if header.needs_unchanged or header.kind not in ("jpeg", "png"):
         flags = cv2.IMREAD_UNCHANGED  # unknown layout: take it as stored, convert below
     elif min_side is not None:
         flags = _REDUCED_FLAGS.get(_reduction(header, min_side), cv2.IMREAD_COLOR)
@@ -111,13 +128,9 @@ def decode(
     except cv2.error as e:
         raise ImageError(f"OpenCV cannot decode this image: {e}", "corrupt") from e
     if image is None:
-        if header is None:
-            raise ImageError(
-                f"not an image OpenCV can read (starts with {bytes(data[:8])!r})", "not-an-image"
-            )
         raise ImageError(f"OpenCV cannot decode this {header.kind} image", "corrupt")
-    if header is None:  # no header check was possible: check the decoded size instead
-        _check_size(image.shape[1], image.shape[0], max_pixels, min_image_side)
+    if image.shape[0] * image.shape[1] > header.width * header.height:  # a lying header
+        raise ImageError(f"the {header.kind} decoded larger than its header said", "corrupt")
     return image if already_rgb else _to_rgb8(image)
 
 
@@ -181,6 +194,8 @@ def _read_header(data: bytes, complete: bool = True) -> _Header | None:
         return _bmp_header(data)
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return _webp_header(data)
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return _tiff_header(data)
     return None
 
 
@@ -268,6 +283,27 @@ def _webp_header(data: bytes) -> _Header:
     if chunk == b"VP8X":
         return _Header("webp", 1 + _le(data, 24, 3), 1 + _le(data, 27, 3))
     raise ImageError(f"broken WebP: unknown chunk {chunk!r}", "corrupt")
+
+
+def _tiff_header(data: bytes) -> _Header | None:
+    """ImageWidth (256) and ImageLength (257) of the first IFD; None (unsupported) without them."""
+    order = "little" if data[:2] == b"II" else "big"
+
+    def number(offset: int, size: int) -> int:
+        _need(data, offset + size)
+        return int.from_bytes(data[offset : offset + size], order)
+
+    ifd = number(4, 4)
+    count = number(ifd, 2)
+    sizes = {}
+    for k in range(min(count, 4096)):  # a real IFD has a few dozen entries
+        entry = ifd + 2 + 12 * k
+        tag, kind = number(entry, 2), number(entry + 2, 2)
+        if tag in (256, 257) and kind in (3, 4):  # SHORT or LONG, stored in the entry
+            sizes[tag] = number(entry + 8, 2 if kind == 3 else 4)
+    if 256 not in sizes or 257 not in sizes:
+        return None
+    return _Header("tiff", sizes[256], sizes[257], needs_unchanged=True)
 
 
 def _need(data: bytes, n: int) -> None:

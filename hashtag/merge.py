@@ -1,31 +1,41 @@
 """Merge finished shards into one dataset: contiguous ids, dedupe, vocabulary, split.
 
-Two passes over the shards, one shard in memory at a time:
+The merge runs as Ray tasks (the same command locally, where it starts a Ray, and on a cluster);
+no process ever holds the whole dataset or its dedupe state. Shards are cut into G groups of
+consecutive shards (one dataset part each) and post keys into P partitions by hash:
 
-1. posts.jsonl of each shard, in shard index order: drop reposts and count tags.
-   A row is a duplicate if an earlier row (shard index, then row) had the same post id, or the
-   same image_sha256 (rows without an image, sha null, dedupe by id only). The first occurrence
-   wins. Seen ids and image digests are kept as sorted numpy uint64 hashes (8 bytes a row; a
-   64-bit collision among a million posts has odds of about 1e-8), and the rows kept as one bool
-   per row.
-2. The vocabulary is built from the tag counts of the kept rows (all splits: it is the label
-   space, not a feature): most frequent first, ties by tag name, at least min_count posts, at
-   most vocab_size tags. Then each shard is streamed to a DatasetWriter: embeddings, ids, labels
-   (tags outside the vocabulary dropped) and split.
+1. keys (G tasks): read posts.jsonl of a group; write each row's order key (shard << 32 | row),
+   id hash and image hash, sorted by partition, and the row's tags as a compact CSR.
+2. dedupe (2P tasks): partition p of the id hashes (then of the image hashes) from every group:
+   duplicate ids meet in one task, as do duplicate images. A row is a duplicate if an earlier
+   row in (shard index, row) order had the same post id, or the same image_sha256 (rows without
+   an image, sha null, dedupe by id only): the first occurrence wins, exactly as a single pass
+   over the shards in order would decide. Writes the order keys of the duplicates.
+3. count (G tasks): a group's kept rows and their tag counts (from the CSR of step 1).
+4. The driver adds the counts (per group: rows kept; per tag: posts) and builds the
+   vocabulary: most frequent first, ties by tag name, at least min_count posts, at most
+   vocab_size tags. Group g's rows get the global ids after those of groups 0..g-1.
+5. write (G tasks): each group streams its kept rows to its part folder (embeddings, ids, labels
+   with tags outside the vocabulary dropped, split), then the driver writes the manifest LAST.
 
 Global ids are 0..N-1 in (shard index, row) order: the same shards give the same ids, whatever
 order they finished in. Posts left with no tag in the vocabulary are kept (they are true
 negatives for every tag, and dropping them would make ids depend on vocab_size); their number is
 reported as "unlabeled". The split of a post is a hash of (seed, post id), so it never moves
-when shards are added or the vocabulary changes.
+when shards are added or the vocabulary changes. Ids and image digests are compared as 64-bit
+blake2b hashes (a collision among a million posts has odds of about 1e-8).
 
-Rerunning into the same OUT is fine: the old manifest is removed first, the new one written last.
+Every task's output has its own manifest, written last, under OUT/.merge-work/<fingerprint of
+the shards and the settings>/; a killed merge rerun with the same command redoes only what had
+not finished. The previous dataset stays loadable until the new manifest replaces it; then the
+old parts and the work folder are removed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import time
 from collections import Counter
@@ -36,7 +46,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hashtag import storage
-from hashtag.dataset import DatasetWriter, csr_from_lists, split_code
+from hashtag.dataset import (
+    EMBEDDING_DTYPES,
+    MANIFEST,
+    PARTS,
+    VOCAB,
+    DatasetWriter,
+    _remove_stale_temporaries,
+    csr_from_lists,
+    split_code,
+    write_parted_manifest,
+)
 from hashtag.embedders import EmbedderSpec
 from hashtag.errors import UserError
 from hashtag.shards import ShardError, finished_shards, read_embeddings, read_rows
@@ -62,6 +82,14 @@ class MergeConfig:
         default="hashtag",
         metadata={"help": "salt of the post-id hash that assigns splits; change it to reshuffle"},
     )
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "embedding dtype of the dataset: float32, or float16 (half the bytes)"},
+    )
+    part_rows: int = field(
+        default=262144,
+        metadata={"help": "rows per dataset part (and per merge task); memory per task ~ this"},
+    )
 
     def __post_init__(self) -> None:
         if not self.shards or not self.out:
@@ -70,6 +98,12 @@ class MergeConfig:
             )
         if self.vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
+        if self.dtype not in EMBEDDING_DTYPES:
+            raise ValueError(
+                f"dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {self.dtype!r}"
+            )
+        if self.part_rows < 1:
+            raise ValueError(f"part_rows must be >= 1, got {self.part_rows}")
         if self.min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {self.min_count}")
         for name in ("val_fraction", "test_fraction"):
@@ -103,29 +137,6 @@ def assign_split(
     return split
 
 
-class _SeenSet:
-    """A growing set of uint64 hashes, kept sorted in one array."""
-
-    def __init__(self) -> None:
-        self.values = np.zeros(0, np.uint64)
-
-    def first_occurrences(self, hashes: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-        """Bool mask: hash i was not seen before (in this set or earlier in `hashes`); adds them.
-        Rows where `valid` is False are ignored and reported as first occurrences."""
-        valid = np.ones(len(hashes), bool) if valid is None else valid
-        first = np.zeros(len(hashes), bool)
-        candidates = np.flatnonzero(valid)
-        unique, where = np.unique(hashes[candidates], return_index=True)
-        seen = np.zeros(len(unique), bool)
-        if len(self.values):
-            position = np.minimum(np.searchsorted(self.values, unique), len(self.values) - 1)
-            seen = self.values[position] == unique
-        first[candidates[where[~seen]]] = True
-        # Both inputs are sorted: a stable sort (timsort) merges them in linear time.
-        self.values = np.sort(np.concatenate([self.values, unique[~seen]]), kind="stable")
-        return first | ~valid
-
-
 def _check_compatible(manifests: dict[int, dict[str, Any]]) -> None:
     first_index = next(iter(manifests))
     first = manifests[first_index]
@@ -155,70 +166,181 @@ def _difference(a: EmbedderSpec, b: EmbedderSpec) -> str:
     return ""
 
 
-def run(config: MergeConfig) -> dict[str, Any]:
-    """Merge the finished shards under config.shards into a dataset at config.out; return the
-    summary (also written as OUT/merge.json)."""
-    started = time.monotonic()
-    manifests = finished_shards(config.shards)
-    if not manifests:
-        raise FileNotFoundError(
-            f"no finished shards under {storage.join(config.shards, 'shards')}; run `hashtag scrape` first"
-        )
-    _check_compatible(manifests)
-    first = next(iter(manifests.values()))
-    embedder, dim = first["embedder"], first["dim"]
-    indices = sorted(manifests)
-    missing = sorted(set(range(indices[-1] + 1)) - set(indices))
-    if missing:
-        log.warning("shards %s are not finished; merging the %d others", missing, len(indices))
+# ---------------------------------------------------------------- the tasks (pure of Ray)
 
-    # Pass 1: which rows survive dedupe, and how often each tag is used by them.
-    seen_ids, seen_images = _SeenSet(), _SeenSet()
-    keep: dict[int, np.ndarray] = {}
-    bad_shards: dict[int, str] = {}
-    tag_counts: Counter[str] = Counter()
-    posts_in = duplicate_ids = duplicate_images = id_length = 0
-    for index in tqdm(indices, desc="merge 1/2: dedupe, count tags", unit="shard"):
+WORK = ".merge-work"
+_DONE = "done.json"  # each task output's own manifest, written last
+
+
+def _order_keys(index: int, n: int) -> np.ndarray:
+    """(shard index << 32) | row: sorting these is the (shard, row) order of a single pass."""
+    return (np.uint64(index) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
+
+
+def _partition_sorted(
+    keys: np.ndarray, orders: np.ndarray, partitions: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(orders, keys) sorted by partition (key % partitions), and the partition bounds."""
+    partition = keys % np.uint64(partitions)
+    by = np.argsort(partition, kind="stable")
+    bounds = np.searchsorted(partition[by], np.arange(partitions + 1, dtype=np.uint64))
+    return orders[by], keys[by], bounds.astype(np.int64)
+
+
+def _done(uri: str) -> dict[str, Any] | None:
+    done = storage.join(uri, _DONE)
+    return storage.read_json(done) if storage.exists(done) else None
+
+
+def keys_task(
+    shards_root: str, group: list[int], manifests: dict[int, dict], partitions: int, work: str
+) -> dict[str, Any]:
+    """Step 1 for one group of shards: order keys, id and image hashes by partition, tags."""
+    uri = storage.join(work, "keys", f"group-{group[0]:05d}")
+    if (done := _done(uri)) is not None:
+        return done
+    orders, id_hashes, image_hashes, has_image, tag_rows = [], [], [], [], []
+    bad: dict[str, str] = {}
+    id_length = 0
+    for index in group:
         try:
-            rows = read_rows(config.shards, index, manifests[index])
-        except ShardError as error:
-            log.error("skipping shard %d: %s", index, error)
-            bad_shards[index] = str(error)
+            rows = read_rows(shards_root, index, manifests[index])
+        except ShardError as error:  # logged by the driver
+            bad[str(index)] = str(error)
             continue
         ids = [str(row["id"]) for row in rows]
         shas = [row.get("image_sha256") for row in rows]
-        new_id = seen_ids.first_occurrences(hash64(ids))
-        has_image = np.array([isinstance(s, str) and bool(s) for s in shas], bool)
-        image_hashes = hash64([s.lower() if isinstance(s, str) else "" for s in shas])
-        new_image = seen_images.first_occurrences(image_hashes, has_image)
-        kept = new_id & new_image
-        keep[index] = kept
-        posts_in += len(rows)
-        duplicate_ids += int(np.count_nonzero(~new_id))
-        duplicate_images += int(np.count_nonzero(new_id & ~new_image))
-        kept_rows = list(itertools.compress(rows, kept.tolist()))
-        tag_counts.update(
-            itertools.chain.from_iterable({str(t) for t in r.get("tags") or ()} for r in kept_rows)
+        orders.append(_order_keys(index, len(rows)))
+        id_hashes.append(hash64(ids))
+        has_image.append(np.array([isinstance(x, str) and bool(x) for x in shas], bool))
+        image_hashes.append(hash64([x.lower() if isinstance(x, str) else "" for x in shas]))
+        tag_rows += [sorted({str(t) for t in row.get("tags") or ()}) for row in rows]
+        id_length = max(id_length, max(map(len, ids), default=0))
+    concat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+    order, has = concat(orders, np.uint64), concat(has_image, bool)
+    names = sorted(set(itertools.chain.from_iterable(tag_rows)))
+    column = {tag: i for i, tag in enumerate(names)}
+    tag_indptr, tag_indices = csr_from_lists([[column[t] for t in row] for row in tag_rows])
+    arrays = {"order": order, "tag_indptr": tag_indptr, "tag_indices": tag_indices}
+    for kind, hashes, valid in (
+        ("id", concat(id_hashes, np.uint64), np.ones(len(order), bool)),
+        ("image", concat(image_hashes, np.uint64), has),
+    ):
+        sorted_orders, sorted_keys, bounds = _partition_sorted(
+            hashes[valid], order[valid], partitions
         )
-        id_length = max(id_length, max(map(len, ids), default=0))  # over all rows: an upper bound
+        arrays.update({f"{kind}_order": sorted_orders, f"{kind}_hash": sorted_keys})
+        arrays[f"{kind}_bounds"] = bounds
+    for name, array in arrays.items():
+        storage.save_npy(storage.join(uri, f"{name}.npy"), array)
+    storage.write_json(storage.join(uri, "tags.json"), names)
+    done = {"rows": len(order), "bad": bad, "id_length": id_length}
+    storage.write_json(storage.join(uri, _DONE), done)
+    return done
 
-    vocab = sorted(
-        (tag for tag, count in tag_counts.items() if count >= config.min_count),
-        key=lambda tag: (-tag_counts[tag], tag),
-    )[: config.vocab_size]
+
+def dedupe_task(kind: str, partition: int, groups: list[list[int]], work: str) -> dict[str, Any]:
+    """Step 2: the order keys of the rows whose `kind` ("id" or "image") hash, in partition
+    `partition`, appeared at an earlier order key."""
+    uri = storage.join(work, "dupes", f"{kind}-{partition:05d}")
+    if (done := _done(uri)) is not None:
+        return done
+    orders, hashes = [], []
+    for group in groups:
+        keys = storage.join(work, "keys", f"group-{group[0]:05d}")
+        bounds = storage.load_npy(storage.join(keys, f"{kind}_bounds.npy"))
+        part = slice(int(bounds[partition]), int(bounds[partition + 1]))
+        orders.append(
+            np.array(storage.load_npy(storage.join(keys, f"{kind}_order.npy"), True)[part])
+        )
+        hashes.append(
+            np.array(storage.load_npy(storage.join(keys, f"{kind}_hash.npy"), True)[part])
+        )
+    order, hashed = np.concatenate(orders), np.concatenate(hashes)
+    by = np.lexsort((order, hashed))  # by hash, then by order: the first of a run wins
+    repeat = np.zeros(len(by), bool)
+    repeat[1:] = hashed[by][1:] == hashed[by][:-1]
+    duplicates = np.sort(order[by][repeat])
+    storage.save_npy(storage.join(uri, "orders.npy"), duplicates)
+    done = {"duplicates": len(duplicates)}
+    storage.write_json(storage.join(uri, _DONE), done)
+    return done
+
+
+def _duplicates_in(work: str, kind: str, partitions: int, lo: int, hi: int) -> np.ndarray:
+    """Duplicate order keys of `kind` in [lo, hi), from every partition, sorted."""
+    found = []
+    for partition in range(partitions):
+        orders = storage.load_npy(
+            storage.join(work, "dupes", f"{kind}-{partition:05d}", "orders.npy"), True
+        )
+        a, b = np.searchsorted(orders, [np.uint64(lo), np.uint64(hi)])
+        found.append(np.array(orders[a:b]))
+    return np.sort(np.concatenate(found))
+
+
+def count_task(group: list[int], partitions: int, work: str) -> dict[str, Any]:
+    """Step 3: which rows of a group are kept, and how many kept posts carry each tag."""
+    uri = storage.join(work, "counts", f"group-{group[0]:05d}")
+    if (done := _done(uri)) is not None:
+        return done
+    keys = storage.join(work, "keys", f"group-{group[0]:05d}")
+    order = storage.load_npy(storage.join(keys, "order.npy"))
+    lo, hi = group[0] << 32, (group[-1] + 1) << 32
+    id_dupes = np.isin(order, _duplicates_in(work, "id", partitions, lo, hi))
+    image_dupes = np.isin(order, _duplicates_in(work, "image", partitions, lo, hi))
+    kept = ~id_dupes & ~image_dupes
+    indptr = storage.load_npy(storage.join(keys, "tag_indptr.npy"))
+    indices = storage.load_npy(storage.join(keys, "tag_indices.npy"))
+    names = storage.read_json(storage.join(keys, "tags.json"))
+    counts = np.bincount(indices[np.repeat(kept, np.diff(indptr))], minlength=len(names))
+    storage.save_npy(storage.join(uri, "kept_order.npy"), order[kept])
+    done = {
+        "kept": int(np.count_nonzero(kept)),
+        "posts_in": len(order),
+        "duplicates": {
+            "id": int(np.count_nonzero(id_dupes)),
+            "image": int(np.count_nonzero(~id_dupes & image_dupes)),
+        },
+        "tags": {name: int(c) for name, c in zip(names, counts, strict=True) if c},
+    }
+    storage.write_json(storage.join(uri, _DONE), done)
+    return done
+
+
+def write_task(
+    config: MergeConfig,
+    group: list[int],
+    manifests: dict[int, dict],
+    vocab: list[str],
+    tag_counts: list[int],
+    id_length: int,
+    part_name: str,
+    work: str,
+) -> dict[str, Any]:
+    """Step 5: stream a group's kept rows into its part folder; returns the part's manifest."""
+    part = storage.join(config.out, PARTS, part_name)
+    if storage.exists(storage.join(part, MANIFEST)):
+        return {**storage.read_json(storage.join(part, MANIFEST)), "name": part_name}
+    kept_order = storage.load_npy(
+        storage.join(work, "counts", f"group-{group[0]:05d}", "kept_order.npy")
+    )
     column = {tag: i for i, tag in enumerate(vocab)}
-    good = [i for i in indices if i in keep]
-
-    # Pass 2: stream the kept rows into the dataset, shard by shard.
-    with DatasetWriter(config.out, dim=dim, id_length=id_length) as writer:
-        for index in tqdm(good, desc="merge 2/2: write dataset", unit="shard"):
+    dim = manifests[group[0]]["dim"]
+    with DatasetWriter(part, dim=dim, id_length=id_length, dtype=config.dtype) as writer:
+        for index in group:
+            lo, hi = np.searchsorted(
+                kept_order, [np.uint64(index << 32), np.uint64((index + 1) << 32)]
+            )
+            if lo == hi:
+                continue  # a bad shard, or no row of it kept
             try:
                 rows = read_rows(config.shards, index, manifests[index])
                 embeddings = read_embeddings(config.shards, index, manifests[index], mmap=True)
-            except ShardError as error:  # changed since pass 1: ids would shift, so stop here
+            except ShardError as error:  # changed since step 1: ids would shift, so stop here
                 raise RuntimeError(f"shard {index} changed during the merge: {error}") from error
-            kept = keep[index]
-            kept_rows = list(itertools.compress(rows, kept.tolist()))
+            kept = (kept_order[lo:hi] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+            kept_rows = [rows[i] for i in kept.tolist()]
             ids = [str(row["id"]) for row in kept_rows]
             labels = [
                 [column[t] for t in map(str, row.get("tags") or ()) if t in column]
@@ -233,20 +355,144 @@ def run(config: MergeConfig) -> dict[str, Any]:
             )
             writer.append(embeddings[kept], ids, split, label_indptr, label_indices)
             del rows, kept_rows, embeddings
-        manifest = writer.finish(
-            vocab=vocab,
-            tag_counts=[tag_counts[t] for t in vocab],
-            embedder=embedder,
-            extra={
-                "shards": good,
-                "missing_shards": missing,
-                "bad_shards": bad_shards,
-                "posts_in": posts_in,
-                "duplicates": {"id": duplicate_ids, "image": duplicate_images},
-                "distinct_tags": len(tag_counts),
-                "config": asdict(config),
-            },
+        embedder = manifests[group[0]]["embedder"]
+        manifest = writer.finish(vocab=vocab, tag_counts=tag_counts, embedder=embedder)
+    return {**manifest, "name": part_name}
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def _groups(manifests: dict[int, dict], part_rows: int, at_least: int) -> list[list[int]]:
+    """Consecutive shard indices cut into groups of ~equal rows: ceil(rows / part_rows) groups,
+    but at least `at_least` (so every CPU has a task) and at most one per shard."""
+    indices = sorted(manifests)
+    counts = np.array([int(manifests[i]["count"]) for i in indices], np.int64)
+    total = int(counts.sum())
+    n = min(len(indices), max(at_least, -(-total // part_rows), 1))
+    # Cut where the running row count crosses each multiple of total / n.
+    ends = np.cumsum(counts)
+    cuts = np.searchsorted(ends, np.arange(1, n) * total / n, side="left") + 1
+    groups = [g.tolist() for g in np.split(np.array(indices), np.unique(cuts)) if len(g)]
+    return groups
+
+
+def _fingerprint(config: MergeConfig, manifests: dict[int, dict], partitions: int) -> str:
+    """Same value for the same shards (their manifests) and the same settings: what a rerun
+    may resume from."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("shards", "out")}
+    shards = {str(i): m for i, m in sorted(manifests.items())}
+    text = json.dumps([settings, shards, partitions], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _run_stage(desc: str, task, calls: list[tuple]) -> list[Any]:
+    """Run `task` on each argument tuple as Ray tasks (one CPU each), in order of `calls`."""
+    import ray
+
+    from hashtag import raycluster
+
+    remote = ray.remote(task).options(num_cpus=1, runtime_env=raycluster.worker_env() or None)
+    refs = [remote.remote(*args) for args in calls]
+    results = {}
+    pending = {ref: i for i, ref in enumerate(refs)}
+    with tqdm(total=len(refs), desc=desc, unit="task") as bar:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                results[pending.pop(ref)] = ray.get(ref)
+                bar.update()
+    return [results[i] for i in range(len(refs))]
+
+
+def run(config: MergeConfig) -> dict[str, Any]:
+    """Merge the finished shards under config.shards into a dataset at config.out; return the
+    summary (also written as OUT/merge.json)."""
+    import ray
+
+    from hashtag import raycluster
+
+    started = time.monotonic()
+    manifests = finished_shards(config.shards)
+    if not manifests:
+        raise FileNotFoundError(
+            f"no finished shards under {storage.join(config.shards, 'shards')}; run `hashtag scrape` first"
         )
+    _check_compatible(manifests)
+    first = next(iter(manifests.values()))
+    embedder, dim = first["embedder"], first["dim"]
+    indices = sorted(manifests)
+    missing = sorted(set(range(indices[-1] + 1)) - set(indices))
+    if missing:
+        log.warning("shards %s are not finished; merging the %d others", missing, len(indices))
+
+    raycluster.connect()
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    groups = _groups(manifests, config.part_rows, 2 * cpus)
+    posts_total = sum(int(m["count"]) for m in manifests.values())
+    # Each dedupe task holds ~1/P of the hashes (24 B a row): ~24 MB per million rows.
+    partitions = max(cpus, -(-posts_total // 2**20))
+    fingerprint = _fingerprint(config, manifests, partitions)
+    work = storage.join(config.out, WORK, fingerprint)
+
+    keys = _run_stage(
+        "merge 1/4: keys",
+        keys_task,
+        [(config.shards, g, {i: manifests[i] for i in g}, partitions, work) for g in groups],
+    )
+    _run_stage(
+        "merge 2/4: dedupe",
+        dedupe_task,
+        [(kind, p, groups, work) for kind in ("id", "image") for p in range(partitions)],
+    )
+    counts = _run_stage(
+        "merge 3/4: count tags", count_task, [(g, partitions, work) for g in groups]
+    )
+    tag_counts: Counter[str] = Counter()
+    for count in counts:
+        tag_counts.update(count["tags"])
+    vocab = sorted(
+        (tag for tag, count in tag_counts.items() if count >= config.min_count),
+        key=lambda tag: (-tag_counts[tag], tag),
+    )[: config.vocab_size]
+    bad_shards = {int(i): e for k in keys for i, e in k["bad"].items()}
+    for index, error in sorted(bad_shards.items()):
+        log.error("skipping shard %d: %s", index, error)
+    good = [i for i in indices if i not in bad_shards]
+    id_length = max(k["id_length"] for k in keys)
+    written = [
+        (g, f"{fingerprint}-{n:05d}")
+        for n, (g, c) in enumerate(zip(groups, counts, strict=True))
+        if c["kept"]
+    ]
+    if not written:  # nothing kept: one empty part, so that the dataset exists
+        written = [(groups[0], f"{fingerprint}-00000")]
+    counts_in_vocab = [tag_counts[t] for t in vocab]
+    parts = _run_stage(
+        "merge 4/4: write parts",
+        write_task,
+        [
+            (config, g, {i: manifests[i] for i in g}, vocab, counts_in_vocab, id_length, name, work)
+            for g, name in written
+        ],
+    )
+    posts_in = sum(c["posts_in"] for c in counts)
+    duplicates = {k: sum(c["duplicates"][k] for c in counts) for k in ("id", "image")}
+    manifest = write_parted_manifest(
+        config.out,
+        parts,
+        vocab=vocab,
+        extra={
+            "shards": good,
+            "missing_shards": missing,
+            "bad_shards": {str(i): e for i, e in sorted(bad_shards.items())},
+            "posts_in": posts_in,
+            "duplicates": duplicates,
+            "distinct_tags": len(tag_counts),
+            "config": asdict(config),
+        },
+    )
+    _remove_stale(config.out, {p["name"] for p in parts})
 
     seconds = time.monotonic() - started
     summary = {
@@ -261,8 +507,10 @@ def run(config: MergeConfig) -> dict[str, Any]:
         "missing_shards": missing,
         "bad_shards": sorted(bad_shards),
         "posts_in": posts_in,
-        "duplicates": manifest["duplicates"],
+        "duplicates": duplicates,
         "distinct_tags": len(tag_counts),
+        "parts": len(parts),
+        "tasks_per_step": {"groups": len(groups), "partitions": partitions},
         "seconds": round(seconds, 3),
         "rows_per_second": round(posts_in / seconds, 1) if seconds > 0 else None,
     }
@@ -275,3 +523,17 @@ def run(config: MergeConfig) -> dict[str, Any]:
         len(vocab),
     )
     return summary
+
+
+def _remove_stale(out: str, parts: set[str]) -> None:
+    """After the new manifest: parts of older merges, the work folder, and the files of the
+    single-folder layout (version 1) that an older merge left at OUT's top."""
+    for name in storage.listdir(storage.join(out, PARTS)):
+        if name not in parts:
+            storage.remove(storage.join(out, PARTS, name))
+    storage.remove(storage.join(out, WORK))
+    for name in ("embeddings", "ids", "split", "labels_indptr", "labels_indices"):
+        storage.remove(storage.join(out, f"{name}.npy"))
+    storage.remove(storage.join(out, VOCAB))
+    if not storage.is_remote(out):
+        _remove_stale_temporaries(storage.filesystem(out)[1])

@@ -179,3 +179,31 @@ def evaluate(
     result.update(at_k(y_true, scores, ks))
     result["map"] = mean_average_precision(y_true, scores)
     return result
+
+
+def evaluate_blocks(
+    blocks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], ks: Iterable[int] = DEFAULT_KS
+) -> dict[str, float]:
+    """`evaluate` over (y_true, scores, y_pred) blocks of rows, as if on their concatenation
+    (up to float rounding): for data whose scores do not fit in memory at once."""
+    ks = tuple(ks)
+    tp = predicted = true = counted = 0
+    sums: dict[str, float] = {}
+    for y_true, scores, y_pred in blocks:
+        y_true, y_pred = _check(y_true, y_pred, "y_pred")
+        tp += int(np.count_nonzero(y_true & y_pred))
+        predicted += int(np.count_nonzero(y_pred))
+        true += int(np.count_nonzero(y_true))
+        n = int(np.count_nonzero(y_true.any(axis=1)))  # the rows the ranking metrics average
+        block = at_k(y_true, scores, ks)
+        block["map"] = mean_average_precision(y_true, scores)
+        for key, value in block.items():
+            sums[key] = sums.get(key, 0.0) + value * n
+        counted += n
+    result = {
+        "f1": _ratio(2 * tp, predicted + true),
+        "precision": _ratio(tp, predicted),
+        "recall": _ratio(tp, true),
+    }
+    result.update({key: _ratio(total, counted) for key, total in sums.items()})
+    return result

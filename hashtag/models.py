@@ -41,17 +41,22 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from hashtag import metrics, storage
+from hashtag import artifacts, metrics, storage
+from hashtag.dataset import array_blocks, dense_labels
 from hashtag.embedders import l2_normalize
 
 FORMAT = "hashtag-model"
 VERSION = 1
+_FIX = "retrain and export the model again (`hashtag tune`)"
+MAX_TAGS = 10_000_000  # more tags, or wider embeddings, are a tampered manifest
+MAX_DIM = 1 << 16
 TRAINABLE = {"seed", "mlp"}
 # Ridge penalties tried on validation (ridge_lambda=0), and the metric that picks them and a
 # blend's weights when the caller names none.
@@ -125,6 +130,34 @@ class ModelConfig:
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))  # JSON: a list
         if any(b < 1 for b in self.blocks):
             raise ValueError(f"blocks must be positive dims, got {self.blocks}")
+
+
+# ----------------------------------------------------------------------------- training data
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Training rows given block by block instead of as one (n, dim) + (n, V) pair, so that a
+    trial's memory does not grow with n. `read(order)` yields (X float32 (b, dim), labels indptr
+    (b+1,) from 0, label indices); with a Generator `order` the rows come shuffled (a new order
+    each epoch). `dataset.array_blocks` (arrays in memory, e.g. read-only views of Ray's object
+    store) and `Dataset.blocks` (the dataset's part files) make them. Labels stay sparse until
+    a batch needs them dense."""
+
+    read: Callable[
+        [np.random.Generator | None], Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    ]
+    rows: int
+    dim: int
+    n_tags: int
+
+
+def csr_of(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr, indices) of a dense bool (n, V) label matrix."""
+    rows, columns = np.nonzero(Y)
+    indptr = np.zeros(len(Y) + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=len(Y)), out=indptr[1:])
+    return indptr, columns.astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- decision rule
@@ -274,6 +307,7 @@ class Recommender:
 
     name = ""
     trainable = False
+    streams = False  # fit accepts Blocks (data larger than memory)
     fixed_decision: Decision | None = None
 
     def __init__(self, config: ModelConfig | None = None) -> None:
@@ -304,45 +338,78 @@ class Recommender:
         vocab: Sequence[str] | None = None,
         resume: bool = False,
     ) -> Recommender:
-        """Train on embeddings X (n, dim) and bool labels Y (n, V); choose the decision rule on
-        (X_val, Y_val) when given. `resume=True` continues a loaded/restored model's training."""
-        X = _as_features(X, "X", self.dim if resume else None)
-        Y = _as_labels(Y, "Y", len(X), self.n_tags if resume else None)
-        if len(X) == 0:
+        """Train on embeddings X (n, dim) and bool labels Y (n, V), or on `Blocks` (X) with
+        Y=None (models with `streams`); choose the decision rule on (X_val, Y_val) when given.
+        `resume=True` continues a loaded/restored model's training."""
+        if isinstance(X, Blocks):
+            if not self.streams or Y is not None:
+                raise ValueError(f"{self.name} trains on arrays (X, Y), not on Blocks with Y")
+            shape = (X.rows, X.dim, X.n_tags)
+        else:
+            X = _as_features(X, "X", self.dim if resume else None)
+            Y = _as_labels(Y, "Y", len(X), self.n_tags if resume else None)
+            shape = (len(X), X.shape[1], Y.shape[1])
+        if resume and (shape[1], shape[2]) != (self.dim, self.n_tags):
+            raise ValueError(
+                f"the training data has dim {shape[1]} and {shape[2]} tags, the model "
+                f"{self.dim} and {self.n_tags}: resume on the data it was trained on"
+            )
+        if shape[0] == 0:
             raise ValueError("X is empty: fit needs at least one training image")
         if (X_val is None) != (Y_val is None):
             raise ValueError("pass both X_val and Y_val, or neither")
         if X_val is not None:
-            X_val = _as_features(X_val, "X_val", X.shape[1])
-            Y_val = _as_labels(Y_val, "Y_val", len(X_val), Y.shape[1])
+            X_val = _as_features(X_val, "X_val", shape[1])
+            Y_val = _as_labels(Y_val, "Y_val", len(X_val), shape[2])
         if vocab is not None:
-            if len(vocab) != Y.shape[1]:
-                raise ValueError(f"vocab has {len(vocab)} tags but Y has {Y.shape[1]} columns")
+            if len(vocab) != shape[2]:
+                raise ValueError(f"vocab has {len(vocab)} tags but Y has {shape[2]} columns")
             self.vocab = [str(t) for t in vocab]
         for callback in callbacks:
             if not callable(getattr(callback, "on_epoch_end", None)):
                 raise TypeError(f"callback {callback!r} has no on_epoch_end(epoch, logs) method")
         if not resume:
             self.history, self.epochs_done = {}, 0
-        self.dim, self.n_tags = X.shape[1], Y.shape[1]
+        self.dim, self.n_tags = shape[1], shape[2]
         if not resume:
             self._fit_features(X)
         callbacks = list(callbacks)
-        self._fit(self.features(X), Y, X_val, Y_val, callbacks)
+        self._fit(self._featured(X), Y, X_val, Y_val, callbacks)
         if not self.trainable:  # one "epoch", so Tune treats every model alike
             self._end_epoch(0, {}, X_val, Y_val, callbacks)
         return self
 
     # -- features: what the model reads (centred blocks), learnt on the training rows
 
-    def _fit_features(self, X: np.ndarray) -> None:
-        blocks = self.config.blocks or (X.shape[1],)
-        if sum(blocks) != X.shape[1]:
+    def _fit_features(self, X: np.ndarray | Blocks) -> None:
+        blocks = self.config.blocks or (self.dim,)
+        if sum(blocks) != self.dim:
             raise ValueError(
                 f"the embedding blocks {blocks} add up to {sum(blocks)}, not the embedding dim "
-                f"{X.shape[1]}: pass the dims of the embedders the features came from"
+                f"{self.dim}: pass the dims of the embedders the features came from"
             )
-        self.feature_mean = X.mean(axis=0, dtype=np.float64).astype(np.float32)
+        if not self.config.centre:
+            return
+        if isinstance(X, Blocks):  # one pass over the blocks, in float64
+            total = np.zeros(self.dim, np.float64)
+            for rows, _, _ in X.read(None):
+                total += rows.sum(axis=0, dtype=np.float64)
+            self.feature_mean = (total / X.rows).astype(np.float32)
+        else:
+            self.feature_mean = X.mean(axis=0, dtype=np.float64).astype(np.float32)
+
+    def _featured(self, X: np.ndarray | Blocks) -> np.ndarray | Blocks:
+        """`features` of the training data, arrays or Blocks (each block as it is read)."""
+        if not isinstance(X, Blocks):
+            return self.features(X)
+        if not self.config.centre and len(self.config.blocks) <= 1:
+            return X
+
+        def read(order):
+            for rows, indptr, indices in X.read(order):
+                yield self.features(rows), indptr, indices
+
+        return Blocks(read, X.rows, X.dim, X.n_tags)
 
     def features(self, X: np.ndarray) -> np.ndarray:
         """Each block (one embedder's part) centred on the training mean when `centre`, then
@@ -403,6 +470,23 @@ class Recommender:
         Y = _as_labels(Y, "Y", len(scores), self.n_tags)
         return metrics.evaluate(Y, scores, self.decision.apply(scores))
 
+    def score_blocks(
+        self, blocks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    ) -> dict[str, float]:
+        """`score` over (X, labels indptr, indices) blocks of rows (`Dataset.blocks`), one
+        block's scores in memory at a time; equal to `score` on the whole (up to rounding)."""
+
+        def scored():
+            for X, indptr, indices in blocks:
+                scores = self.predict_scores(X)
+                yield (
+                    dense_labels(indptr, indices, self.n_tags),
+                    scores,
+                    self.decision.apply(scores),
+                )
+
+        return metrics.evaluate_blocks(scored())
+
     def _scores(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
@@ -449,21 +533,25 @@ class Recommender:
         state = self.get_state()
         if metadata is not None:
             self.metadata = dict(metadata)
+        artifacts.remove_manifest(uri)
         arrays = state.pop("arrays")
-        for name, array in arrays.items():
-            storage.save_npy(storage.join(uri, f"{name}.npy"), array)
-        self._save_parts(uri)
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "model": self.name,
-            "config": asdict(self.config),
-            "vocab": self.vocab,
-            "arrays": sorted(arrays),
-            "extra": self.metadata,
-            **state,
+        files = {
+            f"{name}.npy": artifacts.write_array(uri, f"{name}.npy", array)
+            for name, array in arrays.items()
         }
-        storage.write_json(storage.join(uri, "manifest.json"), manifest)
+        self._save_parts(uri)
+        artifacts.write_manifest(
+            uri,
+            FORMAT,
+            VERSION,
+            files,
+            model=self.name,
+            config=asdict(self.config),
+            vocab=self.vocab,
+            arrays=sorted(arrays),
+            extra=self.metadata,
+            **state,
+        )
 
     def _save_parts(self, uri: str) -> None:
         """Hook: models made of models (a blend) save them beside their own arrays."""
@@ -473,26 +561,50 @@ class Recommender:
 
 
 def load(uri: str) -> Recommender:
-    """Load a model folder written by `Recommender.save`."""
-    manifest_uri = storage.join(uri, "manifest.json")
-    if not storage.exists(manifest_uri):
-        raise FileNotFoundError(f"no model at {uri}: {manifest_uri} is missing")
-    manifest = storage.read_json(manifest_uri)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{uri} is not a saved model (format {manifest.get('format')!r})")
-    if manifest.get("version") != VERSION:
-        raise ValueError(
-            f"{uri} is model format version {manifest.get('version')}; this code reads "
-            f"{VERSION}: retrain or upgrade hashtag"
+    """Load a model folder written by `Recommender.save`; ArtifactError if it is missing,
+    foreign or damaged (names outside the folder, wrong shapes, a vocabulary of another size)."""
+    artifact = artifacts.read(uri, FORMAT, VERSION, what="model", fix=_FIX)
+    manifest = artifact.manifest
+    names = manifest.get("arrays")
+    if not isinstance(names, list) or manifest.get("model") not in _REGISTRY:
+        raise artifact.error(
+            f"its manifest names no known model ({str(manifest.get('model'))[:40]})"
         )
-    model = create(manifest["model"], ModelConfig(**manifest["config"]))
-    arrays = {
-        name: storage.load_npy(storage.join(uri, f"{name}.npy")) for name in manifest["arrays"]
-    }
-    model._load_parts(uri)
-    model.set_state({**manifest, "arrays": arrays})
-    model.vocab = manifest.get("vocab")
-    model.metadata = manifest.get("extra") or {}
+    n_tags = artifact.int_field("n_tags", low=1, high=MAX_TAGS)
+    dim = artifact.int_field("dim", low=1, high=MAX_DIM)
+    vocab = manifest.get("vocab")
+    if vocab is not None and (
+        not isinstance(vocab, list)
+        or len(vocab) != n_tags
+        or not all(isinstance(t, str) for t in vocab)
+    ):
+        raise artifact.error(f"its vocabulary is not a list of {n_tags} tags")
+    for name in names:
+        artifacts.check_name(artifact.uri, f"{name}.npy" if isinstance(name, str) else name, _FIX)
+    if artifact.files and set(artifact.files) != {f"{name}.npy" for name in names}:
+        raise artifact.error("its 'arrays' and 'files' do not match")
+    try:
+        model = create(manifest["model"], ModelConfig(**manifest["config"]))
+        arrays = {
+            name: (
+                artifact.load_array(f"{name}.npy", verify=True)
+                if artifact.files
+                else storage.load_npy(storage.join(artifact.uri, f"{name}.npy"))
+            )
+            for name in names
+        }
+        model._load_parts(artifact.uri)
+        model.set_state({**manifest, "arrays": arrays})
+        model.vocab = vocab
+        model.metadata = manifest.get("extra") or {}
+        # A probe: arrays of the wrong shape for (dim, n_tags) fail here, not on a user's photo.
+        probe = model.predict_scores(np.zeros((1, dim), np.float32))
+    except artifacts.ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise artifact.error(f"its arrays or settings are inconsistent ({error})") from None
+    if probe.shape != (1, n_tags):
+        raise artifact.error(f"it predicts {probe.shape[1:]} scores, its manifest says {n_tags}")
     return model
 
 
@@ -760,8 +872,13 @@ class _KerasTrained(Recommender):
     def _build(self, keras, n_images: int, dim: int, n_tags: int):
         raise NotImplementedError
 
-    def _training_data(self, X: np.ndarray, Y: np.ndarray) -> tuple[Any, np.ndarray]:
+    def _training_data(self, X: np.ndarray, Y: np.ndarray) -> Any:
         raise NotImplementedError
+
+    def _epoch_inputs(self, tf, data: Any, epoch: int) -> dict[str, Any]:
+        """model.fit's data arguments for one epoch; by default `data` is (inputs, targets)."""
+        inputs, targets = data
+        return {"x": inputs, "y": targets, "batch_size": self.config.batch_size, "shuffle": True}
 
     def _after_epoch(self, model) -> None:
         """Copy the Keras weights to numpy for prediction and checkpoints."""
@@ -778,7 +895,8 @@ class _KerasTrained(Recommender):
         tf = _tensorflow(self.config.threads)
         keras = tf.keras
         keras.utils.set_random_seed(self.config.seed + self.epochs_done)
-        model = self._build(keras, len(X), X.shape[1], Y.shape[1])
+        n_images = X.rows if isinstance(X, Blocks) else len(X)
+        model = self._build(keras, n_images, self.dim, self.n_tags)
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate=self.config.learning_rate),
             loss=self._loss(keras),
@@ -791,17 +909,17 @@ class _KerasTrained(Recommender):
                     model.optimizer.variables, self.optimizer_state, strict=True
                 ):
                     variable.assign(value)
-        inputs, targets = self._training_data(X, Y)
+        data = self._training_data(X, Y)
         for epoch in range(self.epochs_done, self.config.epochs):
-            result = model.fit(
-                inputs,
-                targets,
-                batch_size=self.config.batch_size,
-                epochs=epoch + 1,
-                initial_epoch=epoch,
-                shuffle=True,
-                verbose=0,
-            )
+            with warnings.catch_warnings():
+                # A stream's length is known only at its end, which Keras reports as a warning.
+                warnings.filterwarnings("ignore", message="Your input ran out of data")
+                result = model.fit(
+                    **self._epoch_inputs(tf, data, epoch),
+                    epochs=epoch + 1,
+                    initial_epoch=epoch,
+                    verbose=0,
+                )
             self._after_epoch(model)
             self.epochs_done = epoch + 1
             logs = {"loss": result.history["loss"][-1]}
@@ -841,6 +959,7 @@ class Mlp(_KerasTrained):
     """Multi-label classifier on the image embedding: Dense + dropout + Dense."""
 
     name = "mlp"
+    streams = True
 
     def _build(self, keras, n_images: int, dim: int, n_tags: int):
         layers = keras.layers
@@ -856,12 +975,35 @@ class Mlp(_KerasTrained):
             return keras.losses.CategoricalCrossentropy(from_logits=True)
         return super()._loss(keras)
 
-    def _training_data(self, X: np.ndarray, Y: np.ndarray) -> tuple[Any, np.ndarray]:
-        targets = Y.astype(np.float32)
-        if self.config.loss == "softmax":
-            tagged = targets.sum(axis=1) > 0  # an untagged post has no distribution to learn
-            X, targets = X[tagged], targets[tagged] / targets[tagged].sum(axis=1, keepdims=True)
-        return X, targets
+    def _training_data(self, X: np.ndarray | Blocks, Y: np.ndarray | None) -> Blocks:
+        if isinstance(X, Blocks):
+            return X
+        indptr, indices = csr_of(Y)  # dense targets are made per batch, never for all rows
+        return Blocks(
+            lambda order: array_blocks(X, indptr, indices, order), len(X), X.shape[1], Y.shape[1]
+        )
+
+    def _epoch_inputs(self, tf, data: Blocks, epoch: int) -> dict[str, Any]:
+        """One epoch as a tf.data stream of batches, shuffled by a generator seeded with
+        (seed, epoch): a block of rows in memory at a time, labels densified per batch."""
+        size, softmax = self.config.batch_size, self.config.loss == "softmax"
+
+        def batches():
+            order = np.random.default_rng([self.config.seed, epoch])
+            for X, indptr, indices in data.read(order):
+                Y = dense_labels(indptr, indices, data.n_tags, np.float32)
+                if softmax:  # an untagged post has no distribution to learn
+                    tagged = np.diff(indptr) > 0
+                    X, Y = X[tagged], Y[tagged] / Y[tagged].sum(axis=1, keepdims=True)
+                for start in range(0, len(X), size):
+                    yield X[start : start + size], Y[start : start + size]
+
+        signature = (
+            tf.TensorSpec((None, data.dim), tf.float32),
+            tf.TensorSpec((None, data.n_tags), tf.float32),
+        )
+        stream = tf.data.Dataset.from_generator(batches, output_signature=signature)
+        return {"x": stream.prefetch(2), "shuffle": False}
 
     def _scores(self, X: np.ndarray) -> np.ndarray:
         w_hidden, b_hidden, w_out, b_out = self.weights

@@ -60,10 +60,16 @@ class RecommendConfig:
         default=0.5,
         metadata={"help": "with --tags and an image: weight of the image scores (0..1)"},
     )
+    fetch_deadline_s: float = field(
+        default=60.0,
+        metadata={"help": "wall-clock limit of fetching one image, retries included (seconds)"},
+    )
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("--model is required: the folder tune exported (OUT/model)")
+        if not self.fetch_deadline_s > 0:
+            raise ValueError(f"--fetch-deadline-s must be > 0, got {self.fetch_deadline_s}")
         if isinstance(self.images, str):
             object.__setattr__(self, "images", (self.images,))
         if not self.images and not self.tags.strip():
@@ -199,7 +205,7 @@ def top_hashtags(
 
 
 def _image_scores(
-    exported: ExportedModel, images: list[str]
+    exported: ExportedModel, images: list[str], fetch_deadline_s: float = 60.0
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Scores (V,) of every image that could be embedded, and the reason for every other one."""
     from hashtag import embedders, ingest
@@ -211,7 +217,8 @@ def _image_scores(
         return {}, dict.fromkeys(images, reason)
     embedder = embedders.create_from_spec(exported.embedder_spec)
     posts = [Post(id=str(n), image=location, tags=()) for n, location in enumerate(images)]
-    result = ingest.embed_posts(posts, embedder, Fetcher(FetchConfig()), threads=4)
+    fetcher = Fetcher(FetchConfig(fetch_deadline_s=fetch_deadline_s))
+    result = ingest.embed_posts(posts, embedder, fetcher, threads=4)
     errors = {images[int(post_id)]: reason for post_id, reason in result.skips}
     if not result.posts:
         return {}, errors
@@ -248,7 +255,7 @@ def recommend(config: RecommendConfig) -> list[dict[str, Any]]:
     images = expand_images(config.images)
     if not images:
         return [{"image": ", ".join(config.images), "error": "no image files found"}]
-    scores, errors = _image_scores(exported, images)
+    scores, errors = _image_scores(exported, images, config.fetch_deadline_s)
     results = []
     for image in images:
         if image in scores:

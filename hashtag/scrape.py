@@ -72,6 +72,10 @@ class ScrapeConfig:
     fetch_retries: int = field(
         default=3, metadata={"help": "HTTP retries per image (5xx, 429, timeouts)"}
     )
+    fetch_deadline_s: float = field(
+        default=60.0,
+        metadata={"help": "wall-clock limit of fetching one image, retries included (seconds)"},
+    )
     max_image_bytes: int = field(
         default=20_000_000, metadata={"help": "largest image download, bytes"}
     )
@@ -84,6 +88,8 @@ class ScrapeConfig:
             raise ValueError(f"--shard-size must be at least 1, got {self.shard_size}")
         if self.cpus_per_task <= 0 or self.gpus_per_task < 0:
             raise ValueError("--cpus-per-task must be > 0 and --gpus-per-task >= 0")
+        if not self.fetch_deadline_s > 0:
+            raise ValueError(f"--fetch-deadline-s must be > 0, got {self.fetch_deadline_s}")
         if self.max_retries < 0 or self.max_in_flight < 0:
             raise ValueError("--max-retries and --max-in-flight must be >= 0")
         names = (self.embedder,) if isinstance(self.embedder, str) else tuple(self.embedder)
@@ -103,6 +109,7 @@ class ScrapeConfig:
             retries=self.fetch_retries,
             max_bytes=self.max_image_bytes,
             allow_private=self.allow_private_addresses,
+            fetch_deadline_s=self.fetch_deadline_s,
         )
 
     def embedder_options(self, name: str) -> dict:

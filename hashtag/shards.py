@@ -14,7 +14,6 @@ Pure: no Ray. scrape.py decides what goes into a shard; merge.py reads them back
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -23,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from hashtag import storage
+from hashtag import artifacts, storage
+from hashtag.errors import ArtifactError
 from hashtag.posts import Post
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ SHARD_VERSION = 1
 EMBEDDINGS = "embeddings.npy"
 POSTS = "posts.jsonl"
 MANIFEST = "manifest.json"
+MAX_DIM = 1 << 16  # an embedding wider than this is a tampered manifest, not a model
+_NO_ENTRY: dict[str, Any] = {"bytes": None, "sha256": None}
 _SHARD_NAME = re.compile(r"^shard-(\d+)$")
 # Stats a shard writer may report; missing ones default to these (copied) values.
 _STAT_DEFAULTS: dict[str, Any] = {
@@ -44,7 +46,7 @@ _STAT_DEFAULTS: dict[str, Any] = {
 }
 
 
-class ShardError(ValueError):
+class ShardError(ArtifactError):
     """A finished shard whose data files do not match its manifest."""
 
 
@@ -94,57 +96,68 @@ def write_shard(
         raise ValueError(f"stats may not set {sorted(reserved & set(stats))}: write_shard does")
 
     uri = shard_uri(root, index)
-    manifest_uri = storage.join(uri, MANIFEST)
     # A finished shard being rewritten must stop existing before its data files change.
-    storage.remove(manifest_uri)
-
-    buffer = _npy_bytes(embeddings)
-    storage.write_bytes(storage.join(uri, EMBEDDINGS), buffer)
+    artifacts.remove_manifest(uri)
+    files = {EMBEDDINGS: artifacts.write_array(uri, EMBEDDINGS, embeddings)}
     lines = []
     for post, sha in zip(posts, image_sha256, strict=True):
         row = json.loads(post.to_json())
         row.pop("embedding", None)
         row["image_sha256"] = sha
-        lines.append(json.dumps(row, ensure_ascii=False, sort_keys=True))
+        lines.append(storage.dumps(row, sort_keys=True))
     text = "".join(line + "\n" for line in lines).encode("utf-8")
-    storage.write_bytes(storage.join(uri, POSTS), text)
+    files[POSTS] = artifacts.write_file(uri, POSTS, text)
 
-    manifest: dict[str, Any] = {k: _copy(v) for k, v in _STAT_DEFAULTS.items()}
-    manifest.update(stats)
-    if manifest["posts_in"] is None:
-        manifest["posts_in"] = len(posts)
-    manifest.update(
-        format=SHARD_FORMAT,
-        version=SHARD_VERSION,
-        shard=int(index),
-        count=len(posts),
-        dim=int(embeddings.shape[1]),
-        embedder=embedder,
-        files={EMBEDDINGS: len(buffer), POSTS: len(text)},
+    fields: dict[str, Any] = {k: _copy(v) for k, v in _STAT_DEFAULTS.items()}
+    fields.update(stats)
+    if fields["posts_in"] is None:
+        fields["posts_in"] = len(posts)
+    fields.update(
+        shard=int(index), count=len(posts), dim=int(embeddings.shape[1]), embedder=embedder
     )
-    storage.write_json(manifest_uri, manifest)
-    return manifest
+    return artifacts.write_manifest(uri, SHARD_FORMAT, SHARD_VERSION, files, **fields)
+
+
+def open_shard(root: str, index: int) -> artifacts.Artifact:
+    """Shard `index` with its manifest checked (ArtifactMissing when unfinished, ArtifactError
+    when its manifest is foreign or damaged)."""
+    shard = artifacts.read(
+        shard_uri(root, index),
+        SHARD_FORMAT,
+        SHARD_VERSION,
+        what="shard",
+        fix="rerun the same `hashtag scrape` to rebuild it",
+    )
+    manifest = shard.manifest
+    if manifest.get("shard") != index:
+        raise shard.error(f"its manifest names shard {str(manifest.get('shard'))[:20]}")
+    shard.int_field("count")
+    shard.int_field("dim", high=MAX_DIM)
+    if not isinstance(manifest.get("embedder"), dict):
+        raise shard.error("its manifest has no embedder spec")
+    if manifest["files"] and set(manifest["files"]) != {EMBEDDINGS, POSTS}:
+        raise shard.error(f"its manifest lists {sorted(manifest['files'])}")
+    return shard
 
 
 def read_manifest(root: str, index: int) -> dict[str, Any] | None:
     """Shard `index`'s manifest, or None when the shard is not finished (absent or corrupt)."""
-    uri = storage.join(shard_uri(root, index), MANIFEST)
     try:
-        manifest = storage.read_json(uri)
-    except FileNotFoundError:
+        return open_shard(root, index).manifest
+    except artifacts.ArtifactMissing:
         return None
-    except (OSError, ValueError) as error:
-        log.warning(
-            "shard %d: unreadable manifest %s (%s); treating it as unfinished", index, uri, error
-        )
+    except ArtifactError as error:
+        log.warning("shard %d: %s; treating it as unfinished", index, error)
         return None
-    problem = _manifest_problem(manifest, index)
-    if problem:
-        log.warning(
-            "shard %d: invalid manifest %s (%s); treating it as unfinished", index, uri, problem
-        )
-        return None
-    return manifest
+
+
+def verify(root: str, index: int, manifest: dict[str, Any]) -> str | None:
+    """None when shard `index`'s data files match `manifest` (sizes and sha256), else the problem."""
+    try:
+        _artifact(root, index, manifest).verify()
+    except ArtifactError as error:
+        return str(error)
+    return None
 
 
 def finished_shards(root: str) -> dict[int, dict[str, Any]]:
@@ -169,9 +182,11 @@ def read_rows(
     manifest = manifest if manifest is not None else _require_manifest(root, index)
     uri = storage.join(shard_uri(root, index), POSTS)
     try:
-        text = storage.read_bytes(uri).decode("utf-8")
-    except (OSError, ValueError) as error:
-        raise ShardError(f"shard {index}: cannot read {uri}: {error}") from error
+        text = _artifact(root, index, manifest).read_bytes(POSTS).decode("utf-8")
+    except ArtifactError as error:
+        raise ShardError(f"shard {index}: {error}") from None
+    except ValueError as error:
+        raise ShardError(f"shard {index}: cannot read {uri}: {error}") from None
     # Split on "\n" only: JSON escapes it inside strings, but not U+2028 and its kin, which
     # str.splitlines() would also split on.
     lines = [line for line in text.split("\n") if line.strip()]
@@ -204,9 +219,11 @@ def read_embeddings(
     manifest = manifest if manifest is not None else _require_manifest(root, index)
     uri = storage.join(shard_uri(root, index), EMBEDDINGS)
     try:
-        embeddings = storage.load_npy(uri, mmap=mmap)
-    except (OSError, ValueError) as error:
-        raise ShardError(f"shard {index}: cannot read {uri}: {error}") from error
+        embeddings = _artifact(root, index, manifest).load_array(
+            EMBEDDINGS, mmap=mmap, verify=not mmap
+        )
+    except ArtifactError as error:
+        raise ShardError(f"shard {index}: {error}") from None
     expected = (manifest["count"], manifest["dim"])
     if embeddings.shape != expected or embeddings.dtype != np.float32:
         raise ShardError(
@@ -234,28 +251,10 @@ def _require_manifest(root: str, index: int) -> dict[str, Any]:
     return manifest
 
 
-def _manifest_problem(manifest: Any, index: int) -> str | None:
-    if not isinstance(manifest, dict):
-        return "not a JSON object"
-    if manifest.get("format") != SHARD_FORMAT:
-        return f"format {manifest.get('format')!r} is not {SHARD_FORMAT!r}"
-    if manifest.get("version") != SHARD_VERSION:
-        return f"version {manifest.get('version')!r} is not {SHARD_VERSION}"
-    if manifest.get("shard") != index:
-        return f"it names shard {manifest.get('shard')!r}"
-    for key in ("count", "dim"):
-        value = manifest.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            return f"{key} {value!r} is not a non-negative integer"
-    if not isinstance(manifest.get("embedder"), dict):
-        return "no embedder spec"
-    return None
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+def _artifact(root: str, index: int, manifest: dict[str, Any]) -> artifacts.Artifact:
+    if not manifest.get("files"):  # a manifest built by hand (tests): the files are the truth
+        manifest = {**manifest, "files": {EMBEDDINGS: _NO_ENTRY, POSTS: _NO_ENTRY}}
+    return artifacts.Artifact(shard_uri(root, index), manifest, "rerun the same `hashtag scrape`")
 
 
 def _copy(value: Any) -> Any:

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -83,13 +84,34 @@ def size(uri: str) -> int | None:
     return fs.size(path)
 
 
-def read_bytes(uri: str) -> bytes:
+class TooLarge(ValueError):
+    """An object bigger than the caller's limit (it was not read past limit + 1 bytes)."""
+
+
+class NotRegularFile(OSError):
+    """A local path that is a device, FIFO, socket or folder: never read (it may never end)."""
+
+
+def read_bytes(uri: str, limit: int | None = None) -> bytes:
+    """The object's bytes; TooLarge when it has more than `limit` bytes (at most limit + 1 are
+    read). Local paths must be regular files: a FIFO or /dev/zero is refused without reading."""
     fs, path = filesystem(uri)
-    if not is_remote(str(uri)):  # plain open(): fsspec's local file object costs ~3x per photo
-        with open(path, "rb") as f:
-            return f.read()
+    if not is_remote(str(uri)):  # plain os.open: fsspec's local file object costs ~3x per photo
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise NotRegularFile(f"{uri} is not a regular file (device, FIFO or folder)")
+            return _read_capped(f, uri, limit)
     with fs.open(path, "rb") as f:
-        return f.read()
+        return _read_capped(f, uri, limit)
+
+
+def _read_capped(f: Any, uri: str, limit: int | None) -> bytes:
+    data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise TooLarge(f"{uri} has more than {limit} bytes")
+    return data
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -124,18 +146,28 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 
 
+def dumps(obj: Any, **options: Any) -> str:
+    """Strict JSON (NaN and Infinity are not JSON: refused, so sanitise floats first)."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, **options)
+
+
 def write_json(uri: str, obj: Any) -> None:
-    write_text(uri, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    write_text(uri, dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def npy_bytes(array: np.ndarray, where: str = "a file") -> bytes:
+    """`array` as .npy bytes; object arrays are refused, so every file loads without pickle."""
+    array = np.asarray(array)
+    if array.dtype.hasobject:
+        raise TypeError(f"refusing to write an object array to {where}: it would need pickle")
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def save_npy(uri: str, array: np.ndarray) -> None:
-    """Save an array as .npy; object arrays are refused, so every file loads without pickle."""
-    array = np.asarray(array)
-    if array.dtype.hasobject:
-        raise TypeError(f"refusing to write an object array to {uri}: it would need pickle")
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    write_bytes(uri, buffer.getvalue())
+    """Save an array as .npy (never pickled)."""
+    write_bytes(uri, npy_bytes(array, uri))
 
 
 def load_npy(uri: str, mmap: bool = False) -> np.ndarray:

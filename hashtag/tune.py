@@ -103,6 +103,14 @@ class TuneConfig:
         default=True,
         metadata={"help": "score blends of the best trial, knn and ridge compete too"},
     )
+    memory_budget: float = field(
+        default=0.0,
+        metadata={
+            "help": "GB a node gives the training data: under it the splits enter Ray's object "
+            "store once and trials share them; over it trials stream the dataset's parts "
+            "(0: a quarter of this machine's memory)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not str(self.data).strip():
@@ -132,6 +140,10 @@ class TuneConfig:
         if self.gpus_per_trial < 0 or (self.gpus_per_trial > 1 and self.gpus_per_trial % 1):
             raise ValueError(
                 f"--gpus-per-trial must be >= 0, and a whole number above 1; got {self.gpus_per_trial}"
+            )
+        if not (math.isfinite(self.memory_budget) and self.memory_budget >= 0):
+            raise ValueError(
+                f"--memory-budget must be >= 0 GB (0: automatic), got {self.memory_budget}"
             )
         if self.max_failures < 0:
             raise ValueError(f"--max-failures must be >= 0, got {self.max_failures}")
@@ -173,6 +185,13 @@ class TuneConfig:
         return f"grid-{digest[:10]}"
 
 
+def memory_budget_bytes(config: TuneConfig) -> int:
+    """--memory-budget in bytes; automatic: a quarter of this machine's physical memory."""
+    if config.memory_budget:
+        return int(config.memory_budget * 2**30)
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+
+
 def dataset_fingerprint(dataset) -> dict[str, Any]:
     """What identifies a dataset's content, from its manifest (not its timings)."""
     keys = ("count", "dim", "vocab_size", "label_nnz", "splits", "embedder")
@@ -212,9 +231,76 @@ class TrialSettings:
     loss: str
     seed: int
     cpus: float
-    blocks: tuple[int, ...] = ()
+    dim: int = 0
+    vocab: tuple[str, ...] = ()
+    blocks: tuple[int, ...] = ()  # the dims of the embedders the features concatenate
     # Storage settings of the driver (the S3 endpoint override) that the trial's process needs.
     env: dict[str, str] = field(default_factory=dict)
+
+
+# Streamed trials choose the decision rule and report per-epoch validation metrics on the first
+# VAL_SAMPLE validation rows (a random sample: splits are a hash of the post id), so that their
+# memory does not grow with N; the final validation and test scores use every row.
+VAL_SAMPLE = 10_000
+BLOCK_ROWS = 65_536
+SPLIT_ARRAYS = ("X", "indptr", "indices")
+
+
+def split_arrays(dataset, name: str) -> dict[str, np.ndarray]:
+    """Split `name` in memory: X float32 (n, dim) and its labels as CSR (indptr, indices)."""
+    rows = dataset.rows(name)
+    indptr, indices = dataset.labels_csr(rows)
+    return {
+        "X": np.asarray(dataset.embeddings[rows], np.float32),
+        "indptr": indptr,
+        "indices": indices,
+    }
+
+
+class TrialData:
+    """Where a trial's rows come from: `arrays` ({split: split_arrays}, read-only views of Ray's
+    object store, shared by every trial on a node: no copy per trial), or, when the dataset is
+    over the memory budget, the dataset itself, streamed block by block from its parts."""
+
+    def __init__(self, data: str, arrays: dict[str, dict[str, np.ndarray]] | None):
+        self.arrays = arrays
+        self.dataset = None
+        if arrays is None:
+            from hashtag.dataset import Dataset
+
+            self.dataset = Dataset.load(data)
+
+    def blocks(self, name: str, order: np.random.Generator | None = None):
+        """(X, labels indptr, indices) blocks of split `name`."""
+        from hashtag.dataset import array_blocks
+
+        if self.dataset is not None:
+            return self.dataset.blocks(name, BLOCK_ROWS, order)
+        split = self.arrays[name]
+        return array_blocks(split["X"], split["indptr"], split["indices"], order, BLOCK_ROWS)
+
+    def train(self, dim: int, n_tags: int) -> models.Blocks:
+        rows = (
+            int(self.dataset.manifest["splits"]["train"])
+            if self.dataset is not None
+            else len(self.arrays["train"]["X"])
+        )
+        return models.Blocks(lambda order: self.blocks("train", order), rows, dim, n_tags)
+
+    def validation(self, n_tags: int) -> tuple[np.ndarray, np.ndarray]:
+        """(X, Y dense) for per-epoch validation: every row in memory, VAL_SAMPLE streamed."""
+        from hashtag.dataset import dense_labels
+
+        Xs, Ys, taken = [], [], 0
+        for X, indptr, indices in self.blocks("val"):
+            if self.dataset is not None and taken >= VAL_SAMPLE:
+                break
+            Xs.append(X)
+            Ys.append(dense_labels(indptr, indices, n_tags))
+            taken += len(X)
+        if self.dataset is not None:
+            return np.concatenate(Xs)[:VAL_SAMPLE], np.concatenate(Ys)[:VAL_SAMPLE]
+        return np.concatenate(Xs), np.concatenate(Ys)
 
 
 def _model_config(grid: dict[str, Any], settings: TrialSettings):
@@ -248,8 +334,16 @@ def reference_config(name: str, seed: int, blocks: tuple[int, ...] = ()) -> mode
     return models.ModelConfig(seed=seed)
 
 
-def _score(recommender, X: np.ndarray, Y: np.ndarray) -> dict[str, float]:
-    return {k: float(v) for k, v in recommender.score(X, Y).items()}
+def _score_blocks(recommender, blocks) -> dict[str, float]:
+    return {k: float(v) for k, v in recommender.score_blocks(blocks).items()}
+
+
+def _in_memory(blocks: models.Blocks) -> tuple[np.ndarray, np.ndarray]:
+    """(X, Y dense bool) of every row of `blocks`, in row order."""
+    from hashtag.dataset import dense_labels
+
+    parts = [(X, dense_labels(p, i, blocks.n_tags)) for X, p, i in blocks.read(None)]
+    return np.concatenate([X for X, _ in parts]), np.concatenate([Y for _, Y in parts])
 
 
 def _report(recommender, state: dict[str, Any], metrics: dict[str, Any]) -> None:
@@ -277,18 +371,23 @@ class _EpochReporter:
         _report(self.recommender, self.state, {"epoch": epoch + 1, "done": False, **shown})
 
 
-def train_trial(grid: dict[str, Any], settings: TrialSettings) -> None:
-    """One grid cell: `grid` holds its batch_size and learning_rate."""
+def train_trial(
+    grid: dict[str, Any],
+    settings: TrialSettings,
+    arrays: dict[str, dict[str, np.ndarray]] | None = None,
+) -> None:
+    """One grid cell: `grid` holds its batch_size and learning_rate; `arrays` the splits from
+    the object store, or None to stream them from the dataset (see TrialData)."""
     from ray import tune
-
-    from hashtag.dataset import Dataset
 
     for name, value in settings.env.items():
         os.environ.setdefault(name, value)
     _configure_tensorflow(settings.cpus)
-    dataset = Dataset.load(settings.data)
-    X_train, Y_train = dataset.part("train")
-    X_val, Y_val = dataset.part("val")
+    data = TrialData(settings.data, arrays)
+    # The driver names the vocabulary and dim; a streamed trial can read them itself.
+    vocab = list(settings.vocab) if settings.vocab else data.dataset.vocab
+    n_tags, dim = len(vocab), settings.dim or data.dataset.dim
+    X_val, Y_val = data.validation(n_tags)
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
@@ -301,18 +400,25 @@ def train_trial(grid: dict[str, Any], settings: TrialSettings) -> None:
                 state = json.load(f)
             recommender = models.load(os.path.join(folder, CHECKPOINT_MODEL))
     if recommender.epochs_done < settings.epochs:
+        train = data.train(dim, n_tags)
+        if recommender.streams:
+            X_train, Y_train = train, None
+        else:  # a model that needs every row at once (seed): in memory, whatever the budget
+            X_train, Y_train = _in_memory(train)
         recommender.fit(
             X_train,
             Y_train,
             X_val,
             Y_val,
             callbacks=[_EpochReporter(recommender, state)],
-            vocab=dataset.vocab,
+            vocab=vocab,
             resume=checkpoint is not None,
         )
-    X_test, Y_test = dataset.part("test")
+    del X_val, Y_val
     state.update(
-        done=True, val=_score(recommender, X_val, Y_val), test=_score(recommender, X_test, Y_test)
+        done=True,
+        val=_score_blocks(recommender, data.blocks("val")),
+        test=_score_blocks(recommender, data.blocks("test")),
     )
     _report(
         recommender,
@@ -355,42 +461,75 @@ def _storage_target(out: str) -> tuple[str, Any]:
     return path, PyFileSystem(FSSpecHandler(fs))
 
 
-def _blocks(dataset) -> tuple[int, ...]:
+REFERENCE_ROWS = 100_000
+
+
+def _first_rows(blocks, n: int):
+    """The blocks cut after their first `n` rows."""
+    for X, indptr, indices in blocks:
+        if n <= 0:
+            return
+        if len(X) > n:
+            X, indptr = X[:n], indptr[: n + 1]
+            indices = indices[: int(indptr[-1])]
+        n -= len(X)
+        yield X, indptr, indices
+
+
+def blocks_of(dataset) -> tuple[int, ...]:
     """The dims of the embedders a dataset's features concatenate; () for one embedder."""
     from hashtag.embedders import EmbedderSpec
 
     return EmbedderSpec.from_json(dataset.embedder).blocks
 
 
-def _references(config: TuneConfig, dataset) -> tuple[list[ResultRow], dict[str, Any]]:
-    """Popularity, kNN and ridge, fitted on train and scored in the driver: their rows and the
-    fitted models (candidates for the export and parts of the blends)."""
-    X_train, Y_train = dataset.part("train")
-    X_val, Y_val = dataset.part("val")
-    rows, fitted = [], {}
-    for name in config.references:
-        started = time.perf_counter()
-        recommender = models.create(name, reference_config(name, config.seed, _blocks(dataset)))
-        recommender.fit(X_train, Y_train, X_val, Y_val, vocab=dataset.vocab)
-        rows.append(_candidate_row(name, recommender, dataset, started))
-        fitted[name] = recommender
-    return rows, fitted
+def _chained(data: TrialData, names: tuple[str, ...], order=None):
+    """The blocks of the splits `names`, one split after the other."""
+    for name in names:
+        yield from data.blocks(name, order)
 
 
-def _candidate_row(label: str, recommender, dataset, started: float) -> ResultRow:
+def _training_rows(data: TrialData, names: tuple[str, ...], n_tags: int):
+    """(X, Y) in memory of the splits `names`; over the memory budget the first REFERENCE_ROWS
+    of them (a random sample: splits are a hash of the post id)."""
+    from hashtag.dataset import dense_labels
+
+    blocks = _chained(data, names)
+    if data.dataset is not None:
+        blocks = _first_rows(blocks, REFERENCE_ROWS)
+    parts = [(X, dense_labels(indptr, indices, n_tags)) for X, indptr, indices in blocks]
+    return np.concatenate([X for X, _ in parts]), np.concatenate([Y for _, Y in parts])
+
+
+def _candidate_row(label: str, recommender, data: TrialData, started: float) -> ResultRow:
     return ResultRow(
         model=label,
-        val=_score(recommender, *dataset.part("val")),
-        test=_score(recommender, *dataset.part("test")),
+        val=_score_blocks(recommender, data.blocks("val")),
+        test=_score_blocks(recommender, data.blocks("test")),
         seconds=time.perf_counter() - started,
     )
 
 
-def _blends(
-    config: TuneConfig, dataset, candidates: dict[str, Any]
-) -> tuple[list[ResultRow], dict[str, Any]]:
-    """Every blend of BLENDS whose parts are there, its weights chosen on validation."""
-    X_val, Y_val = dataset.part("val")
+def _references(config: TuneConfig, dataset, data: TrialData) -> tuple[list[ResultRow], dict]:
+    """Popularity, kNN and ridge, fitted in the driver: their rows and the fitted models
+    (candidates for the export and parts of the blends). Over the memory budget they train on
+    the first REFERENCE_ROWS training rows; kNN holds them all in memory."""
+    X_train, Y_train = _training_rows(data, ("train",), dataset.vocab_size)
+    X_val, Y_val = data.validation(dataset.vocab_size)
+    rows, fitted = [], {}
+    for name in config.references:
+        started = time.perf_counter()
+        recommender = models.create(name, reference_config(name, config.seed, blocks_of(dataset)))
+        recommender.fit(X_train, Y_train, X_val, Y_val, vocab=dataset.vocab)
+        rows.append(_candidate_row(name, recommender, data, started))
+        fitted[name] = recommender
+    return rows, fitted
+
+
+def _blends(config: TuneConfig, dataset, data: TrialData, candidates: dict[str, Any]):
+    """Every blend of BLENDS whose parts are there, its weights chosen on validation:
+    (rows, {label: blend})."""
+    X_val, Y_val = data.validation(dataset.vocab_size)
     rows, fitted = [], {}
     for names in BLENDS if config.blends else ():
         if not all(name in candidates for name in names):
@@ -400,7 +539,7 @@ def _blends(
             [candidates[n] for n in names], X_val, Y_val, metric=config.select_metric
         )
         label = f"blend: {blend.label}"
-        rows.append(_candidate_row(label, blend, dataset, started))
+        rows.append(_candidate_row(label, blend, data, started))
         fitted[label] = blend
     return rows, fitted
 
@@ -462,15 +601,16 @@ def export_model(
     """Write the self-contained model folder OUT/model/: the model (a knn or a blend keeps its
     training embeddings and labels), metadata, and co-occurrence of the labels it learnt from."""
     from hashtag.completion import Cooccurrence
+    from hashtag.dataset import csr_rows, dense_labels
 
     uri = storage.join(config.out, "model")
     storage.remove(uri)  # no file of an older export may survive beside the new one
-    Y = np.concatenate([dataset.part(name)[1] for name in trained_on])
+    rows = np.sort(np.concatenate([dataset.rows(name) for name in trained_on]))
     metadata = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
         "model": recommender.name,
-        "selected": row.model if not row.is_trial else row.label,
+        "selected": row.label,
         "embedder": dataset.embedder,
         "vocab": list(dataset.vocab),
         "decision": asdict(recommender.decision),
@@ -484,21 +624,26 @@ def export_model(
         "trained_on": {
             "data": config.data,
             "splits": list(trained_on),
-            "count": len(Y),
+            "count": len(rows),
             "dim": dataset.dim,
         },
     }
-    _drop_optimizer_state(recommender)
-    recommender.save(uri, metadata=metadata)
-    Cooccurrence().fit(Y).save(storage.join(uri, "cooccurrence"))
-    return uri
-
-
-def _drop_optimizer_state(recommender) -> None:
-    """Recommending needs no Adam moments (twice the weights); trial checkpoints keep them."""
     for part in [recommender, *getattr(recommender, "parts", [])]:
         if getattr(part, "optimizer_state", None):
+            # Recommending needs no Adam moments (twice the weights); checkpoints keep them.
             part.optimizer_state = []
+    recommender.save(uri, metadata=metadata)
+    # From the labels the model learnt from, a block of posts at a time.
+    indptr, indices = dataset.labels_csr(rows)
+    blocks = (
+        dense_labels(
+            *csr_rows(indptr, indices, np.arange(a, min(a + 8192, len(indptr) - 1))),
+            dataset.vocab_size,
+        )
+        for a in range(0, len(indptr) - 1, 8192)
+    )
+    Cooccurrence().fit_blocks(blocks).save(storage.join(uri, "cooccurrence"))
+    return uri
 
 
 def _best_model(config: TuneConfig, results, best: ResultRow):
@@ -519,14 +664,10 @@ def _metric(row: ResultRow, metric: str) -> float:
     return value if math.isfinite(value) else -math.inf
 
 
-def _folder_bytes(uri: str) -> int:
-    fs, path = storage.filesystem(uri)
-    return int(sum(fs.du(path, total=False).values()))
-
-
 def compete(
     config: TuneConfig,
     dataset,
+    data: TrialData,
     trials: list[ResultRow],
     trial_model: Any,
     references: list[ResultRow],
@@ -540,47 +681,64 @@ def compete(
     if trials:
         best_trial = max(trials, key=lambda r: _metric(r, metric))
         candidates["best"] = candidates[best_trial.label] = trial_model(best_trial)
-    blend_rows, blends = _blends(config, dataset, candidates)
+    blend_rows, blends = _blends(config, dataset, data, candidates)
     candidates.update(blends)
     rows = [*references, *blend_rows]
     winner = max([*trials, *rows], key=lambda r: _metric(r, metric))
     return rows, winner, candidates[winner.label]
 
 
-def _parts(dataset, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    X, Y = zip(*(dataset.part(name) for name in names), strict=True)
-    return np.concatenate(X), np.concatenate(Y)
+def _refit_on(config: TuneConfig, dataset, data: TrialData, recommender, names):
+    if not recommender.streams:
+        X, Y = _training_rows(data, names, dataset.vocab_size)
+        return models.refit(recommender, X, Y, config.select_metric)
+    rows = sum(len(dataset.rows(name)) for name in names)
+    blocks = models.Blocks(
+        lambda order: _chained(data, names, order), rows, dataset.dim, dataset.vocab_size
+    )
+    return models.refit(recommender, blocks, None, config.select_metric)
 
 
-def refit_winner(config: TuneConfig, dataset, winner: ResultRow, recommender):
+def refit_winner(config: TuneConfig, dataset, data: TrialData, winner: ResultRow, recommender):
     """The winner retrained per `config.refit` (its epoch count picked on validation). Returns
-    (model to export, the splits it learnt from, its row with the test figures of the
-    train+val refit; None for refit none)."""
+    (model to export, the splits it learnt from, a row with the test figures of the train+val
+    refit; None for refit none)."""
     if config.refit == "none":
         return recommender, ("train",), None
     started = time.perf_counter()
     trained_on = ("train", "val")
-    recommender = models.refit(recommender, *_parts(dataset, trained_on), config.select_metric)
+    recommender = _refit_on(config, dataset, data, recommender, trained_on)
     row = ResultRow(
         model=f"exported: {winner.label}, refit on train+val",
-        test=_score(recommender, *dataset.part("test")),
+        test=_score_blocks(recommender, data.blocks("test")),
         epochs=recommender.epochs_done if recommender.trainable else None,
         seconds=time.perf_counter() - started,
     )
     if config.refit == "all":  # for production: the test figures above are already taken
         trained_on = ("train", "val", "test")
-        recommender = models.refit(recommender, *_parts(dataset, trained_on), config.select_metric)
+        recommender = _refit_on(config, dataset, data, recommender, trained_on)
     return recommender, trained_on, row
 
 
-def _select_and_export(config: TuneConfig, dataset, finished, results, references, fitted):
+def _folder_bytes(uri: str) -> int:
+    fs, path = storage.filesystem(uri)
+    return int(sum(fs.du(path, total=False).values()))
+
+
+def _select_and_export(config, dataset, data, finished, results, references, fitted):
     """compete, refit_winner, export_model. Returns (rows beside the trials, best, model uri)."""
     rows, winner, recommender = compete(
-        config, dataset, finished, lambda row: _best_model(config, results, row), references, fitted
+        config,
+        dataset,
+        data,
+        finished,
+        lambda row: _best_model(config, results, row),
+        references,
+        fitted,
     )
     metric = config.select_metric
     print(f"selected on validation {metric} {_metric(winner, metric):.4f}: {winner.label}")
-    recommender, trained_on, refit_row = refit_winner(config, dataset, winner, recommender)
+    recommender, trained_on, refit_row = refit_winner(config, dataset, data, winner, recommender)
     selection = {
         "metric": metric,
         "winner": winner.label,
@@ -609,7 +767,7 @@ def _select_and_export(config: TuneConfig, dataset, finished, results, reference
     return rows + ([refit_row] if refit_row else []), best, model_uri
 
 
-def _run_grid(config: TuneConfig, dataset):
+def _run_grid(config: TuneConfig, dataset, data: TrialData):
     from ray import tune
 
     from hashtag import raycluster
@@ -623,6 +781,9 @@ def _run_grid(config: TuneConfig, dataset):
         loss=config.loss,
         seed=config.seed,
         cpus=config.cpus_per_trial,
+        dim=dataset.dim,
+        vocab=tuple(dataset.vocab),
+        blocks=blocks_of(dataset),
         env=raycluster.worker_env().get("env_vars", {}),
     )
     params = {
@@ -630,7 +791,10 @@ def _run_grid(config: TuneConfig, dataset):
         "learning_rate": tune.grid_search(list(config.learning_rates)),
     }
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
-    trainable = tune.with_resources(tune.with_parameters(train_trial, settings=settings), resources)
+    # with_parameters puts the arrays into the object store once; trials get read-only views.
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, settings=settings, arrays=data.arrays), resources
+    )
     name = config.experiment_name(dataset_fingerprint(dataset))
     experiment = f"{storage_path.rstrip('/')}/{name}"
     # Every epoch checkpoints (so that a stopped job resumes mid-trial); with short trials that
@@ -664,6 +828,18 @@ def _run_grid(config: TuneConfig, dataset):
     return tuner.fit(), experiment
 
 
+def _trial_data(config: TuneConfig, dataset) -> TrialData:
+    """The splits in memory (for the object store) when they fit the budget, else streamed."""
+    from hashtag.dataset import SPLITS
+
+    needed, budget = sum(dataset.split_bytes(s) for s in SPLITS), memory_budget_bytes(config)
+    if needed <= budget:
+        log.info("the splits (%.2f GB) fit the budget: trials share them", needed / 2**30)
+        return TrialData(config.data, {s: split_arrays(dataset, s) for s in SPLITS})
+    log.info("the splits (%.2f GB) exceed the budget: trials stream them", needed / 2**30)
+    return TrialData(config.data, None)
+
+
 def run(config: TuneConfig) -> dict[str, Any]:
     """Tune the grid, score the references, write the report, export the best model."""
     from hashtag.dataset import Dataset
@@ -681,8 +857,9 @@ def run(config: TuneConfig) -> dict[str, Any]:
             f"{config.data} has no embeddings (dim 0, label-only posts): there is nothing to "
             "train an image model on"
         )
-    references, fitted = _references(config, dataset)
-    results, experiment = _run_grid(config, dataset)
+    data = _trial_data(config, dataset)
+    references, fitted = _references(config, dataset, data)
+    results, experiment = _run_grid(config, dataset, data)
     trials = sorted(
         (_trial_row(config, result, _trial_state(result)) for result in results),
         key=lambda r: (r.batch_size, -r.learning_rate),
@@ -701,7 +878,7 @@ def run(config: TuneConfig) -> dict[str, Any]:
             "fix the cause and rerun the same command: failed trials are retried"
         )
     others, best, model_uri = _select_and_export(
-        config, dataset, finished, results, references, fitted
+        config, dataset, data, finished, results, references, fitted
     )
     for row in others[len(references) :]:
         print(trial_line(row))

@@ -38,8 +38,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-# Not uploaded with the job's working dir (the venv alone is hundreds of MB).
-EXCLUDES = [".venv", ".git", "runs", "bench", "**/__pycache__", ".pytest_cache", ".ruff_cache"]
+# Not uploaded with the job's working dir (the venv alone is hundreds of MB): the one list, the
+# same file the README's `ray job submit --runtime-env infra/runtime_env.yaml` uses.
+EXCLUDES = yaml.safe_load((REPO / "infra" / "runtime_env.yaml").read_text())["excludes"]
 # The caller's Ray settings must not leak into a test cluster (or point its CLI elsewhere).
 SCRUBBED_ENV = (
     "RAY_ADDRESS",

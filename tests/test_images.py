@@ -149,7 +149,7 @@ def test_empty():
     [b"hello, world", b"<html><body>404</body></html>", bytes(range(256)) * 4, b"\x00" * 1000],
 )
 def test_not_an_image(data):
-    assert reason_of(data) == "not-an-image"
+    assert reason_of(data) == "unsupported-format"
 
 
 @pytest.mark.parametrize("keep", [0.01, 0.3, 0.7, 0.99])

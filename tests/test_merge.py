@@ -11,6 +11,17 @@ from hashtag.posts import Post
 SPEC = {"name": "classic", "version": 1}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    """The merge runs as Ray tasks: one local Ray for the whole module."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
 def write(root, index, rows, dim=2, embedder=SPEC):
     """rows: (id, tags, sha or None); embedding row = [hash-free marker of the id, index]."""
     posts = [
@@ -170,13 +181,13 @@ def test_missing_and_damaged_shards(tmp_path, caplog):
 def test_every_file_loads_without_pickle(tmp_path):
     make(str(tmp_path / "s"))
     merge.run(config(str(tmp_path / "s"), str(tmp_path / "d")))
-    for name in os.listdir(tmp_path / "d"):
-        if name.endswith(".npy"):
-            np.load(tmp_path / "d" / name, allow_pickle=False)
-        else:
-            json.loads((tmp_path / "d" / name).read_text())
+    for path in (tmp_path / "d").rglob("*"):
+        if path.suffix == ".npy":
+            np.load(path, allow_pickle=False)
+        elif path.is_file():
+            json.loads(path.read_text())
     ds = Dataset.load(str(tmp_path / "d"), mmap=True)
-    assert isinstance(ds.embeddings, np.memmap)
+    assert len(ds.parts) > 1 and all(isinstance(p.embeddings, np.memmap) for p in ds.parts)
 
 
 def test_load_refuses_unfinished_or_other_versions(tmp_path):

@@ -6,7 +6,6 @@ functions `tune.run` calls after the grid."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from test_merge import write as write_shard
 from test_tune import write_dataset
 
 from hashtag import embedders, merge, models, recommend, tune
+from hashtag.dataset import Dataset, DatasetWriter, csr_from_lists
 from hashtag.embedders import EmbedderSpec
 from hashtag.errors import UserError
 from hashtag.models import ModelConfig
@@ -46,8 +46,11 @@ def weak_trial(dataset):
 def test_selection_exports_a_better_non_mlp_winner(tmp_path, dataset, weak_trial):
     row, mlp = weak_trial
     config = tune.TuneConfig(data=dataset.uri, out=str(tmp_path / "out"), refit="none")
-    references, fitted = tune._references(config, dataset)
-    rows, winner, chosen = tune.compete(config, dataset, [row], lambda r: mlp, references, fitted)
+    data = tune._trial_data(config, dataset)
+    references, fitted = tune._references(config, dataset, data)
+    rows, winner, chosen = tune.compete(
+        config, dataset, data, [row], lambda r: mlp, references, fitted
+    )
     labels = [r.label for r in rows]
     assert {"popularity", "knn", "ridge"} <= set(labels)
     assert sum(label.startswith("blend: ") for label in labels) == len(tune.BLENDS)
@@ -72,7 +75,8 @@ def test_refit_learns_from_train_and_validation(tmp_path, dataset, weak_trial, n
         row = _row(model, dataset, model=name)
     for mode, seen in [("train+val", ("train", "val")), ("all", ("train", "val", "test"))]:
         config = tune.TuneConfig(data=dataset.uri, out=str(tmp_path / mode), refit=mode)
-        refit, trained_on, refit_row = tune.refit_winner(config, dataset, row, model)
+        data = tune._trial_data(config, dataset)
+        refit, trained_on, refit_row = tune.refit_winner(config, dataset, data, row, model)
         assert trained_on == seen and refit is not model
         assert refit.decision == model.decision  # chosen on validation, kept
         assert set(refit_row.test) >= {"f1@5", "f1@10"} and refit_row.label.startswith("exported")
@@ -81,7 +85,7 @@ def test_refit_learns_from_train_and_validation(tmp_path, dataset, weak_trial, n
         if name == "mlp":  # epochs picked on validation; no validation data in the refit
             assert refit.epochs_done == models.best_epoch(model) and "val_f1" not in refit.history
     none = tune.TuneConfig(data=dataset.uri, out=str(tmp_path / "none"), refit="none")
-    assert tune.refit_winner(none, dataset, row, model) == (model, ("train",), None)
+    assert tune.refit_winner(none, dataset, data, row, model) == (model, ("train",), None)
 
 
 def test_blend_of_ensemble_features_round_trips(tmp_path, dataset):
@@ -101,8 +105,9 @@ def test_blend_of_ensemble_features_round_trips(tmp_path, dataset):
     assert [p.config.blocks for p in loaded.parts] == [blocks, blocks]
     np.testing.assert_allclose(loaded.predict_scores(X_test), blend.predict_scores(X_test))
     np.testing.assert_array_equal(loaded.parts[0].feature_mean, parts[0].feature_mean)
-    refit = models.refit(loaded, *tune._parts(dataset, ("train", "val")))
-    assert len(refit.parts[1].train_labels) == len(tune._parts(dataset, ("train", "val"))[0])
+    X, Y = (np.concatenate(a) for a in zip(dataset.part("train"), dataset.part("val"), strict=True))
+    refit = models.refit(loaded, X, Y)
+    assert len(refit.parts[1].train_labels) == len(X)
     with pytest.raises(ValueError, match="blocks"):
         models.create("knn", ModelConfig(centre=True, blocks=(10, 5))).fit(*dataset.part("train"))
 
@@ -147,45 +152,40 @@ def test_a_two_embedder_export_recommends_on_new_photos(tmp_path, shared_dir):
 
     if not (shared_dir / "models" / V1).is_file():
         pytest.skip("the TFLite models are not in ../shared/models")
-    spec = EmbedderSpec.ensemble(
+    request = EmbedderSpec.ensemble(
         [EmbedderSpec.parse(f"tflite:{shared_dir / 'models' / name}") for name in (V2, V1)]
     )
-    embedder = embedders.create_from_spec(spec, num_threads=1)
+    embedder = embedders.create_from_spec(request, num_threads=1)
+    spec = embedder.spec  # the identity: each model's hash and dim
     posts = list(open_source(str(shared_dir / "data" / "feedme-food" / "posts.jsonl")).posts())
     result = ingest.embed_posts(posts[:44], embedder, Fetcher(), threads=2)
-    assert result.embeddings.shape == (44, 1280 + 1024)
-    # Each part has unit norm / sqrt(2): the models can split the blocks again.
-    norms = np.linalg.norm(result.embeddings[:, :1280], axis=1)
-    np.testing.assert_allclose(norms, np.sqrt(0.5), rtol=1e-4)
-    blocks = embedder.spec.blocks
+    X = result.embeddings
+    assert X.shape == (44, 1280 + 1024) and spec.blocks == (1280, 1024)
+    # Each part has norm 1/sqrt(2): the models can split the blocks again.
+    np.testing.assert_allclose(np.linalg.norm(X[:, :1280], axis=1), np.sqrt(0.5), rtol=1e-4)
     vocab = ["food", "yummy", "dinner"]
     Y = np.array([[t in p.tags for t in vocab] for p in result.posts])
-    X = result.embeddings
+    indptr, indices = csr_from_lists([list(np.flatnonzero(row)) for row in Y])
+    split = np.array([0] * 30 + [1] * 10 + [2] * 4, np.uint8)
+    with DatasetWriter(str(tmp_path / "d"), dim=X.shape[1], id_length=8) as writer:
+        writer.append(X, [p.id for p in result.posts], split, indptr, indices)
+        writer.finish(vocab=vocab, tag_counts=Y.sum(0).tolist(), embedder=spec.to_json())
+    dataset = Dataset.load(str(tmp_path / "d"))
     parts = [
-        models.create(n, tune.reference_config(n, 0, blocks)).fit(X[:30], Y[:30], vocab=vocab)
+        models.create(n, tune.reference_config(n, 0, tune.blocks_of(dataset))).fit(
+            X[:30], Y[:30], vocab=vocab
+        )
         for n in ("ridge", "knn")
     ]
     blend = models.Blend.of(parts, X[30:40], Y[30:40])
-
-    data = SimpleNamespace(  # what export_model reads of a dataset
-        embedder=embedder.spec.to_json(),
-        dim=X.shape[1],
-        uri=str(tmp_path / "d"),
-        vocab=vocab,
-        part=lambda name: (X[:30], Y[:30]),
-    )
-    config = tune.TuneConfig(data=data.uri, out=str(tmp_path / "tune"))
-    uri = tune.export_model(config, data, blend, ResultRow(model=f"blend: {blend.label}"))
-    assert (
-        json.loads((tmp_path / "tune" / "model" / "manifest.json").read_text())["extra"][
-            "embedder"
-        ]["parts"][1]["dim"]
-        == 1024
-    )
-    new = [p.image for p in posts[40:44]]
+    config = tune.TuneConfig(data=dataset.uri, out=str(tmp_path / "tune"))
+    uri = tune.export_model(config, dataset, blend, ResultRow(model=f"blend: {blend.label}"))
+    manifest = json.loads((tmp_path / "tune" / "model" / "manifest.json").read_text())
+    assert manifest["extra"]["embedder"]["parts"][1]["dim"] == 1024
+    new = [p.image for p in posts[40:44]]  # never in the training rows
     results = recommend.recommend(RecommendConfig(model=uri, images=tuple(new), k=2))
     assert [r["image"] for r in results] == new
     assert all(len(r["hashtags"]) == 2 for r in results), results
-    # The same scores as the blend on the scrape's vectors of those photos.
+    # The same tags as the blend gives the scrape's vectors of those photos.
     top = blend.predict_scores(X[40:41])[0].argsort()[::-1][:2]
     assert [h["tag"] for h in results[0]["hashtags"]] == [vocab[i] for i in top]

@@ -106,8 +106,27 @@ def test_data_not_matching_manifest_is_a_shard_error(tmp_path):
     root = str(tmp_path)
     write(root, 0, n=3)
     (tmp_path / "shards" / "shard-00000" / "posts.jsonl").write_text('{"id": "only"}\n')
+    with pytest.raises(shards.ShardError, match="posts.jsonl has 15 bytes, its manifest says"):
+        shards.read_shard(root, 0)
+    # A legacy manifest (sizes only, no hashes) still gets the row count checked.
+    manifest = tmp_path / "shards" / "shard-00000" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "files": {}}))
     with pytest.raises(shards.ShardError, match="1 rows but its manifest says 3"):
         shards.read_shard(root, 0)
+
+
+def test_same_size_damage_is_caught_by_the_hash(tmp_path):
+    root = str(tmp_path)
+    _, _, manifest = write(root, 0, n=3)
+    assert shards.verify(root, 0, manifest) is None
+    path = tmp_path / "shards" / "shard-00000" / "embeddings.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    assert "sha256" in shards.verify(root, 0, manifest)
+    shards.read_embeddings(root, 0, manifest, mmap=True)  # mmap: sizes only, as documented
+    with pytest.raises(shards.ShardError, match="sha256"):
+        shards.read_embeddings(root, 0, manifest)
 
 
 def test_rewriting_a_finished_shard(tmp_path):
@@ -155,5 +174,7 @@ def test_a_broken_line_is_named(tmp_path):
     path = tmp_path / "shards" / "shard-00000" / "posts.jsonl"
     lines = path.read_text().splitlines()
     path.write_text("\n".join([lines[0], "{oops", lines[2]]) + "\n")
+    manifest = tmp_path / "shards" / "shard-00000" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "files": {}}))
     with pytest.raises(shards.ShardError, match="line 2 of"):
         shards.read_shard(root, 0)

@@ -1,0 +1,284 @@
+"""One way to write and read every folder we store: shard, dataset, exported model, co-occurrence.
+
+    FOLDER/
+      <data files>    written FIRST, each atomically (a temporary name renamed, or one S3 PUT)
+      manifest.json   written LAST: {"format": F, "version": v, "files": {name: {"bytes": n,
+                      "sha256": hex}}, ...the artifact's own fields}
+
+A folder without a valid manifest.json holds no artifact. Reading checks the format and version,
+that every file name stays inside the folder (no "/", "..", absolute path), and the sizes of the
+files (cheap); content hashes are checked on demand (`verify`). Shapes, dtypes and index ranges
+are the caller's knowledge: it checks them with the small helpers below. Every problem is an
+`ArtifactError` naming the folder and saying what to do (`fix`), which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from hashtag import storage
+from hashtag.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+# A manifest is metadata (a model's vocabulary and history at most): anything bigger is hostile.
+MAX_MANIFEST_BYTES = 64 * 2**20
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HASH_CHUNK = 4 * 2**20
+
+
+class ArtifactMissing(ArtifactError, FileNotFoundError):
+    """The folder holds no artifact (no manifest.json): not built yet, or the wrong path."""
+
+
+def check_name(folder: str, name: Any, fix: str = "rebuild it") -> str:
+    """`name` if it is a plain file name inside `folder`, else ArtifactError (tampered manifest)."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..", MANIFEST)
+        or any(c in name for c in "/\\\0")
+        or os.path.isabs(name)
+        or len(name) > 255
+    ):
+        raise ArtifactError(
+            f"{folder}: its manifest names the file {str(name)[:80]!r}, which is not a plain file "
+            f"name inside the folder; the folder was tampered with: {fix}"
+        )
+    return name
+
+
+def entry(data: bytes) -> dict[str, Any]:
+    """The manifest entry of a file holding `data`: its size and sha256."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def file_entry(local_path: str) -> dict[str, Any]:
+    """The manifest entry of a local file, hashed in chunks (bounded memory)."""
+    digest, size = hashlib.sha256(), 0
+    with open(local_path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def write_file(folder: str, name: str, data: bytes) -> dict[str, Any]:
+    """Write one data file atomically; return its manifest entry."""
+    storage.write_bytes(storage.join(folder, check_name(folder, name)), data)
+    return entry(data)
+
+
+def write_array(folder: str, name: str, array: np.ndarray) -> dict[str, Any]:
+    """Write one .npy data file atomically (never pickled); return its manifest entry."""
+    return write_file(folder, name, storage.npy_bytes(array, storage.join(folder, name)))
+
+
+def remove_manifest(folder: str) -> None:
+    """The artifact stops existing (its data files are about to change)."""
+    storage.remove(storage.join(folder, MANIFEST))
+
+
+def write_manifest(
+    folder: str, format: str, version: int, files: dict[str, dict[str, Any]], **fields: Any
+) -> dict[str, Any]:
+    """Write manifest.json LAST (after every data file in `files`); return the manifest."""
+    for name in files:
+        check_name(folder, name)
+    manifest = {**fields, "format": format, "version": version, "files": dict(files)}
+    storage.write_json(storage.join(folder, MANIFEST), manifest)
+    return manifest
+
+
+class Artifact:
+    """A folder whose manifest was read and checked; `path`, `read_bytes`, `load_array`."""
+
+    def __init__(self, uri: str, manifest: dict[str, Any], fix: str):
+        self.uri, self.manifest, self.fix = uri, manifest, fix
+
+    def error(self, problem: str) -> ArtifactError:
+        """An ArtifactError naming this folder and the fix."""
+        return ArtifactError(f"{self.uri}: {problem}; {self.fix}")
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["files"]
+
+    def path(self, name: str) -> str:
+        """The URI of data file `name` (it must be listed in the manifest)."""
+        if name not in self.files:
+            raise self.error(f"its manifest does not list {name!r}")
+        return storage.join(self.uri, name)
+
+    def check_size(self, name: str) -> None:
+        expected = self.files[name]["bytes"]
+        try:
+            actual = storage.size(self.path(name))
+        except (OSError, ValueError) as error:
+            raise self.error(f"cannot read {name} ({error})") from None
+        if actual is not None and expected is not None and actual != expected:
+            raise self.error(f"{name} has {actual} bytes, its manifest says {expected}")
+
+    def read_bytes(self, name: str, *, verify: bool = True) -> bytes:
+        """The bytes of data file `name`, checked against its manifest entry."""
+        expected = self.files[name]
+        limit = expected["bytes"] if expected["bytes"] is not None else None
+        try:
+            data = storage.read_bytes(self.path(name), limit=limit)
+        except (OSError, ValueError) as error:
+            raise self.error(f"cannot read {name} ({error})") from None
+        if expected["bytes"] is not None and len(data) != expected["bytes"]:
+            raise self.error(f"{name} has {len(data)} bytes, its manifest says {expected['bytes']}")
+        if verify and expected["sha256"] and hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise self.error(f"{name} does not match its manifest's sha256 (damaged)")
+        return data
+
+    def load_array(self, name: str, *, mmap: bool = False, verify: bool = False) -> np.ndarray:
+        """Data file `name` as an array (allow_pickle=False; memory-mapped if local and `mmap`)."""
+        uri = self.path(name)
+        try:
+            if mmap and not storage.is_remote(uri) and not verify:
+                self.check_size(name)
+                return storage.load_npy(uri, mmap=True)
+            return np.load(io.BytesIO(self.read_bytes(name, verify=verify)), allow_pickle=False)
+        except ArtifactError:
+            raise
+        except (OSError, ValueError, EOFError) as error:
+            raise self.error(f"{name} is not a readable .npy file ({error})") from None
+
+    def verify(self, names: Iterable[str] | None = None) -> None:
+        """Check the sizes and content hashes of the data files (all of them by default)."""
+        for name in self.files if names is None else names:
+            expected = self.files[name]
+            if not expected["sha256"]:
+                self.check_size(name)
+                continue
+            digest, size = hashlib.sha256(), 0
+            try:
+                fs, path = storage.filesystem(self.path(name))
+                with fs.open(path, "rb") as f:
+                    while chunk := f.read(_HASH_CHUNK):
+                        digest.update(chunk)
+                        size += len(chunk)
+            except (OSError, ValueError) as error:
+                raise self.error(f"cannot read {name} ({error})") from None
+            if size != expected["bytes"] or digest.hexdigest() != expected["sha256"]:
+                raise self.error(f"{name} does not match its manifest (size or sha256: damaged)")
+
+    # -- checks of what the caller knows
+
+    def int_field(self, key: str, *, low: int = 0, high: int | None = None) -> int:
+        """manifest[key] as an int in [low, high]."""
+        value = self.manifest.get(key)
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or value < low
+            or (high is not None and value > high)
+        ):
+            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise self.error(f"its manifest's {key!r} is {str(value)[:40]}, not an integer {bound}")
+        return value
+
+    def check_array(
+        self, name: str, array: np.ndarray, *, shape: tuple[int, ...], kinds: str
+    ) -> None:
+        """`array` (file `name`) has exactly `shape` and a dtype kind in `kinds` (e.g. "f", "iu")."""
+        if array.shape != tuple(shape) or array.dtype.kind not in kinds:
+            raise self.error(
+                f"{name} is {array.dtype} {array.shape}, expected kind {kinds!r} {tuple(shape)}"
+            )
+
+    def check_range(self, name: str, values: np.ndarray, low: int, high: int) -> None:
+        """Every value of `values` (file `name`) is in [low, high)."""
+        values = np.asarray(values)
+        if len(values) and (int(values.min()) < low or int(values.max()) >= high):
+            raise self.error(
+                f"{name} holds values in [{int(values.min())}, {int(values.max())}], "
+                f"outside [{low}, {high})"
+            )
+
+    def check_csr(self, name: str, indptr: np.ndarray, n_indices: int) -> None:
+        """`indptr` starts at 0, never decreases and ends at `n_indices`."""
+        indptr = np.asarray(indptr)
+        if (
+            len(indptr) == 0
+            or int(indptr[0]) != 0
+            or int(indptr[-1]) != n_indices
+            or (len(indptr) > 1 and bool(np.any(np.diff(indptr) < 0)))
+        ):
+            raise self.error(
+                f"{name} is not a valid CSR row index (from 0, growing, to {n_indices})"
+            )
+
+
+def read(
+    uri: str,
+    format: str,
+    versions: int | tuple[int, ...],
+    *,
+    what: str,
+    fix: str,
+) -> Artifact:
+    """Read and check FOLDER/manifest.json: format, version, file names and entries.
+
+    `what` names the artifact in messages ("dataset"), `fix` says what to do ("rerun `hashtag
+    merge`"). ArtifactMissing (also a FileNotFoundError) without a manifest, ArtifactError else.
+    Legacy entries that record only a size ({name: bytes}) are read as size-checked only.
+    """
+    uri = str(uri).rstrip("/")
+    versions = (versions,) if isinstance(versions, int) else tuple(versions)
+    manifest_uri = storage.join(uri, MANIFEST)
+    try:
+        data = storage.read_bytes(manifest_uri, limit=MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        raise ArtifactMissing(
+            f"no {what} at {uri}: {MANIFEST} is missing (not built, or not finished); {fix}"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise ArtifactError(f"{uri}: cannot read its {MANIFEST} ({error}); {fix}") from None
+    try:
+        manifest = json.loads(data)
+    except (ValueError, RecursionError):
+        raise ArtifactError(f"{uri}: its {MANIFEST} is not valid JSON (damaged); {fix}") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{uri}: its {MANIFEST} is not a JSON object (damaged); {fix}")
+    if manifest.get("format") != format:
+        raise ArtifactError(
+            f"{uri} is not a {what} (manifest format {str(manifest.get('format'))[:40]!r}, "
+            f"expected {format!r}); point at a {what} folder or {fix}"
+        )
+    if manifest.get("version") not in versions:
+        raise ArtifactError(
+            f"{uri} is {what} format version {str(manifest.get('version'))[:20]}; this code reads "
+            f"version {' or '.join(map(str, versions))}: {fix}"
+        )
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{uri}: its manifest's 'files' is not an object (damaged); {fix}")
+    manifest["files"] = {
+        check_name(uri, name, fix): _entry(uri, name, value, fix) for name, value in files.items()
+    }
+    return Artifact(uri, manifest, fix)
+
+
+def _entry(uri: str, name: str, value: Any, fix: str) -> dict[str, Any]:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return {"bytes": value, "sha256": None}  # legacy: a size only
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("bytes"), int)
+        and not isinstance(value.get("bytes"), bool)
+        and value["bytes"] >= 0
+        and isinstance(value.get("sha256"), str)
+        and _HEX64.match(value["sha256"])
+    ):
+        return {"bytes": value["bytes"], "sha256": value["sha256"]}
+    raise ArtifactError(f"{uri}: its manifest's entry for {name!r} is malformed (damaged); {fix}")

@@ -1,0 +1,170 @@
+"""The artifact layer: tampered or damaged folders end in one ArtifactError naming the folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hashtag import artifacts, merge, models, shards
+from hashtag.completion import Cooccurrence
+from hashtag.dataset import Dataset
+from hashtag.errors import ArtifactError
+from hashtag.models import ModelConfig
+from hashtag.posts import Post
+
+SPEC = {"name": "classic", "version": 1}
+
+
+def edit_manifest(folder, **changes):
+    path = folder / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def make_dataset(tmp_path, name="d"):
+    rows = [(f"p{i}", ["cat", "dog"][: 1 + i % 2]) for i in range(12)]
+    posts = [Post(id=i, image=None, tags=tuple(t)) for i, t in rows]
+    embeddings = np.arange(24, dtype=np.float32).reshape(12, 2)
+    shards.write_shard(
+        str(tmp_path / "s"), 0, posts, embeddings, embedder=SPEC, image_sha256=[None] * 12,
+        stats={},
+    )  # fmt: skip
+    out = tmp_path / name
+    merge.run(merge.MergeConfig(shards=str(tmp_path / "s"), out=str(out), min_count=1))
+    return out
+
+
+def test_names_outside_the_folder_are_refused(tmp_path):
+    for bad in ["../x.npy", "/etc/passwd", "a/b.npy", "..", "", "manifest.json"]:
+        with pytest.raises(ArtifactError, match="not a plain file name"):
+            artifacts.check_name(str(tmp_path), bad)
+    artifacts.write_manifest(
+        str(tmp_path), "f", 1, {"a.bin": artifacts.write_file(str(tmp_path), "a.bin", b"x")}
+    )
+    edit_manifest(tmp_path, files={"../../a.bin": {"bytes": 1, "sha256": "0" * 64}})
+    with pytest.raises(ArtifactError, match="tampered"):
+        artifacts.read(str(tmp_path), "f", 1, what="thing", fix="rebuild it")
+
+
+def test_missing_foreign_and_oversized_manifests(tmp_path):
+    with pytest.raises(artifacts.ArtifactMissing, match="no thing at .*rebuild it"):
+        artifacts.read(str(tmp_path / "none"), "f", 1, what="thing", fix="rebuild it")
+    (tmp_path / "manifest.json").write_text("[" * 100_000)  # deep nesting: not a crash
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        artifacts.read(str(tmp_path), "f", 1, what="thing", fix="rebuild it")
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "g", "version": 1}))
+    with pytest.raises(ArtifactError, match="not a thing"):
+        artifacts.read(str(tmp_path), "f", 1, what="thing", fix="rebuild it")
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("negative", "labels_indices.npy holds values"),
+        ("out_of_range", "labels_indices.npy holds values"),
+        ("indptr", "not a valid CSR"),
+        ("shape", "embeddings.npy"),
+        ("vocab_size", "vocab_size"),
+        ("huge_vocab", "vocab_size"),
+        ("array_name", "not a plain file name"),
+    ],
+)
+def test_tampered_dataset_is_one_artifact_error(tmp_path, damage, match):
+    out = make_dataset(tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+
+    def rewrite(name, array):
+        np.save(out / name, array, allow_pickle=False)
+        entry = artifacts.file_entry(str(out / name))
+        edit_manifest(out, files={**manifest["files"], name: entry})
+
+    indices = np.load(out / "labels_indices.npy")
+    if damage == "negative":
+        rewrite("labels_indices.npy", np.where(indices == 0, -5, indices).astype(np.int32))
+    elif damage == "out_of_range":
+        rewrite("labels_indices.npy", indices + 7)
+    elif damage == "indptr":
+        indptr = np.load(out / "labels_indptr.npy")
+        indptr[3] = indptr[4] + 1
+        rewrite("labels_indptr.npy", indptr)
+    elif damage == "shape":
+        rewrite("embeddings.npy", np.zeros((3, 2), np.float32))
+    elif damage == "vocab_size":
+        edit_manifest(out, vocab_size=5)
+    elif damage == "huge_vocab":
+        edit_manifest(out, vocab_size=10**12)
+    elif damage == "array_name":
+        edit_manifest(out, files={**manifest["files"], "/etc/passwd": 3})
+    with pytest.raises(ArtifactError, match=match) as info:
+        Dataset.load(str(out))
+    assert str(out) in str(info.value) and "hashtag merge" in str(info.value)
+
+
+def test_tampered_model_is_one_artifact_error(tmp_path):
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(30, 4)).astype(np.float32), rng.random((30, 3)) < 0.4
+    model = models.create("knn", ModelConfig()).fit(X, Y, vocab=["a", "b", "c"])
+    uri = tmp_path / "m"
+    model.save(str(uri))
+    assert models.load(str(uri)).vocab == ["a", "b", "c"]
+    manifest = json.loads((uri / "manifest.json").read_text())
+
+    edit_manifest(uri, arrays=["../../../etc/passwd"])
+    with pytest.raises(ArtifactError, match="not a plain file name"):
+        models.load(str(uri))
+    edit_manifest(uri, arrays=manifest["arrays"], vocab=["a"])
+    with pytest.raises(ArtifactError, match="vocabulary"):
+        models.load(str(uri))
+    edit_manifest(uri, vocab=None, n_tags=5)
+    with pytest.raises(ArtifactError, match="inconsistent|predicts"):
+        models.load(str(uri))
+    edit_manifest(uri, vocab=manifest["vocab"], n_tags=3)
+    np.save(uri / "frequency.npy", np.zeros(3, np.float32))  # same size, other bytes
+    with pytest.raises(ArtifactError, match="sha256"):
+        models.load(str(uri))
+
+
+def test_tampered_cooccurrence_is_one_artifact_error(tmp_path):
+    model = Cooccurrence().fit(np.array([[1, 1, 0], [0, 1, 1]], bool))
+    model.save(str(tmp_path / "c"))
+    assert Cooccurrence.load(str(tmp_path / "c")).counts.shape == (3, 3)
+    np.save(tmp_path / "c" / "counts.npy", -np.ones((3, 3), np.int64))
+    edit_manifest(
+        tmp_path / "c",
+        files={"counts.npy": artifacts.file_entry(str(tmp_path / "c" / "counts.npy"))},
+    )
+    with pytest.raises(ArtifactError, match="square count matrix"):
+        Cooccurrence.load(str(tmp_path / "c"))
+
+
+FULL_DISK = """
+import resource, signal, sys
+from hashtag import merge
+from hashtag.errors import UserError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+try:
+    merge.run(merge.MergeConfig(shards=sys.argv[1], out=sys.argv[2], min_count=1))
+except UserError as error:
+    print(error)
+    sys.exit(2)
+"""
+
+
+def test_a_full_disk_keeps_the_previous_dataset(tmp_path):
+    out = make_dataset(tmp_path)
+    before = sorted(os.listdir(out))
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(tmp_path / "s"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "no space left" in result.stdout and "Traceback" not in result.stderr
+    assert sorted(os.listdir(out)) == before  # no temporaries left
+    assert len(Dataset.load(str(out))) == 12  # the previous dataset still loads

@@ -1,0 +1,221 @@
+"""A hostile corpus made here (servers on 127.0.0.1 only, bounded loops): each attack ends in a
+counted skip with its reason, in bounded time and memory, and loses nothing else."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import threading
+import time
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+from hashtag import images
+from hashtag.fetch import FetchConfig, Fetcher, FetchError, is_metadata_address, is_public_address
+from hashtag.images import ImageError
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 that runs `behaviour(conn, stop)` per connection, in a thread;
+    every behaviour loops only while `stop` is unset and the client is still there."""
+
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+        self.stop = threading.Event()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn):
+        with conn:
+            try:
+                conn.recv(65536)  # the request
+                self.behaviour(conn, self.stop)
+            except OSError:
+                pass  # the client gave up: that is the point
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(timeout=2)
+        self.sock.close()
+
+
+def endless_continue(conn, stop):
+    while not stop.is_set():
+        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        time.sleep(0.01)
+
+
+def dribbled_headers(conn, stop):
+    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+    while not stop.is_set():
+        conn.sendall(b"X-A: b\r\n")
+        time.sleep(0.05)
+
+
+def dribbled_body(conn, stop):
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+    while not stop.is_set():
+        conn.sendall(b"x")
+        time.sleep(0.05)
+
+
+def silent_after_connect(conn, stop):
+    stop.wait(30)
+
+
+@pytest.fixture
+def raw_server():
+    servers = []
+
+    def start(behaviour):
+        servers.append(RawServer(behaviour))
+        return servers[-1].url
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "behaviour", [endless_continue, dribbled_headers, dribbled_body, silent_after_connect]
+)
+def test_fetch_deadline_covers_every_phase(raw_server, behaviour):
+    url = raw_server(behaviour)
+    # Each read succeeds within timeout_s: only the wall-clock deadline can stop these.
+    config = FetchConfig(
+        allow_private=True, timeout_s=0.5, retries=5, backoff_s=0.01, fetch_deadline_s=1.0
+    )
+    started = time.monotonic()
+    with pytest.raises(FetchError) as info:
+        Fetcher(config).get(f"{url}/photo.jpg")
+    elapsed = time.monotonic() - started
+    assert info.value.reason == "timeout"
+    assert elapsed < 2.0, f"{behaviour.__name__} held the fetch for {elapsed:.1f}s"
+
+
+def test_special_files_are_never_read(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    fetcher = Fetcher(FetchConfig(max_bytes=1000))
+    started = time.monotonic()
+    for location in (str(fifo), "/dev/zero", str(tmp_path)):
+        with pytest.raises(FetchError) as info:
+            fetcher.get(location)
+        assert info.value.reason == "not-a-file", location
+    assert time.monotonic() - started < 1.0
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as f:
+        f.truncate(10**9)  # sparse: only max_bytes + 1 of it may be read
+    with pytest.raises(FetchError) as info:
+        fetcher.get(str(big))
+    assert info.value.reason == "too-large"
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "2002:7f00:1::",  # 6to4 of 127.0.0.1
+        "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254
+        "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+        "64:ff9b::a00:1",  # NAT64 of 10.0.0.1
+        "::ffff:192.168.1.1",  # IPv4-mapped
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo whose client is 127.0.0.1
+    ],
+)
+def test_embedded_ipv4_is_unwrapped(address):
+    assert not is_public_address(address)
+
+
+def test_metadata_addresses_are_refused_even_when_private_ones_are_allowed():
+    for address in ("169.254.169.254", "fd00:ec2::254", "::ffff:169.254.169.254"):
+        assert is_metadata_address(address)
+    assert not is_metadata_address("127.0.0.1")
+    fetcher = Fetcher(FetchConfig(allow_private=True, retries=0))
+    with pytest.raises(FetchError) as info:
+        fetcher.get("http://169.254.169.254/latest/meta-data/")
+    assert info.value.reason == "metadata-address"
+
+
+# images ---------------------------------------------------------------------------------------
+
+
+def tiff_bomb(width=16384, height=16384) -> bytes:
+    """A little-endian TIFF whose one IFD claims width x height RGB, deflate-compressed."""
+    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 8),
+               (262, 3, 1, 2), (273, 4, 1, 200), (277, 3, 1, 3), (278, 4, 1, height),
+               (279, 4, 1, 64)]  # fmt: skip
+    ifd = len(entries).to_bytes(2, "little") + b"".join(
+        t.to_bytes(2, "little") + k.to_bytes(2, "little") + n.to_bytes(4, "little")
+        + v.to_bytes(4, "little")
+        for t, k, n, v in entries
+    ) + b"\0\0\0\0"  # fmt: skip
+    data = b"II*\x00" + (8).to_bytes(4, "little") + ifd
+    return data + b"\0" * (200 - len(data)) + zlib.compress(b"\0" * 100_000)[:64]
+
+
+def png_bomb(side=16384) -> bytes:
+    def chunk(kind, body):
+        return (
+            len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+        )
+
+    ihdr = side.to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    idat = zlib.compress(b"\0" * 1_000_000, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def repeated_scan_jpeg(repeats=2000) -> bytes:
+    """A real progressive JPEG whose last scan is repeated: each scan costs a decoding pass."""
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    data = encoded.tobytes()
+    last = data.rindex(b"\xff\xda")
+    return data[:last] + data[last:-2] * repeats + b"\xff\xd9"
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (tiff_bomb, "too-many-pixels"),
+        (png_bomb, "too-many-pixels"),
+        (repeated_scan_jpeg, "too-many-scans"),
+        (lambda: b"P6\n16384 16384\n255\n" + b"\0" * 1000, "unsupported-format"),
+        (
+            lambda: b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 16384 +X 16384\n",
+            "unsupported-format",
+        ),
+    ],
+)
+def test_image_bombs_are_refused_before_decoding(make, reason):
+    data = make()
+    started, cpu = time.monotonic(), time.process_time()
+    with pytest.raises(ImageError) as info:
+        images.decode(data, max_pixels=50_000_000)
+    assert info.value.reason == reason
+    assert time.monotonic() - started < 0.5 and time.process_time() - cpu < 0.5
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert rss_mb < 1500  # a decoded 16k x 16k RGB would be 768 MB on top of the test process
+
+
+def test_a_small_tiff_still_decodes():
+    image = np.random.default_rng(1).integers(0, 255, (20, 30, 3), np.uint8)
+    ok, encoded = cv2.imencode(".tiff", image)
+    assert images.image_size(encoded.tobytes()) == (30, 20)
+    assert images.decode(encoded.tobytes()).shape == (20, 30, 3)
