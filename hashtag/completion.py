@@ -114,6 +114,14 @@ class Cooccurrence:
         self._derive()
         return self
 
+    def with_config(self, config: CooccurrenceConfig) -> Cooccurrence:
+        """The same counts scored with other weights: no refit (how tune tries weights)."""
+        self._check_fitted()
+        model = Cooccurrence(config)
+        model.counts, model.n_posts = self.counts, self.n_posts
+        model._derive()
+        return model
+
     def _derive(self) -> None:
         counts = self.counts.astype(np.float64)
         tag_counts = np.diag(counts).copy()

@@ -125,15 +125,22 @@ class Fetcher:
         """The bytes at `location`, or FetchError with a reason slug."""
         location = str(location)
         scheme = urlsplit(location).scheme.lower() if "://" in location else ""
-        if scheme in ("http", "https"):
-            data = self._get_http(location)
-        elif scheme in ("", "file", "s3", "s3a"):
-            data = self._get_storage(location)
-        else:
-            raise FetchError(
-                f"cannot fetch {location!r}: use http(s)://, s3://, file:// or a local path",
-                "bad-location",
-            )
+        try:
+            if scheme in ("http", "https"):
+                data = self._get_http(location)
+            elif scheme in ("", "file", "s3", "s3a"):
+                data = self._get_storage(location)
+            else:
+                raise FetchError(
+                    f"cannot fetch {location!r}: use http(s)://, s3://, file:// or a local path",
+                    "bad-location",
+                )
+        except FetchError as error:
+            userinfo = urlsplit(location).netloc.rpartition("@")[0] if scheme else ""
+            if not userinfo:
+                raise
+            # The message is logged and may be stored: never with the URL's user:password.
+            raise FetchError(str(error).replace(userinfo + "@", ""), error.reason) from None
         with self._lock:
             self.bytes_read += len(data)
         return data

@@ -58,8 +58,9 @@ from hashtag.dataset import (
     write_parted_manifest,
 )
 from hashtag.embedders import EmbedderSpec
-from hashtag.errors import UserError
-from hashtag.shards import ShardError, finished_shards, read_embeddings, read_rows
+from hashtag.errors import ArtifactError, UserError
+from hashtag.results import StageResult
+from hashtag.shards import ShardError, finished_shards, read_embeddings, read_rows, verify
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +204,13 @@ def keys_task(
     bad: dict[str, str] = {}
     id_length = 0
     for index in group:
+        problem = verify(shards_root, index, manifests[index])  # sizes and sha256
+        if problem:  # the driver refuses the merge, naming the shard
+            bad[str(index)] = problem
+            continue
         try:
             rows = read_rows(shards_root, index, manifests[index])
-        except ShardError as error:  # logged by the driver
+        except ShardError as error:
             bad[str(index)] = str(error)
             continue
         ids = [str(row["id"]) for row in rows]
@@ -405,7 +410,14 @@ def _run_stage(desc: str, task, calls: list[tuple]) -> list[Any]:
     return [results[i] for i in range(len(refs))]
 
 
-def run(config: MergeConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class MergeResult(StageResult):
+    out: str
+    count: int
+    vocab_size: int
+
+
+def run(config: MergeConfig) -> MergeResult:
     """Merge the finished shards under config.shards into a dataset at config.out; return the
     summary (also written as OUT/merge.json)."""
     import ray
@@ -456,8 +468,13 @@ def run(config: MergeConfig) -> dict[str, Any]:
         key=lambda tag: (-tag_counts[tag], tag),
     )[: config.vocab_size]
     bad_shards = {int(i): e for k in keys for i, e in k["bad"].items()}
-    for index, error in sorted(bad_shards.items()):
-        log.error("skipping shard %d: %s", index, error)
+    if bad_shards:  # refused, not dropped: dropping would lose their posts silently
+        index, error = min(bad_shards.items())
+        raise ArtifactError(
+            f"shard {index} is damaged ({error}); {len(bad_shards)} damaged shard(s) in all "
+            f"({sorted(bad_shards)}): rerun the same `hashtag scrape` (it rebuilds damaged "
+            "shards), then merge again"
+        )
     good = [i for i in indices if i not in bad_shards]
     id_length = max(k["id_length"] for k in keys)
     written = [
@@ -522,7 +539,7 @@ def run(config: MergeConfig) -> dict[str, Any]:
         manifest["count"],
         len(vocab),
     )
-    return summary
+    return MergeResult(summary, config.out, summary["count"], summary["vocab_size"])
 
 
 def _remove_stale(out: str, parts: set[str]) -> None:

@@ -571,7 +571,8 @@ def load(uri: str) -> Recommender:
             f"its manifest names no known model ({str(manifest.get('model'))[:40]})"
         )
     n_tags = artifact.int_field("n_tags", low=1, high=MAX_TAGS)
-    dim = artifact.int_field("dim", low=1, high=MAX_DIM)
+    # dim 0: a popularity model from label-only posts (tune exports it with completion).
+    dim = artifact.int_field("dim", low=0, high=MAX_DIM)
     vocab = manifest.get("vocab")
     if vocab is not None and (
         not isinstance(vocab, list)

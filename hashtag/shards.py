@@ -103,6 +103,7 @@ def write_shard(
     for post, sha in zip(posts, image_sha256, strict=True):
         row = json.loads(post.to_json())
         row.pop("embedding", None)
+        row["image"] = storage.redact(row["image"])  # a URL's user:password is never stored
         row["image_sha256"] = sha
         lines.append(storage.dumps(row, sort_keys=True))
     text = "".join(line + "\n" for line in lines).encode("utf-8")

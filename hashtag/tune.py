@@ -26,6 +26,7 @@ starts a new experiment (the name carries a hash of those settings).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,7 +40,9 @@ from typing import Any
 import numpy as np
 
 from hashtag import models, storage
-from hashtag.report import ResultRow, trial_line, write_report
+from hashtag.errors import UserError
+from hashtag.report import ResultRow, decision_markdown, trial_line, write_report
+from hashtag.results import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,14 @@ CHECKPOINT_MODEL = "model"
 CHECKPOINT_STATE = "state.json"
 # Per-epoch values shown in Tune's progress and kept for the learning curves.
 EPOCH_METRICS = ("loss", "val_f1", "val_f1@5", "val_map")
+# Completion (label-only datasets): the weights tried on validation (never on test), and how many
+# hashtags are suggested per post.
+COMPLETION_GRID = {
+    "idf_power": (0.0, 0.5, 1.0),
+    "lift_power": (0.0, 0.25, 0.5, 0.75),
+    "prior_weight": (0.01, 0.1),
+}
+COMPLETION_K = 5
 UNFINISHED = "unfinished"
 
 
@@ -183,6 +194,24 @@ class TuneConfig:
         }
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
         return f"grid-{digest[:10]}"
+
+
+@dataclass(frozen=True)
+class TuneResult(StageResult):
+    model: str  # the exported model's URI; "" when nothing was exported
+    failed: tuple[str, ...] = ()
+    interrupted: bool = False
+    has_images: bool = True  # False: a completion model from label-only posts
+
+    @property
+    def exit_code(self) -> int:
+        """1 when a trial failed or the run was interrupted (a rerun resumes), else 0."""
+        return 1 if self.failed or self.interrupted else 0
+
+
+def tune_metric(name: str) -> str:
+    """A metric name Tune's loggers accept (tensorboardX refuses '@'): val_f1@5 -> val_f1_at_5."""
+    return name.replace("@", "_at_")
 
 
 def memory_budget_bytes(config: TuneConfig) -> int:
@@ -367,7 +396,7 @@ class _EpochReporter:
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         self.state["seconds"] = self.seconds_before + time.perf_counter() - self.started
-        shown = {k: float(v) for k, v in logs.items() if k in EPOCH_METRICS}
+        shown = {tune_metric(k): float(v) for k, v in logs.items() if k in EPOCH_METRICS}
         _report(self.recommender, self.state, {"epoch": epoch + 1, "done": False, **shown})
 
 
@@ -597,9 +626,11 @@ def export_model(
     *,
     trained_on: tuple[str, ...] = ("train",),
     selection: dict[str, Any] | None = None,
+    completion=None,
 ) -> str:
     """Write the self-contained model folder OUT/model/: the model (a knn or a blend keeps its
-    training embeddings and labels), metadata, and co-occurrence of the labels it learnt from."""
+    training embeddings and labels), metadata, and co-occurrence of the labels it learnt from (with `completion`'s weights, a
+    CooccurrenceConfig, when given)."""
     from hashtag.completion import Cooccurrence
     from hashtag.dataset import csr_rows, dense_labels
 
@@ -642,7 +673,7 @@ def export_model(
         )
         for a in range(0, len(indptr) - 1, 8192)
     )
-    Cooccurrence().fit_blocks(blocks).save(storage.join(uri, "cooccurrence"))
+    Cooccurrence(completion).fit_blocks(blocks).save(storage.join(uri, "cooccurrence"))
     return uri
 
 
@@ -737,7 +768,6 @@ def _select_and_export(config, dataset, data, finished, results, references, fit
         fitted,
     )
     metric = config.select_metric
-    print(f"selected on validation {metric} {_metric(winner, metric):.4f}: {winner.label}")
     recommender, trained_on, refit_row = refit_winner(config, dataset, data, winner, recommender)
     selection = {
         "metric": metric,
@@ -750,8 +780,9 @@ def _select_and_export(config, dataset, data, finished, results, references, fit
     )
     size = _folder_bytes(model_uri)
     print(
-        f"exported {winner.label} ({recommender.name}, trained on {'+'.join(trained_on)}, "
-        f"{size / 1e6:.1f} MB) -> {model_uri}"
+        f"selected on validation {metric} {_metric(winner, metric):.4f}: {winner.label}; "
+        f"exported ({recommender.name}, trained on {'+'.join(trained_on)}, {size / 1e6:.1f} MB"
+        f", test {metric} {(refit_row or winner).test.get(metric, math.nan):.4f}) -> {model_uri}"
     )
     best = {
         "model": winner.label,
@@ -765,6 +796,38 @@ def _select_and_export(config, dataset, data, finished, results, references, fit
         "bytes": size,
     }
     return rows + ([refit_row] if refit_row else []), best, model_uri
+
+
+def _progress_callback(total: int):
+    """A Tune callback drawing one tqdm bar over the grid's trials (Tune itself stays quiet)."""
+    from ray.tune import Callback
+    from tqdm.auto import tqdm
+
+    class TrialProgress(Callback):
+        def __init__(self) -> None:
+            self.bar = None
+
+        def __getstate__(self) -> dict:  # Tune pickles its callbacks with the experiment
+            return {"bar": None}
+
+        def _step(self, trial, text: str) -> None:
+            if self.bar is None:
+                self.bar = tqdm(total=total, desc="tune", unit="trial", dynamic_ncols=True)
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            f1 = (trial.last_result or {}).get("val_f1")
+            self._step(trial, f"last val_f1 {f1:.3f}" if f1 is not None else "")
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._step(trial, "a trial failed")
+
+        def on_experiment_end(self, trials, **info) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
+    return TrialProgress()
 
 
 def _run_grid(config: TuneConfig, dataset, data: TrialData):
@@ -797,9 +860,15 @@ def _run_grid(config: TuneConfig, dataset, data: TrialData):
     )
     name = config.experiment_name(dataset_fingerprint(dataset))
     experiment = f"{storage_path.rstrip('/')}/{name}"
+    loud = raycluster.verbose()
     # Every epoch checkpoints (so that a stopped job resumes mid-trial); with short trials that
     # makes Tune print a snapshot-frequency warning several times a second. It is by design here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if not loud:  # Tune's own output (checkpoint and syncing notices, tables) only with -v
+        # The new output engine prints its experiment box and paths even at verbose=0.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     raycluster.connect()
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         log.info("restoring the Tune experiment at %s", experiment)
@@ -822,10 +891,121 @@ def _run_grid(config: TuneConfig, dataset, data: TrialData):
                 storage_filesystem=filesystem,
                 failure_config=tune.FailureConfig(max_failures=config.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                verbose=1,
+                # Tune's per-trial tables only with -v; by default one progress bar.
+                verbose=1 if loud else 0,
+                callbacks=[]
+                if loud
+                else [_progress_callback(len(config.batch_sizes) * len(config.learning_rates))],
             ),
         )
     return tuner.fit(), experiment
+
+
+def _completion_split(dataset, split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(given, hidden) of the split's posts with >= 2 tags: half of each post's tags given,
+    the other half to find (hashtag/completion.py `hide_half`, seeded)."""
+    from hashtag.completion import hide_half
+
+    _, Y = dataset.part(split)
+    Y = np.asarray(Y, bool)
+    return hide_half(Y[Y.sum(axis=1) >= 2], seed=seed)
+
+
+def _score_completion(scores: np.ndarray, hidden: np.ndarray) -> dict[str, float]:
+    """Every metric of the k best suggestions against the hidden tags (f1 = f1@k)."""
+    from hashtag import metrics
+
+    chosen = metrics.top_k_mask(scores, COMPLETION_K) & np.isfinite(scores)
+    return {k: float(v) for k, v in metrics.evaluate(hidden, scores, chosen).items()}
+
+
+def completion_rows(config: TuneConfig, dataset) -> tuple[list[ResultRow], Any]:
+    """Completion of label-only posts: popularity, plain co-occurrence P(tag | given) and the
+    weighted co-occurrence with its weights chosen on validation (never on test). Returns the
+    rows (the chosen one `selected`) and the chosen CooccurrenceConfig."""
+    import itertools
+
+    from hashtag.completion import Cooccurrence, CooccurrenceConfig
+
+    _, Y_train = dataset.part("train")
+    parts = {split: _completion_split(dataset, split, config.seed) for split in ("val", "test")}
+    for split, (given, _) in parts.items():
+        if len(given) == 0:
+            raise UserError(
+                f"{config.data} has no {split} post with two tags or more: completion is scored "
+                "by hiding half of each post's tags; merge more posts first"
+            )
+    frequency = np.asarray(Y_train, bool).mean(axis=0).astype(np.float32)
+    started = time.perf_counter()
+    counts = Cooccurrence(CooccurrenceConfig(0.0, 0.0, 0.0)).fit(Y_train)
+    fit_seconds = time.perf_counter() - started
+
+    def scored(name: str, scores_given, seconds: float, selected: bool = False) -> ResultRow:
+        started = time.perf_counter()
+        val, test = (_score_completion(scores_given(g), h) for g, h in parts.values())
+        seconds += time.perf_counter() - started
+        return ResultRow(model=name, val=val, test=test, seconds=seconds, selected=selected)
+
+    def popularity(given: np.ndarray) -> np.ndarray:
+        return np.where(given, -np.inf, np.broadcast_to(frequency, given.shape))
+
+    rows = [
+        scored("popularity", popularity, 0.0),
+        scored("cooccurrence", counts.scores_given, fit_seconds),
+    ]
+    started = time.perf_counter()
+    val_given, val_hidden = parts["val"]
+    candidates = [
+        CooccurrenceConfig(*values) for values in itertools.product(*COMPLETION_GRID.values())
+    ]
+    chosen = max(
+        candidates,
+        key=lambda c: _score_completion(counts.with_config(c).scores_given(val_given), val_hidden)[
+            "f1"
+        ],
+    )
+    rows.append(
+        scored(
+            "completion",
+            counts.with_config(chosen).scores_given,
+            fit_seconds + time.perf_counter() - started,
+            selected=True,
+        )
+    )
+    return rows, chosen
+
+
+def _run_completion(config: TuneConfig, dataset, started: float) -> TuneResult:
+    """Label-only posts: fit what needs no image, export a completion model, say so."""
+    rows, chosen = completion_rows(config, dataset)
+    best = rows[-1]
+    X_train, Y_train = dataset.part("train")
+    X_val, Y_val = dataset.part("val")
+    recommender = models.create("popularity", models.ModelConfig(seed=config.seed))
+    recommender.fit(X_train, Y_train, X_val, Y_val)
+    model_uri = export_model(config, dataset, recommender, best, completion=chosen)
+    paths = write_report(rows, config.out)
+    print(decision_markdown(rows), end="")
+    weights = ", ".join(f"{k} {v:g}" for k, v in asdict(chosen).items())
+    print(
+        f"label-only posts (no image): exported a completion model ({weights}; chosen on "
+        f"validation) -> {model_uri}\n"
+        f"  complete tags with: hashtag recommend --model {model_uri} --tags TAG1,TAG2"
+    )
+    summary = {
+        "stage": "tune",
+        "config": asdict(config),
+        "label_only": True,
+        "rows": [asdict(r) for r in rows],
+        "completion": asdict(chosen),
+        "best": {"model": best.model, "val": best.val, "test": best.test},
+        "failed": [],
+        "model": model_uri,
+        "outputs": paths,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    storage.write_json(storage.join(config.out, "tune.json"), _jsonable(summary))
+    return TuneResult(summary, model_uri, has_images=False)
 
 
 def _trial_data(config: TuneConfig, dataset) -> TrialData:
@@ -840,23 +1020,21 @@ def _trial_data(config: TuneConfig, dataset) -> TrialData:
     return TrialData(config.data, None)
 
 
-def run(config: TuneConfig) -> dict[str, Any]:
-    """Tune the grid, score the references, write the report, export the best model."""
+def run(config: TuneConfig) -> TuneResult:
+    """Tune the grid, score the references, write the report, export the best model. On
+    label-only posts (no embeddings), fit and export hashtag completion instead."""
     from hashtag.dataset import Dataset
 
     started = time.perf_counter()
-    dataset = Dataset.load(config.data)
+    dataset = Dataset.load(config.data)  # a missing dataset says so (FileNotFoundError)
     for name in ("train", "val", "test"):
         if len(dataset.rows(name)) == 0:
-            raise ValueError(
+            raise UserError(
                 f"{config.data} has no {name} posts: the grid needs train, validation and test "
                 "posts; merge more posts (or a different split) first"
             )
     if dataset.dim == 0:
-        raise ValueError(
-            f"{config.data} has no embeddings (dim 0, label-only posts): there is nothing to "
-            "train an image model on"
-        )
+        return _run_completion(config, dataset, started)
     data = _trial_data(config, dataset)
     references, fitted = _references(config, dataset, data)
     results, experiment = _run_grid(config, dataset, data)
@@ -865,13 +1043,13 @@ def run(config: TuneConfig) -> dict[str, Any]:
         key=lambda r: (r.batch_size, -r.learning_rate),
     )
     finished = [row for row in trials if row.status == "ok"]
-    failed = [row.label for row in trials if row.status != "ok"]
-    for row in trials + references:
-        print(trial_line(row))
+    failed = tuple(row.label for row in trials if row.status != "ok")
+    log.debug("\n".join(trial_line(row) for row in trials + references))
     if any(row.status == UNFINISHED for row in trials):
         # Interrupted (Ctrl-C): Tune saved its state; exporting now could pick a worse model.
         print(f"interrupted: rerun the same command to resume {experiment}")
-        return {"stage": "tune", "interrupted": True, "experiment": experiment, "failed": failed}
+        summary = {"stage": "tune", "interrupted": True, "experiment": experiment, "failed": failed}
+        return TuneResult(summary, "", failed, interrupted=True)
     if not finished:
         raise RuntimeError(
             f"every trial of {experiment} failed ({trials[0].status if trials else 'no trials'}); "
@@ -880,9 +1058,10 @@ def run(config: TuneConfig) -> dict[str, Any]:
     others, best, model_uri = _select_and_export(
         config, dataset, data, finished, results, references, fitted
     )
-    for row in others[len(references) :]:
-        print(trial_line(row))
-    paths = write_report(trials + others, config.out, selected=best["model"])
+    rows = [dataclasses.replace(r, selected=r.label == best["model"]) for r in trials + others]
+    paths = write_report(rows, config.out)
+    print(decision_markdown(rows), end="")
+    print(f"every metric: {paths['results.md']}")
     summary = {
         "stage": "tune",
         "config": asdict(config),
@@ -891,10 +1070,10 @@ def run(config: TuneConfig) -> dict[str, Any]:
         "references": [asdict(r) for r in references],
         "candidates": [asdict(r) for r in others],
         "best": best,
-        "failed": failed,
+        "failed": list(failed),
         "model": model_uri,
         "outputs": paths,
         "seconds": round(time.perf_counter() - started, 2),
     }
     storage.write_json(storage.join(config.out, "tune.json"), _jsonable(summary))
-    return summary
+    return TuneResult(summary, model_uri, failed)

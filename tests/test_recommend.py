@@ -11,6 +11,7 @@ import pytest
 from test_tune import CLASSIC_SPEC, write_dataset
 
 from hashtag import models, recommend, storage, tune
+from hashtag.errors import ArtifactError
 from hashtag.recommend import EvaluateConfig, RecommendConfig
 from hashtag.report import ResultRow
 
@@ -131,7 +132,7 @@ def test_config_validation():
 
 
 def test_not_an_exported_model(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ArtifactError, match="give --model the folder"):
         recommend.recommend(RecommendConfig(model=str(tmp_path), tags="a"))
 
 

@@ -141,7 +141,9 @@ def test_grid_on_ray_writes_report_and_model_then_resumes(tmp_path, local_ray, c
     )
     summary = tune.run(config)
     printed = capsys.readouterr().out
-    assert "Model bs: 16 / lr: 0.01 / f1: " in printed and "Model bs: 64 / lr: 0.01" in printed
+    assert "(selected)" in printed and "| 16 | 0.01 |" in printed  # the decision table
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "Model bs: 16 / lr: 0.01 / f1: " in report and "Model bs: 64 / lr: 0.01" in report
     assert "popularity" in printed and "knn" in printed
     out = tmp_path / "out"
     for name in ("results.csv", "results.md", "heatmap.png", "curves.png", "tune.json"):
