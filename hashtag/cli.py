@@ -353,7 +353,10 @@ def run_stage(name: str, argv: Sequence[str] | None = None, prog: str | None = N
 
         storage.set_s3_endpoint(args.s3_endpoint)
         config = config_from_args(config_cls, args)
-        return exit_code(run(config))
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():  # log lines above the progress bars, not through them
+            return exit_code(run(config))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from hashtag import artifacts, storage
+from hashtag import artifacts, metrics, storage
 
 FORMAT = "hashtag-cooccurrence"
 VERSION = 1
@@ -48,6 +48,10 @@ class CooccurrenceConfig:
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
+# The plain co-occurrence baseline: P(tag | given tag) summed over the given tags.
+PLAIN = CooccurrenceConfig(idf_power=0.0, lift_power=0.0, prior_weight=0.0)
 
 
 def _as_bool_matrix(y: np.ndarray, name: str, n_tags: int | None = None) -> np.ndarray:
@@ -83,6 +87,27 @@ def hide_half(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rank = np.argsort(np.argsort(keys, axis=1, kind="stable"), axis=1, kind="stable")
     given = rank < (y.sum(axis=1, keepdims=True) // 2)
     return given, y & ~given
+
+
+def held_out(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(given, hidden) of the posts with two tags or more: `hide_half` of those rows. The
+    evaluation protocol of completion (tune's table on label-only data, `hashtag evaluate`)."""
+    y = _as_bool_matrix(y, "y")
+    return hide_half(y[y.sum(axis=1) >= 2], seed=seed)
+
+
+def score_suggestions(scores: np.ndarray, hidden: np.ndarray, k: int = 5) -> dict[str, float]:
+    """Every metric of the k best suggestions against the hidden tags: `f1`, `precision` and
+    `recall` are micro over the k suggested (-inf, i.e. given, tags are never suggested);
+    f1@k, p@k, r@k, map as metrics.evaluate computes them."""
+    chosen = metrics.top_k_mask(scores, k) & np.isfinite(scores)
+    return {name: float(v) for name, v in metrics.evaluate(hidden, scores, chosen).items()}
+
+
+def popularity_scores(frequency: np.ndarray, given: np.ndarray) -> np.ndarray:
+    """The baseline: every post gets the tag frequencies; given tags -inf."""
+    given = _as_bool_matrix(given, "given", len(frequency))
+    return np.where(given, -np.inf, np.broadcast_to(np.float32(frequency), given.shape))
 
 
 class Cooccurrence:

@@ -323,7 +323,7 @@ def _queries(lines: Iterable[bytes], base: str) -> Iterator[Query]:
             if not isinstance(row, dict):
                 raise ValueError(f"a JSON object per line, got {type(row).__name__}")
             yield _query(row, number, base)
-        except ValueError as error:  # also UnicodeDecodeError
+        except (ValueError, RecursionError) as error:  # also UnicodeDecodeError, deep nesting
             yield Query(image=None, id=f"line {number}", error=f"bad line: {error}")
 
 
@@ -399,10 +399,11 @@ def run(config: RecommendConfig) -> int:
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    """Score the model and the popularity baseline on the test split; print a Markdown table."""
+    """Score the model and the popularity baseline on the test split; print the decision table.
+    A completion model (label-only posts) is scored as tune scores it: on held-out tags."""
     from hashtag import models
     from hashtag.dataset import Dataset
-    from hashtag.report import ResultRow, drop_empty_columns, results_table, to_markdown
+    from hashtag.report import ResultRow, decision_markdown, results_table
 
     exported = ExportedModel(config.model)
     dataset = Dataset.load(config.data)  # a missing dataset says so (FileNotFoundError)
@@ -420,19 +421,39 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     X_test, Y_test = dataset.part("test")
     if len(X_test) == 0:
         raise UserError(f"{config.data} has no test posts")
-    popularity = models.create("popularity", models.ModelConfig())
-    popularity.fit(X_train, Y_train, X_val, Y_val)
-    meta = exported.metadata
-    rows = [
-        ResultRow(
-            model=meta.get("model", exported.recommender.name),
-            batch_size=meta.get("batch_size"),
-            learning_rate=meta.get("learning_rate"),
-            epochs=meta.get("epochs"),
-            test=exported.recommender.score(X_test, Y_test),
-        ),
-        ResultRow(model="popularity", test=popularity.score(X_test, Y_test)),
-    ]
-    table = drop_empty_columns(results_table(rows))
-    print(to_markdown(table))
+    if exported.has_images:
+        popularity = models.create("popularity", models.ModelConfig())
+        popularity.fit(X_train, Y_train, X_val, Y_val)
+        meta = exported.metadata
+        rows = [
+            ResultRow(
+                model=meta.get("model", exported.recommender.name),
+                batch_size=meta.get("batch_size"),
+                learning_rate=meta.get("learning_rate"),
+                epochs=meta.get("epochs"),
+                test=exported.recommender.score(X_test, Y_test),
+            ),
+            ResultRow(model="popularity", test=popularity.score(X_test, Y_test)),
+        ]
+    else:
+        rows = _completion_rows(exported, Y_train, Y_test)
+    print(decision_markdown(rows), end="")
+    table = results_table(rows)
     return {"model": config.model, "data": config.data, "test_posts": len(X_test), "table": table}
+
+
+def _completion_rows(exported: ExportedModel, Y_train, Y_test) -> list:
+    """The exported completion against popularity and plain co-occurrence, on held-out tags."""
+    from hashtag.completion import PLAIN, held_out, popularity_scores, score_suggestions
+    from hashtag.report import ResultRow
+
+    given, hidden = held_out(Y_test)
+    frequency = np.asarray(Y_train, bool).mean(axis=0)
+    scorers = {
+        "completion": exported.cooccurrence.scores_given,
+        "cooccurrence": exported.cooccurrence.with_config(PLAIN).scores_given,
+        "popularity": lambda g: popularity_scores(frequency, g),
+    }
+    return [
+        ResultRow(model=n, test=score_suggestions(f(given), hidden)) for n, f in scorers.items()
+    ]

@@ -105,6 +105,9 @@ class Source:
         self.warnings.clear()
         seen: set[str] = set()
         for post in self._iter_posts():
+            if len(post.id) > MAX_ID_CHARS:  # ids are stored at a fixed width: keep it bounded
+                self._skip(post.id[:40] + "...", "bad-id", f"{len(post.id)} characters")
+                continue
             if post.id in seen:
                 self._skip(post.id, "duplicate-id", "an earlier post has the same id")
                 continue
@@ -340,10 +343,7 @@ def _row_id(row: Any, number: int) -> str:
         return str(number)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise _Skip("bad-row", f"`id` must be a string or number, got {str(value)[:80]!r}")
-    value = str(value)
-    if len(value) > MAX_ID_CHARS:
-        raise _Skip("bad-id", f"`id` has {len(value)} characters, over {MAX_ID_CHARS}")
-    return value
+    return str(value)
 
 
 def _tag_field(value: Any) -> list[str]:
@@ -427,8 +427,9 @@ class InstaloaderSource(Source):
         caption = _node_caption(node)
         if "txt" in group:
             try:
-                caption = storage.read_bytes(group["txt"]).decode("utf-8", errors="replace")
-            except OSError as e:
+                data = storage.read_bytes(group["txt"], limit=MAX_ROW_BYTES)
+                caption = data.decode("utf-8", errors="replace")
+            except (OSError, storage.TooLarge) as e:
                 self._warn(stem, "bad-caption", f"{group['txt']}: {e}")
         metadata: dict[str, Any] = {"stem": stem}
         if len(images) > 1:

@@ -58,14 +58,12 @@ CHECKPOINT_MODEL = "model"
 CHECKPOINT_STATE = "state.json"
 # Per-epoch values shown in Tune's progress and kept for the learning curves.
 EPOCH_METRICS = ("loss", "val_f1", "val_f1@5", "val_map")
-# Completion (label-only datasets): the weights tried on validation (never on test), and how many
-# hashtags are suggested per post.
+# Completion (label-only datasets): the weights tried on validation (never on test).
 COMPLETION_GRID = {
     "idf_power": (0.0, 0.5, 1.0),
     "lift_power": (0.0, 0.25, 0.5, 0.75),
     "prior_weight": (0.01, 0.1),
 }
-COMPLETION_K = 5
 UNFINISHED = "unfinished"
 
 
@@ -383,7 +381,7 @@ def _report(recommender, state: dict[str, Any], metrics: dict[str, Any]) -> None
     with tempfile.TemporaryDirectory(prefix="hashtag-ckpt-") as folder:
         recommender.save(os.path.join(folder, CHECKPOINT_MODEL))
         with open(os.path.join(folder, CHECKPOINT_STATE), "w") as f:
-            json.dump(state, f)
+            f.write(storage.dumps(storage.json_safe(state)))  # strict JSON: a NaN loss is null
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
@@ -901,56 +899,43 @@ def _run_grid(config: TuneConfig, dataset, data: TrialData):
     return tuner.fit(), experiment
 
 
-def _completion_split(dataset, split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(given, hidden) of the split's posts with >= 2 tags: half of each post's tags given,
-    the other half to find (hashtag/completion.py `hide_half`, seeded)."""
-    from hashtag.completion import hide_half
-
-    _, Y = dataset.part(split)
-    Y = np.asarray(Y, bool)
-    return hide_half(Y[Y.sum(axis=1) >= 2], seed=seed)
-
-
-def _score_completion(scores: np.ndarray, hidden: np.ndarray) -> dict[str, float]:
-    """Every metric of the k best suggestions against the hidden tags (f1 = f1@k)."""
-    from hashtag import metrics
-
-    chosen = metrics.top_k_mask(scores, COMPLETION_K) & np.isfinite(scores)
-    return {k: float(v) for k, v in metrics.evaluate(hidden, scores, chosen).items()}
-
-
 def completion_rows(config: TuneConfig, dataset) -> tuple[list[ResultRow], Any]:
     """Completion of label-only posts: popularity, plain co-occurrence P(tag | given) and the
-    weighted co-occurrence with its weights chosen on validation (never on test). Returns the
-    rows (the chosen one `selected`) and the chosen CooccurrenceConfig."""
+    weighted co-occurrence with its weights chosen on validation (never on test), each scored
+    on held-out tags (completion.held_out). Returns the rows (the chosen one `selected`) and
+    the chosen CooccurrenceConfig."""
     import itertools
 
-    from hashtag.completion import Cooccurrence, CooccurrenceConfig
+    from hashtag.completion import (
+        PLAIN,
+        Cooccurrence,
+        CooccurrenceConfig,
+        held_out,
+        popularity_scores,
+        score_suggestions,
+    )
 
     _, Y_train = dataset.part("train")
-    parts = {split: _completion_split(dataset, split, config.seed) for split in ("val", "test")}
+    parts = {split: held_out(dataset.part(split)[1], config.seed) for split in ("val", "test")}
     for split, (given, _) in parts.items():
         if len(given) == 0:
             raise UserError(
                 f"{config.data} has no {split} post with two tags or more: completion is scored "
                 "by hiding half of each post's tags; merge more posts first"
             )
-    frequency = np.asarray(Y_train, bool).mean(axis=0).astype(np.float32)
+    frequency = np.asarray(Y_train, bool).mean(axis=0)
     started = time.perf_counter()
-    counts = Cooccurrence(CooccurrenceConfig(0.0, 0.0, 0.0)).fit(Y_train)
+    counts = Cooccurrence(PLAIN).fit(Y_train)
     fit_seconds = time.perf_counter() - started
 
     def scored(name: str, scores_given, seconds: float, selected: bool = False) -> ResultRow:
         started = time.perf_counter()
-        val, test = (_score_completion(scores_given(g), h) for g, h in parts.values())
+        val, test = (score_suggestions(scores_given(g), h) for g, h in parts.values())
         seconds += time.perf_counter() - started
         return ResultRow(model=name, val=val, test=test, seconds=seconds, selected=selected)
 
-    def popularity(given: np.ndarray) -> np.ndarray:
-        return np.where(given, -np.inf, np.broadcast_to(frequency, given.shape))
-
     rows = [
-        scored("popularity", popularity, 0.0),
+        scored("popularity", lambda given: popularity_scores(frequency, given), 0.0),
         scored("cooccurrence", counts.scores_given, fit_seconds),
     ]
     started = time.perf_counter()
@@ -960,7 +945,7 @@ def completion_rows(config: TuneConfig, dataset) -> tuple[list[ResultRow], Any]:
     ]
     chosen = max(
         candidates,
-        key=lambda c: _score_completion(counts.with_config(c).scores_given(val_given), val_hidden)[
+        key=lambda c: score_suggestions(counts.with_config(c).scores_given(val_given), val_hidden)[
             "f1"
         ],
     )

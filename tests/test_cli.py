@@ -160,6 +160,12 @@ def test_label_only_tune_exports_completion_and_batch_recommend_streams(tmp_path
     table = {row.split("|")[1].strip(): row for row in printed if row.startswith("| ")}
     assert {"popularity", "cooccurrence", "completion (selected)"} <= set(table)
     model = str(out / "model")
+    # evaluate scores the completion model the same way, on the same held-out tags.
+    done = hashtag("evaluate", "--model", model, "--data", data)
+    scored = {row.split("|")[1].strip(): row for row in done.stdout.splitlines()[2:]}
+    assert done.returncode == 0 and set(scored) == {"popularity", "cooccurrence", "completion"}
+    test_f1 = table["completion (selected)"].split("|")[3]  # model | val F1 | test F1@5
+    assert scored["completion"].split("|")[2] == test_f1
 
     # Batch mode: one output line per post, in order, carrying the id and the image.
     rows = [

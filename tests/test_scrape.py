@@ -121,21 +121,38 @@ class _SlowImages(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def _kill_one_embed_task(stop: threading.Event, killed: list) -> None:
-    """SIGKILL the first Ray worker process that runs an embed_shard task."""
-    while not stop.is_set() and not killed:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
+def _our_embed_workers() -> list[int]:
+    """Pids of Ray workers running embed_shard that descend from this test process (the
+    machine may run other people's Ray: never touch those)."""
+    parents, found = {}, []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                parents[int(pid)] = int(f.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::embed_shard"):
+                    found.append(int(pid))
+        except (OSError, ValueError, IndexError):
+            continue
+    ours = []
+    for pid in found:
+        ancestor, hops = pid, 0
+        while ancestor > 1 and ancestor != os.getpid() and hops < 10:
+            ancestor, hops = parents.get(ancestor, 0), hops + 1
+        if ancestor == os.getpid():
+            ours.append(pid)
+    return ours
+
+
+def _kill_embed_tasks(stop: threading.Event, killed: list, most: int) -> None:
+    """SIGKILL up to `most` of our embed_shard workers, as they appear."""
+    while not stop.is_set() and len(killed) < most:
+        for pid in _our_embed_workers()[: most - len(killed)]:
             try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmdline = f.read().decode(errors="replace")
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
             except OSError:
                 continue
-            if cmdline.startswith("ray::embed_shard"):
-                os.kill(int(pid), signal.SIGKILL)
-                killed.append(int(pid))
-                return
         time.sleep(0.05)
 
 
@@ -152,7 +169,7 @@ def test_worker_killed_mid_shard_is_retried_without_losing_or_duplicating_posts(
         manifest = write_manifest(str(src), 24, bad=False, image_base=base)
         out = str(tmp_path / "out")
         stop, killed = threading.Event(), []
-        killer = threading.Thread(target=_kill_one_embed_task, args=(stop, killed))
+        killer = threading.Thread(target=_kill_embed_tasks, args=(stop, killed, 1))
         killer.start()
         summary = scrape(
             ScrapeConfig(
@@ -170,19 +187,6 @@ def test_worker_killed_mid_shard_is_retried_without_losing_or_duplicating_posts(
     assert sorted(ids) == [f"p{i:04d}" for i in range(24)]
 
 
-def _kill_every_embed_task(stop: threading.Event, killed: list) -> None:
-    while not stop.is_set() and len(killed) < 20:  # bounded
-        for pid in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::embed_shard"):
-                        os.kill(int(pid), signal.SIGKILL)
-                        killed.append(int(pid))
-            except (OSError, ValueError):
-                continue
-        time.sleep(0.05)
-
-
 def test_a_shard_that_keeps_dying_is_retried_a_bounded_number_of_times(local_ray, tmp_path):
     src = tmp_path / "src"
     server = http.server.ThreadingHTTPServer(
@@ -193,7 +197,7 @@ def test_a_shard_that_keeps_dying_is_retried_a_bounded_number_of_times(local_ray
         base = f"http://127.0.0.1:{server.server_address[1]}"
         manifest = write_manifest(str(src), 6, bad=False, image_base=base)
         stop, killed = threading.Event(), []
-        killer = threading.Thread(target=_kill_every_embed_task, args=(stop, killed))
+        killer = threading.Thread(target=_kill_embed_tasks, args=(stop, killed, 20))
         killer.start()
         started = time.monotonic()
         summary = scrape(
