@@ -171,6 +171,14 @@ def _add_options(
                 help=help_text,
                 metavar=f.metadata.get("metavar", f.name.upper()),
             )
+        elif f.metadata.get("repeatable"):  # --embedder A --embedder B
+            parser.add_argument(
+                _flag(f.name),
+                action="append",
+                default=argparse.SUPPRESS,
+                help=help_text,
+                metavar=f.name.upper(),
+            )
         elif _unwrap(annotation) is bool:
             parser.add_argument(
                 *flags,

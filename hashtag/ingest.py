@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hashtag import images, storage
-from hashtag.embedders import Embedder
+from hashtag.embedders import LABEL_ONLY, Embedder, EmbedderSpec
 from hashtag.fetch import Fetcher, FetchError
 from hashtag.posts import Post
 
 log = logging.getLogger(__name__)
 
-LABEL_ONLY_SPEC = {"name": "none"}
+LABEL_ONLY_SPEC = EmbedderSpec(LABEL_ONLY)
 # Decompression-bomb guard: 50 megapixels is larger than any phone photo.
 MAX_PIXELS = 50_000_000
 

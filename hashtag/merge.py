@@ -57,7 +57,8 @@ from hashtag.dataset import (
     split_code,
     write_parted_manifest,
 )
-from hashtag.errors import ArtifactError
+from hashtag.embedders import EmbedderSpec
+from hashtag.errors import ArtifactError, UserError
 from hashtag.results import StageResult
 from hashtag.shards import ShardError, finished_shards, read_embeddings, read_rows, verify
 
@@ -140,18 +141,30 @@ def assign_split(
 def _check_compatible(manifests: dict[int, dict[str, Any]]) -> None:
     first_index = next(iter(manifests))
     first = manifests[first_index]
+    spec = EmbedderSpec.from_json(first["embedder"])
     for index, manifest in manifests.items():
-        if manifest["embedder"] != first["embedder"]:
-            raise ValueError(
-                f"shard {first_index} was embedded with {first['embedder']} but shard {index} with "
-                f"{manifest['embedder']}; merge shards of one embedder only (scrape the others "
-                "again with the same --embedder, or into another folder)"
+        other = EmbedderSpec.from_json(manifest["embedder"])
+        if other != spec:
+            raise UserError(
+                f"shard {first_index} was embedded with {spec} but shard {index} with "
+                f"{other}{_difference(spec, other)}; merge shards of one embedder set only "
+                "(scrape the others again with the same --embedder flags, or into another folder)"
             )
         if manifest["dim"] != first["dim"]:
-            raise ValueError(
+            raise UserError(
                 f"shard {first_index} has dim {first['dim']} but shard {index} has dim "
                 f"{manifest['dim']} (same embedder {first['embedder']}); rescrape one of them"
             )
+
+
+def _difference(a: EmbedderSpec, b: EmbedderSpec) -> str:
+    """Why two specs differ, when their names alone do not say it."""
+    if a.parts or b.parts:
+        return f" ({len(a.parts) or 1} embedder(s) vs {len(b.parts) or 1})"
+    if a.name == b.name:
+        changed = sorted(k for k in dict(a.options) | dict(b.options) if a.get(k) != b.get(k))
+        return f" (same model, different {', '.join(changed)})"
+    return ""
 
 
 # ---------------------------------------------------------------- the tasks (pure of Ray)
@@ -392,7 +405,12 @@ def _run_stage(desc: str, task, calls: list[tuple]) -> list[Any]:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
-                results[pending.pop(ref)] = ray.get(ref)
+                try:
+                    results[pending.pop(ref)] = ray.get(ref)
+                except ray.exceptions.RayTaskError as error:
+                    if isinstance(error.cause, UserError):  # a full disk: one clear line
+                        raise error.cause from None
+                    raise
                 bar.update()
     return [results[i] for i in range(len(refs))]
 

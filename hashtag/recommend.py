@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from hashtag import storage, tags
+from hashtag.embedders import LABEL_ONLY, EmbedderSpec
 from hashtag.errors import ArtifactError, UserError
 
 COOCCURRENCE = "cooccurrence"
@@ -133,7 +134,7 @@ class ExportedModel:
             )
         self.vocab: list[str] = [str(t) for t in self.metadata["vocab"]]
         self.index = {tag: i for i, tag in enumerate(self.vocab)}
-        self.embedder_spec: dict[str, Any] = self.metadata["embedder"]
+        self.embedder_spec = EmbedderSpec.from_json(self.metadata["embedder"])
         self._cooccurrence = None
 
     @property
@@ -151,7 +152,7 @@ class ExportedModel:
 
     @property
     def has_images(self) -> bool:
-        return self.embedder_spec.get("name") not in (None, "none")
+        return self.embedder_spec.kind != LABEL_ONLY
 
     def tag_mask(self, names: list[str]) -> tuple[np.ndarray, list[str]]:
         """bool (V,) of the known tags among `names`, and the unknown ones."""
@@ -411,7 +412,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             f"{config.data} has a different hashtag vocabulary than the model {config.model}: "
             "evaluate on the dataset the model was trained on"
         )
-    if exported.embedder_spec != dataset.embedder:
+    if exported.embedder_spec != EmbedderSpec.from_json(dataset.embedder):
         raise UserError(
             f"the dataset's embedder {dataset.embedder} is not the model's {exported.embedder_spec}"
         )

@@ -33,6 +33,7 @@ DECISION_COLUMNS = {
     "batch_size": "batch size",
     "learning_rate": "learning rate",
     "val_f1": "val F1",
+    "val_f1@5": "val F1@5",
     "f1@5": "test F1@5",
     "p@5": "P@5",
     "r@5": "R@5",
@@ -123,6 +124,7 @@ def results_table(rows: Sequence[ResultRow], baseline: str = BASELINE) -> list[d
             "selected": row.selected,
             "epochs": row.epochs if row.epochs is not None else "",
             "val_f1": row.val.get("f1", math.nan),
+            "val_f1@5": row.val.get("f1@5", math.nan),  # what selection uses by default
         }
         for name in metrics:
             record[name] = row.test.get(name, math.nan)

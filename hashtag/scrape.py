@@ -46,9 +46,13 @@ class ScrapeConfig:
         }
     )
     out: str = field(metadata={"help": "output root; shards go to OUT/shards/shard-NNNNN"})
-    embedder: str = field(
-        default="classic",
-        metadata={"help": "embedder name: classic, tflite:PATH_OR_URI[#tensor], keras:NAME"},
+    embedder: tuple[str, ...] = field(
+        default=("classic",),
+        metadata={
+            "help": "embedder: classic, tflite:PATH_OR_URI[#tensor], keras:NAME; repeat the flag "
+            "(--embedder A --embedder B) to store every post's vectors of each, side by side",
+            "repeatable": True,
+        },
     )
     embedder_weights: str = field(
         default="",
@@ -107,10 +111,16 @@ class ScrapeConfig:
             raise ValueError(f"--memory-per-task-mb must be >= 1, got {self.memory_per_task_mb}")
         if self.max_retries < 0 or self.max_in_flight < 0:
             raise ValueError("--max-retries and --max-in-flight must be >= 0")
-        if self.embedder.partition(":")[0] not in embedders.available():
-            raise ValueError(
-                f"unknown embedder {self.embedder!r}; use one of: {', '.join(embedders.available())}"
-            )
+        names = (self.embedder,) if isinstance(self.embedder, str) else tuple(self.embedder)
+        object.__setattr__(self, "embedder", names)
+        if not names or len(set(names)) != len(names):
+            raise UserError(f"--embedder: give one or more different embedders, got {names}")
+        for name in names:
+            embedders.EmbedderSpec.parse(name)  # a clear error for an unknown name, here
+
+    def embedder_specs(self) -> list[embedders.EmbedderSpec]:
+        """The requested embedders, parsed, with the task's settings (threads, weights)."""
+        return [embedders.EmbedderSpec.parse(n, **self.embedder_options(n)) for n in self.embedder]
 
     def fetch_config(self) -> FetchConfig:
         return FetchConfig(
@@ -121,9 +131,11 @@ class ScrapeConfig:
             fetch_deadline_s=self.fetch_deadline_s,
         )
 
-    def embedder_options(self) -> dict:
-        options: dict = {"weights": self.embedder_weights} if self.embedder_weights else {}
-        if self.embedder.startswith("tflite:"):
+    def embedder_options(self, name: str) -> dict:
+        options: dict = {}
+        if self.embedder_weights and name.startswith("keras:"):
+            options["weights"] = self.embedder_weights
+        if name.startswith("tflite:"):
             # The interpreters fill the task's CPUs, not the node's: Ray does not pin tasks to
             # cores, so the default (every CPU visible) would oversubscribe the node. One
             # single-threaded interpreter per CPU, each fed by its own embedding lane: its threads
@@ -153,7 +165,7 @@ def embed_shard(
     if label_only:
         result, spec = ingest.label_only(posts), ingest.LABEL_ONLY_SPEC
     else:
-        embedder = embedders.cached(config.embedder, **config.embedder_options())
+        embedder = embedders.cached(embedders.EmbedderSpec.ensemble(config.embedder_specs()))
         # One decode thread per CPU the task holds: more would steal cores from other tasks.
         threads = max(1, int(config.cpus_per_task))
         result = ingest.embed_posts(
@@ -178,7 +190,7 @@ def embed_shard(
         index,
         result.posts,
         result.embeddings,
-        embedder=spec,
+        embedder=spec.to_json(),
         image_sha256=result.image_sha256,
         stats=stats,
     )

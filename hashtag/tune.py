@@ -49,7 +49,10 @@ log = logging.getLogger(__name__)
 # The exported model's metadata (inside models' own manifest) says what wrote it.
 EXPORT_FORMAT = "hashtag-export"
 EXPORT_VERSION = 1
-REFERENCE_MODELS = ("popularity", "knn")
+REFERENCE_MODELS = ("popularity", "knn", "ridge")
+REFIT_MODES = ("train+val", "all", "none")
+# Blends that compete beside the grid: "best" is the grid's best trial on validation.
+BLENDS = (("best", "knn"), ("ridge", "knn"), ("best", "ridge"), ("best", "ridge", "knn"))
 # Inside a trial checkpoint: the model folder (models' save format) and our bookkeeping.
 CHECKPOINT_MODEL = "model"
 CHECKPOINT_STATE = "state.json"
@@ -91,6 +94,24 @@ class TuneConfig:
     )
     loss: str = field(default="sigmoid", metadata={"help": "mlp loss: sigmoid or softmax"})
     seed: int = field(default=0, metadata={"help": "random seed of every trial"})
+    select_metric: str = field(
+        default=models.SELECT_METRIC,
+        metadata={
+            "help": "validation metric that picks the exported model among the trials, the "
+            "references and the blends (f1@5, f1@10, p@5, map, f1...)"
+        },
+    )
+    refit: str = field(
+        default="train+val",
+        metadata={
+            "help": "retrain the chosen model before export on: train+val (default), all "
+            "(also test, after its test figures are recorded: production), none"
+        },
+    )
+    blends: bool = field(
+        default=True,
+        metadata={"help": "score blends of the best trial, knn and ridge compete too"},
+    )
     memory_budget: float = field(
         default=0.0,
         metadata={
@@ -135,7 +156,7 @@ class TuneConfig:
             )
         if self.max_failures < 0:
             raise ValueError(f"--max-failures must be >= 0, got {self.max_failures}")
-        references = sorted(set(models.available()) - models.TRAINABLE)
+        references = sorted(set(models.available()) - models.TRAINABLE - {"blend"})
         unknown = set(self.references) - set(references)
         if unknown:
             raise ValueError(
@@ -143,6 +164,17 @@ class TuneConfig:
             )
         if self.loss not in models.LOSSES:
             raise ValueError(f"--loss must be one of {', '.join(models.LOSSES)}, got {self.loss!r}")
+        if self.refit not in REFIT_MODES:
+            raise ValueError(f"--refit must be one of {', '.join(REFIT_MODES)}, got {self.refit!r}")
+        name, _, k = self.select_metric.partition("@")
+        if not (
+            (k and name in ("f1", "p", "r", "hit") and k.isdigit() and int(k) >= 1)
+            or (not k and self.select_metric in ("f1", "precision", "recall", "map"))
+        ):
+            raise ValueError(
+                f"--select-metric {self.select_metric!r} is not a metric: use f1@5, f1@10, "
+                "p@5, r@5, hit@5, map, f1, precision or recall"
+            )
 
     def experiment_name(self, dataset: dict[str, Any]) -> str:
         """Same name for the same training settings and dataset (`dataset_fingerprint`), so a
@@ -156,6 +188,7 @@ class TuneConfig:
             "epochs": self.epochs,
             "loss": self.loss,
             "seed": self.seed,
+            "features": "centred",
         }
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
         return f"grid-{digest[:10]}"
@@ -227,6 +260,7 @@ class TrialSettings:
     cpus: float
     dim: int = 0
     vocab: tuple[str, ...] = ()
+    blocks: tuple[int, ...] = ()  # the dims of the embedders the features concatenate
     # Storage settings of the driver (the S3 endpoint override) that the trial's process needs.
     env: dict[str, str] = field(default_factory=dict)
 
@@ -304,7 +338,27 @@ def _model_config(grid: dict[str, Any], settings: TrialSettings):
         loss=settings.loss,
         seed=settings.seed,
         threads=max(1, int(settings.cpus)),
+        centre=True,
+        blocks=settings.blocks,
     )
+
+
+def reference_config(name: str, seed: int, blocks: tuple[int, ...] = ()) -> models.ModelConfig:
+    """The settings of a reference model in the table: kNN as the shared sets' README measures
+    it (20 neighbours, weights exp(10 x similarity), no prior) but on centred features, which
+    lifts it 2-3% on real photos; ridge on centred features, its penalty chosen on validation."""
+    if name == "knn":
+        return models.ModelConfig(
+            seed=seed,
+            knn_neighbours=20,
+            knn_temperature=10.0,
+            prior_weight=0.0,
+            centre=True,
+            blocks=blocks,
+        )
+    if name == "ridge":
+        return models.ModelConfig(seed=seed, centre=True, blocks=blocks)
+    return models.ModelConfig(seed=seed)
 
 
 def _score_blocks(recommender, blocks) -> dict[str, float]:
@@ -449,47 +503,72 @@ def _first_rows(blocks, n: int):
         yield X, indptr, indices
 
 
-def _references(config: TuneConfig, dataset, data: TrialData) -> list[ResultRow]:
-    """Popularity and kNN, scored once per dataset; a rerun reads them back."""
-    cache_uri = storage.join(config.out, "references.json")
-    key = {
-        "data": config.data,
-        "dataset": dataset_fingerprint(dataset),
-        "references": list(config.references),
-        "seed": config.seed,
-    }
-    if storage.exists(cache_uri):
-        cached = storage.read_json(cache_uri)
-        if cached.get("key") == key:
-            return [ResultRow(**row) for row in cached["rows"]]
-    # Over the memory budget the references train on the first REFERENCE_ROWS training rows (a
-    # random sample: splits are a hash of the post id); kNN holds them all in memory.
-    train = data.train(dataset.dim, dataset.vocab_size)
-    if data.dataset is not None and train.rows > REFERENCE_ROWS:
-        log.info("references train on %d of %d training rows", REFERENCE_ROWS, train.rows)
-        train = models.Blocks(
-            lambda order: _first_rows(data.blocks("train"), REFERENCE_ROWS),
-            REFERENCE_ROWS,
-            train.dim,
-            train.n_tags,
-        )
-    X_train, Y_train = _in_memory(train)
+def blocks_of(dataset) -> tuple[int, ...]:
+    """The dims of the embedders a dataset's features concatenate; () for one embedder."""
+    from hashtag.embedders import EmbedderSpec
+
+    return EmbedderSpec.from_json(dataset.embedder).blocks
+
+
+def _chained(data: TrialData, names: tuple[str, ...], order=None):
+    """The blocks of the splits `names`, one split after the other."""
+    for name in names:
+        yield from data.blocks(name, order)
+
+
+def _training_rows(data: TrialData, names: tuple[str, ...], n_tags: int):
+    """(X, Y) in memory of the splits `names`; over the memory budget the first REFERENCE_ROWS
+    of them (a random sample: splits are a hash of the post id)."""
+    from hashtag.dataset import dense_labels
+
+    blocks = _chained(data, names)
+    if data.dataset is not None:
+        blocks = _first_rows(blocks, REFERENCE_ROWS)
+    parts = [(X, dense_labels(indptr, indices, n_tags)) for X, indptr, indices in blocks]
+    return np.concatenate([X for X, _ in parts]), np.concatenate([Y for _, Y in parts])
+
+
+def _candidate_row(label: str, recommender, data: TrialData, started: float) -> ResultRow:
+    return ResultRow(
+        model=label,
+        val=_score_blocks(recommender, data.blocks("val")),
+        test=_score_blocks(recommender, data.blocks("test")),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _references(config: TuneConfig, dataset, data: TrialData) -> tuple[list[ResultRow], dict]:
+    """Popularity, kNN and ridge, fitted in the driver: their rows and the fitted models
+    (candidates for the export and parts of the blends). Over the memory budget they train on
+    the first REFERENCE_ROWS training rows; kNN holds them all in memory."""
+    X_train, Y_train = _training_rows(data, ("train",), dataset.vocab_size)
     X_val, Y_val = data.validation(dataset.vocab_size)
-    rows = []
+    rows, fitted = [], {}
     for name in config.references:
         started = time.perf_counter()
-        recommender = models.create(name, models.ModelConfig(seed=config.seed))
-        recommender.fit(X_train, Y_train, X_val, Y_val)
-        rows.append(
-            ResultRow(
-                model=name,
-                val=_score_blocks(recommender, data.blocks("val")),
-                test=_score_blocks(recommender, data.blocks("test")),
-                seconds=time.perf_counter() - started,
-            )
+        recommender = models.create(name, reference_config(name, config.seed, blocks_of(dataset)))
+        recommender.fit(X_train, Y_train, X_val, Y_val, vocab=dataset.vocab)
+        rows.append(_candidate_row(name, recommender, data, started))
+        fitted[name] = recommender
+    return rows, fitted
+
+
+def _blends(config: TuneConfig, dataset, data: TrialData, candidates: dict[str, Any]):
+    """Every blend of BLENDS whose parts are there, its weights chosen on validation:
+    (rows, {label: blend})."""
+    X_val, Y_val = data.validation(dataset.vocab_size)
+    rows, fitted = [], {}
+    for names in BLENDS if config.blends else ():
+        if not all(name in candidates for name in names):
+            continue
+        started = time.perf_counter()
+        blend = models.Blend.of(
+            [candidates[n] for n in names], X_val, Y_val, metric=config.select_metric
         )
-    storage.write_json(cache_uri, {"key": key, "rows": [asdict(r) for r in rows]})
-    return rows
+        label = f"blend: {blend.label}"
+        rows.append(_candidate_row(label, blend, data, started))
+        fitted[label] = blend
+    return rows, fitted
 
 
 def _trial_state(result) -> dict[str, Any] | None:
@@ -537,18 +616,30 @@ def _trial_row(config: TuneConfig, result, state: dict[str, Any] | None) -> Resu
     )
 
 
-def export_model(config: TuneConfig, dataset, recommender, row: ResultRow, completion=None) -> str:
-    """Write the self-contained model folder OUT/model/: weights, metadata, co-occurrence
-    (with `completion`'s weights, a CooccurrenceConfig, when given)."""
+def export_model(
+    config: TuneConfig,
+    dataset,
+    recommender,
+    row: ResultRow,
+    *,
+    trained_on: tuple[str, ...] = ("train",),
+    selection: dict[str, Any] | None = None,
+    completion=None,
+) -> str:
+    """Write the self-contained model folder OUT/model/: the model (a knn or a blend keeps its
+    training embeddings and labels), metadata, and co-occurrence of the labels it learnt from (with `completion`'s weights, a
+    CooccurrenceConfig, when given)."""
     from hashtag.completion import Cooccurrence
     from hashtag.dataset import csr_rows, dense_labels
 
     uri = storage.join(config.out, "model")
     storage.remove(uri)  # no file of an older export may survive beside the new one
+    rows = np.sort(np.concatenate([dataset.rows(name) for name in trained_on]))
     metadata = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
         "model": recommender.name,
+        "selected": row.label,
         "embedder": dataset.embedder,
         "vocab": list(dataset.vocab),
         "decision": asdict(recommender.decision),
@@ -558,14 +649,21 @@ def export_model(config: TuneConfig, dataset, recommender, row: ResultRow, compl
         "loss": config.loss,
         "val": row.val,
         "test": row.test,
-        "trained_on": {"data": config.data, "count": len(dataset), "dim": dataset.dim},
+        "selection": selection or {},
+        "trained_on": {
+            "data": config.data,
+            "splits": list(trained_on),
+            "count": len(rows),
+            "dim": dataset.dim,
+        },
     }
-    if getattr(recommender, "optimizer_state", None):
-        # Recommending needs no Adam moments (twice the weights); trial checkpoints keep them.
-        recommender.optimizer_state = []
+    for part in [recommender, *getattr(recommender, "parts", [])]:
+        if getattr(part, "optimizer_state", None):
+            # Recommending needs no Adam moments (twice the weights); checkpoints keep them.
+            part.optimizer_state = []
     recommender.save(uri, metadata=metadata)
-    # From the training labels alone, a block of posts at a time.
-    indptr, indices = dataset.labels_csr(dataset.rows("train"))
+    # From the labels the model learnt from, a block of posts at a time.
+    indptr, indices = dataset.labels_csr(rows)
     blocks = (
         dense_labels(
             *csr_rows(indptr, indices, np.arange(a, min(a + 8192, len(indptr) - 1))),
@@ -588,6 +686,114 @@ def _best_model(config: TuneConfig, results, best: ResultRow):
             with result.checkpoint.as_directory() as folder:
                 return models.load(os.path.join(folder, CHECKPOINT_MODEL))
     raise RuntimeError(f"the best trial {best.label} has no checkpoint to export")
+
+
+def _metric(row: ResultRow, metric: str) -> float:
+    value = row.val.get(metric, math.nan)
+    return value if math.isfinite(value) else -math.inf
+
+
+def compete(
+    config: TuneConfig,
+    dataset,
+    data: TrialData,
+    trials: list[ResultRow],
+    trial_model: Any,
+    references: list[ResultRow],
+    fitted: dict[str, Any],
+) -> tuple[list[ResultRow], ResultRow, Any]:
+    """Every candidate on validation by `config.select_metric`, never on test: the finished
+    trials (`trial_model(row)` gives a trial's fitted model), the references (`fitted`) and the
+    blends of BLENDS. Returns (reference and blend rows, the winner's row, its model)."""
+    metric = config.select_metric
+    candidates = dict(fitted)
+    if trials:
+        best_trial = max(trials, key=lambda r: _metric(r, metric))
+        candidates["best"] = candidates[best_trial.label] = trial_model(best_trial)
+    blend_rows, blends = _blends(config, dataset, data, candidates)
+    candidates.update(blends)
+    rows = [*references, *blend_rows]
+    winner = max([*trials, *rows], key=lambda r: _metric(r, metric))
+    return rows, winner, candidates[winner.label]
+
+
+def _refit_on(config: TuneConfig, dataset, data: TrialData, recommender, names):
+    if not recommender.streams:
+        X, Y = _training_rows(data, names, dataset.vocab_size)
+        return models.refit(recommender, X, Y, config.select_metric)
+    rows = sum(len(dataset.rows(name)) for name in names)
+    blocks = models.Blocks(
+        lambda order: _chained(data, names, order), rows, dataset.dim, dataset.vocab_size
+    )
+    return models.refit(recommender, blocks, None, config.select_metric)
+
+
+def refit_winner(config: TuneConfig, dataset, data: TrialData, winner: ResultRow, recommender):
+    """The winner retrained per `config.refit` (its epoch count picked on validation). Returns
+    (model to export, the splits it learnt from, a row with the test figures of the train+val
+    refit; None for refit none)."""
+    if config.refit == "none":
+        return recommender, ("train",), None
+    started = time.perf_counter()
+    trained_on = ("train", "val")
+    recommender = _refit_on(config, dataset, data, recommender, trained_on)
+    row = ResultRow(
+        model=f"exported: {winner.label}, refit on train+val",
+        test=_score_blocks(recommender, data.blocks("test")),
+        epochs=recommender.epochs_done if recommender.trainable else None,
+        seconds=time.perf_counter() - started,
+    )
+    if config.refit == "all":  # for production: the test figures above are already taken
+        trained_on = ("train", "val", "test")
+        recommender = _refit_on(config, dataset, data, recommender, trained_on)
+    return recommender, trained_on, row
+
+
+def _folder_bytes(uri: str) -> int:
+    fs, path = storage.filesystem(uri)
+    return int(sum(fs.du(path, total=False).values()))
+
+
+def _select_and_export(config, dataset, data, finished, results, references, fitted):
+    """compete, refit_winner, export_model. Returns (rows beside the trials, best, model uri)."""
+    rows, winner, recommender = compete(
+        config,
+        dataset,
+        data,
+        finished,
+        lambda row: _best_model(config, results, row),
+        references,
+        fitted,
+    )
+    metric = config.select_metric
+    recommender, trained_on, refit_row = refit_winner(config, dataset, data, winner, recommender)
+    selection = {
+        "metric": metric,
+        "winner": winner.label,
+        "refit": config.refit,
+        "candidates": {r.label: r.val.get(metric) for r in [*finished, *rows]},
+    }
+    model_uri = export_model(
+        config, dataset, recommender, winner, trained_on=trained_on, selection=selection
+    )
+    size = _folder_bytes(model_uri)
+    print(
+        f"selected on validation {metric} {_metric(winner, metric):.4f}: {winner.label}; "
+        f"exported ({recommender.name}, trained on {'+'.join(trained_on)}, {size / 1e6:.1f} MB"
+        f", test {metric} {(refit_row or winner).test.get(metric, math.nan):.4f}) -> {model_uri}"
+    )
+    best = {
+        "model": winner.label,
+        "kind": recommender.name,
+        "batch_size": winner.batch_size,
+        "learning_rate": winner.learning_rate,
+        "val": winner.val,
+        "test": winner.test,
+        "refit_test": refit_row.test if refit_row else {},
+        "trained_on": list(trained_on),
+        "bytes": size,
+    }
+    return rows + ([refit_row] if refit_row else []), best, model_uri
 
 
 def _progress_callback(total: int):
@@ -638,6 +844,7 @@ def _run_grid(config: TuneConfig, dataset, data: TrialData):
         cpus=config.cpus_per_trial,
         dim=dataset.dim,
         vocab=tuple(dataset.vocab),
+        blocks=blocks_of(dataset),
         env=raycluster.worker_env().get("env_vars", {}),
     )
     params = {
@@ -814,7 +1021,7 @@ def run(config: TuneConfig) -> TuneResult:
     if dataset.dim == 0:
         return _run_completion(config, dataset, started)
     data = _trial_data(config, dataset)
-    references = _references(config, dataset, data)
+    references, fitted = _references(config, dataset, data)
     results, experiment = _run_grid(config, dataset, data)
     trials = sorted(
         (_trial_row(config, result, _trial_state(result)) for result in results),
@@ -822,8 +1029,7 @@ def run(config: TuneConfig) -> TuneResult:
     )
     finished = [row for row in trials if row.status == "ok"]
     failed = tuple(row.label for row in trials if row.status != "ok")
-    rows = trials + references
-    log.debug("\n".join(trial_line(row) for row in rows))
+    log.debug("\n".join(trial_line(row) for row in trials + references))
     if any(row.status == UNFINISHED for row in trials):
         # Interrupted (Ctrl-C): Tune saved its state; exporting now could pick a worse model.
         print(f"interrupted: rerun the same command to resume {experiment}")
@@ -834,17 +1040,12 @@ def run(config: TuneConfig) -> TuneResult:
             f"every trial of {experiment} failed ({trials[0].status if trials else 'no trials'}); "
             "fix the cause and rerun the same command: failed trials are retried"
         )
-    # Choose on validation, never on test.
-    best = max(finished, key=lambda r: r.val.get("f1", -math.inf))
-    rows = [dataclasses.replace(r, selected=r is best) for r in rows]
-    recommender = _best_model(config, results, best)
-    model_uri = export_model(config, dataset, recommender, best)
+    others, best, model_uri = _select_and_export(
+        config, dataset, data, finished, results, references, fitted
+    )
+    rows = [dataclasses.replace(r, selected=r.label == best["model"]) for r in trials + others]
     paths = write_report(rows, config.out)
     print(decision_markdown(rows), end="")
-    print(
-        f"best on validation: {best.label} (val f1 {best.val.get('f1', math.nan):.4f}, "
-        f"test f1@5 {best.test.get('f1@5', math.nan):.4f}) -> {model_uri}"
-    )
     print(f"every metric: {paths['results.md']}")
     summary = {
         "stage": "tune",
@@ -852,12 +1053,8 @@ def run(config: TuneConfig) -> TuneResult:
         "experiment": experiment,
         "trials": [asdict(r) for r in trials],
         "references": [asdict(r) for r in references],
-        "best": {
-            "batch_size": best.batch_size,
-            "learning_rate": best.learning_rate,
-            "val": best.val,
-            "test": best.test,
-        },
+        "candidates": [asdict(r) for r in others],
+        "best": best,
         "failed": list(failed),
         "model": model_uri,
         "outputs": paths,

@@ -146,7 +146,7 @@ def write_label_only(uri: str):
 
     from hashtag.ingest import LABEL_ONLY_SPEC
 
-    return write_dataset(uri, posts=400, dim=0, tags=12, embedder=LABEL_ONLY_SPEC)
+    return write_dataset(uri, posts=400, dim=0, tags=12, embedder=LABEL_ONLY_SPEC.to_json())
 
 
 def test_label_only_tune_exports_completion_and_batch_recommend_streams(tmp_path):

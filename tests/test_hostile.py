@@ -320,3 +320,32 @@ def test_no_secret_travels_in_runtime_env_or_stored_urls(monkeypatch, tmp_path):
     )  # fmt: skip
     stored = (tmp_path / "shards" / "shard-00000" / "posts.jsonl").read_text()
     assert "hunter2" not in stored and "127.0.0.1:9/a.jpg" in stored
+
+
+def test_a_tiff_with_giant_tiles_is_refused():
+    data = bytearray(tiff_bomb(width=64, height=64))
+    # Turn the RowsPerStrip entry (278) into TileWidth and the StripByteCounts one into
+    # TileLength, both 65535: a small image whose one tile would need 4 G pixels.
+    for old, new in ((278, 322), (279, 323)):
+        at = data.index(old.to_bytes(2, "little") + (4).to_bytes(2, "little"))
+        data[at : at + 2] = new.to_bytes(2, "little")
+        data[at + 8 : at + 12] = (65535).to_bytes(4, "little")
+    with pytest.raises(ImageError) as info:
+        images.decode(bytes(data))
+    assert info.value.reason == "too-many-pixels"
+
+
+def test_a_stalling_resolver_is_bounded_by_the_deadline(monkeypatch):
+    # The system resolver (not our code) stalls, as a slow authoritative server would make it.
+    real = socket.getaddrinfo
+
+    def slow(*args, **kwargs):
+        time.sleep(3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    config = FetchConfig(allow_private=True, retries=3, backoff_s=0.01, fetch_deadline_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(FetchError) as info:
+        Fetcher(config).get("http://slow-dns.example/a.jpg")
+    assert info.value.reason == "timeout" and time.monotonic() - started < 1.5

@@ -237,10 +237,11 @@ def test_config_errors_say_what_to_do():
 
 def test_tflite_interpreters_get_the_task_cpus_not_the_node_cpus(tmp_path):
     tflite = ScrapeConfig(source="m.jsonl", out=str(tmp_path), embedder="tflite:m.tflite")
-    assert tflite.embedder_options() == {"num_threads": 1, "interpreters": 1}
+    assert tflite.embedder == ("tflite:m.tflite",)
+    assert tflite.embedder_options("tflite:m.tflite") == {"num_threads": 1, "interpreters": 1}
     wide = dataclasses.replace(tflite, cpus_per_task=4)
-    assert wide.embedder_options() == {"num_threads": 4, "interpreters": 4}
-    assert ScrapeConfig(source="m.jsonl", out=str(tmp_path)).embedder_options() == {}
+    assert wide.embedder_options("tflite:m.tflite") == {"num_threads": 4, "interpreters": 4}
+    assert ScrapeConfig(source="m.jsonl", out=str(tmp_path)).embedder_options("classic") == {}
 
 
 def test_scrape_with_the_real_tflite_model_on_two_lanes(local_ray, shared_dir, tmp_path):
