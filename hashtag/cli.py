@@ -173,7 +173,8 @@ def _add_options(
             )
         elif f.metadata.get("repeatable"):  # --embedder A --embedder B
             parser.add_argument(
-                _flag(f.name),
+                *flags,
+                dest=dest,
                 action="append",
                 default=argparse.SUPPRESS,
                 help=help_text,

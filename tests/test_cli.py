@@ -141,6 +141,17 @@ def test_verbose_adds_the_traceback_and_runtime_failures_exit_1(capsys):
     assert line == "hashtag x: error: RuntimeError: disk on fire; -v shows the traceback"
 
 
+def markdown_rows(lines: list[str]) -> dict[str, dict[str, str]]:
+    """A printed Markdown table: model -> {header: cell}."""
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in lines
+        if line.startswith("| ")
+    ]
+    header = rows[0]
+    return {row[0]: dict(zip(header, row, strict=True)) for row in rows[1:]}
+
+
 def write_label_only(uri: str):
     from test_tune import write_dataset
 
@@ -157,15 +168,14 @@ def test_label_only_tune_exports_completion_and_batch_recommend_streams(tmp_path
     printed = done.stdout.splitlines()
     assert "completion model" in done.stdout and "--tags" in done.stdout
     assert len(printed) <= 10 and "completion (selected)" in done.stdout
-    table = {row.split("|")[1].strip(): row for row in printed if row.startswith("| ")}
+    table = markdown_rows(printed)
     assert {"popularity", "cooccurrence", "completion (selected)"} <= set(table)
     model = str(out / "model")
     # evaluate scores the completion model the same way, on the same held-out tags.
     done = hashtag("evaluate", "--model", model, "--data", data)
-    scored = {row.split("|")[1].strip(): row for row in done.stdout.splitlines()[2:]}
+    scored = markdown_rows(done.stdout.splitlines())
     assert done.returncode == 0 and set(scored) == {"popularity", "cooccurrence", "completion"}
-    test_f1 = table["completion (selected)"].split("|")[3]  # model | val F1 | test F1@5
-    assert scored["completion"].split("|")[2] == test_f1
+    assert scored["completion"]["test F1@5"] == table["completion (selected)"]["test F1@5"]
 
     # Batch mode: one output line per post, in order, carrying the id and the image.
     rows = [
