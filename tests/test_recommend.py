@@ -4,6 +4,8 @@ hashtag completion with and without an image."""
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import cv2
 import numpy as np
@@ -120,6 +122,24 @@ def test_completion_alone_suggests_cooccurring_tags(exported, capsys):
     # The synthetic posts always carry tag i with tag i+1: one of those neighbours leads.
     number = int(given.removeprefix("tag"))
     assert suggested[0] in {f"tag{(number + 1) % 8}", f"tag{(number - 1) % 8}"}
+
+
+def test_hostile_images_end_in_one_error_each_in_bounded_time(exported, images, tmp_path):
+    from test_hostile import png_bomb, tiff_bomb
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "tiff.tif").write_bytes(tiff_bomb())
+    (tmp_path / "png.png").write_bytes(png_bomb())
+    hostile = [str(tmp_path / n) for n in ("pipe.jpg", "tiff.tif", "png.png")] + ["/dev/zero"]
+    config = RecommendConfig(model=exported, images=(str(images / "a.jpg"), *hostile), k=3)
+    started = time.monotonic()
+    results = {r["image"]: r for r in recommend.recommend(config)}
+    assert time.monotonic() - started < 10
+    assert results[str(images / "a.jpg")]["hashtags"]
+    assert {image: results[image]["error"] for image in hostile} == {
+        hostile[0]: "not-a-file", hostile[1]: "too-many-pixels",
+        hostile[2]: "too-many-pixels", hostile[3]: "not-a-file",
+    }  # fmt: skip
 
 
 def test_config_validation():
