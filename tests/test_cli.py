@@ -127,9 +127,11 @@ def test_ordinary_mistakes_are_one_line_exit_2(tmp_path, two_runs):
     for argv, message in cases:
         assert_one_line_error(hashtag(*argv), f"hashtag {argv[0]}", 2, message)
     assert not (tmp_path / "s").exists()  # refused before any work
-    # The jobs/ entrypoints say the same, under their own name.
+    # The jobs/ entrypoints say the same.
     done = hashtag("--shards", "/missing", "--out", "x", script="jobs/merge.py")
-    assert_one_line_error(done, "jobs/merge.py", 2, "no finished shards")
+    assert_one_line_error(done, "hashtag merge", 2, "no finished shards")
+    done = hashtag("--data", "x", "--out", "y", "--epochs", "x", script="jobs/tune.py")
+    assert_one_line_error(done, "hashtag tune", 2, "(see jobs/tune.py --help)")
 
 
 def test_verbose_adds_the_traceback_and_runtime_failures_exit_1(capsys):
