@@ -172,6 +172,13 @@ def test_label_only_tune_exports_completion_and_batch_recommend_streams(tmp_path
     assert len(printed) <= 10 and "completion (selected)" in done.stdout
     table = markdown_rows(printed)
     assert {"popularity", "cooccurrence", "completion (selected)"} <= set(table)
+    # results.md: the deciding columns first, every other metric in a second table.
+    report = (out / "results.md").read_text().split("## Every metric")
+    first = markdown_rows(report[0].splitlines())["completion (selected)"]
+    assert list(first)[0] == "model" and {"test F1@5", "P@5", "R@5", "mAP", "lift F1@5"} <= set(
+        first
+    )
+    assert len(first) <= 10 and "hit@10" in report[1] and "p@1" in report[1]
     model = str(out / "model")
     # evaluate scores the completion model the same way, on the same held-out tags.
     done = hashtag("evaluate", "--model", model, "--data", data)
