@@ -1,36 +1,43 @@
-"""Recommendation quality on real photos: every model of the grid and the references, per embedder.
+"""Recommendation quality on real photos: the exported model against the plain kNN vote.
 
-    python bench/bench_quality.py                          # feedme-food, classic + MobileNetV2
-    python bench/bench_quality.py --embedders classic --epochs 5
-    python bench/bench_quality.py --posts posts.jsonl --models DIR --out runs/quality
+    python bench/bench_quality.py                                  # both shared sets, 6 splits
+    python bench/bench_quality.py --sets feedme-food --splits 10 --grid 16:1e-3,64:1e-3
+    python bench/bench_quality.py --embedders v2                   # MobileNetV2 alone
 
-For each embedder it runs the product's own stages on a local Ray: scrape (embed every photo into
-shards), merge (vocabulary, the hash split: 70/15/15), then one Tune grid per trainable model
-(mlp by default; `--trainable mlp,seed` adds the original's method, whose batch size 16 trains
-on every image x hashtag cell and takes ~20 minutes a trial here) with the popularity and kNN
-references. It prints F1@k and P@k on merge's test split for every row, marks the trial each
-grid picks on validation, and ends with the picked model against kNN and popularity. The test
-split of 603 photos is ~85 posts, so `--splits 3` repeats merge and the grids with other split
-salts and reports the mean and how often the picked model beat kNN. Stages resume, so a rerun
-only redoes what changed. `--min-count N` sets merge's vocabulary (tags on >= N posts; default
-2): absolute F1 rises as rare tags leave the label space, so compare rows of one vocabulary.
-`--dtype float16` merges half-size embeddings (into dataset-float16 folders beside the float32
-ones), to compare their quality on the same splits.
+For each shared photo set (../shared/data/feedme-food, ../shared/data/flickr8k-dev) it embeds
+every photo once with the product's embedders (the `--embedder v2 --embedder v1` ensemble:
+MobileNetV2 and the MobileNetV1 extractor of ../shared/models, through hashtag.ingest), cached
+in /tmp across runs (never in the repository). Then, over `--splits` random 70/15/15 splits
+(vocabulary: tags on >= 2 training posts), it does what `hashtag tune` does, with the product's
+own functions: an MLP grid (`--grid`, trained in this process, no Ray), the references (knn,
+ridge), the blends, selection on validation by F1@5 (`tune.compete`), the refit of the winner on
+train + validation (`tune.refit_winner`); and scores the exported model on the test split.
+
+The reference is the plain cosine kNN vote of the data READMEs: 20 neighbours, weights
+exp(10 x similarity), uncentred MobileNetV2 features, fitted on train + validation (the rows
+the exported model learns from; `knn (train)` is the same vote on train only). Printed: F1@5 and
+F1@10 (the product's per-image means) per model, mean +- standard deviation over the splits, and
+the exported model's ratio to the reference (mean of per-split ratios, and how many splits won).
+Nothing is chosen on the test split. `--dtype float16` rounds the embeddings through float16
+first, as `hashtag merge --dtype float16` stores them, to measure what that costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-V2 = "mobilenet_v2_1.0_224_quant.tflite"
+MODELS = {"v2": "mobilenet_v2_1.0_224_quant.tflite", "v1": "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"}  # fmt: skip
+KS = (5, 10)
 
 
 def default_shared() -> Path:
@@ -40,139 +47,194 @@ def default_shared() -> Path:
     return REPO.parent / "shared"
 
 
-def run_embedder(args: argparse.Namespace, embedder: str, label: str) -> list[dict]:
-    from hashtag import merge, scrape, storage, tune
+def embed(posts: list, spec, cache: Path, label: str) -> np.ndarray:
+    """Every post's vector by the product's embedder (hashtag.ingest), cached as .npy."""
+    from hashtag import embedders, ingest
+    from hashtag.fetch import FetchConfig, Fetcher
 
-    root = storage.join(str(args.out), label)
-    scrape.run(scrape.ScrapeConfig(source=str(args.posts), out=root, embedder=embedder))
-    rows = []
-    for split in range(args.splits):
-        # Split 0 is merge's default split; the others reshuffle with another salt.
-        salt = "hashtag" if split == 0 else f"hashtag-{split}"
-        dataset = storage.join(root, "dataset" if split == 0 else f"dataset-{split}")
-        if args.dtype != "float32":
-            dataset += f"-{args.dtype}"
-        merge.run(
-            merge.MergeConfig(
-                shards=root, out=dataset, seed=salt, min_count=args.min_count, dtype=args.dtype
-            )
+    key = json.dumps([spec.to_json(), [p.id for p in posts]], sort_keys=True)
+    path = cache / f"{label}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npy"
+    if path.is_file():
+        return np.load(path, allow_pickle=False)
+    started = time.perf_counter()
+    embedder = embedders.create_from_spec(spec)
+    result = ingest.embed_posts(posts, embedder, Fetcher(FetchConfig()), threads=2)
+    if result.skips:
+        raise SystemExit(f"{label}: {len(result.skips)} photos failed to embed: {result.skips[:3]}")
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, result.embeddings, allow_pickle=False)
+    print(f"{label}: embedded {len(posts)} photos in {time.perf_counter() - started:.0f} s")
+    return result.embeddings
+
+
+class SplitData:
+    """The `Dataset` surface tune's selection reads (part, vocab, embedder, dim), in memory."""
+
+    def __init__(self, X, tags, split, spec, min_count: int = 2):
+        counts: dict[str, int] = {}
+        for i in np.flatnonzero(split == 0):
+            for tag in tags[i]:
+                counts[tag] = counts.get(tag, 0) + 1
+        self.vocab = sorted(
+            (t for t, c in counts.items() if c >= min_count), key=lambda t: -counts[t]
         )
-        for model in args.trainable:
-            summary = tune.run(
-                tune.TuneConfig(
-                    data=dataset,
-                    out=storage.join(
-                        root,
-                        f"tune-{model}"
-                        + (f"-{split}" if split else "")
-                        + (f"-{args.dtype}" if args.dtype != "float32" else ""),
-                    ),
-                    model=model,
-                    epochs=args.epochs,
-                    batch_sizes=tuple(args.batch_sizes),
-                    learning_rates=tuple(args.learning_rates),
-                )
-            )
-            best = summary["best"]
-            for trial in summary["trials"]:
-                cell = (trial["batch_size"], trial["learning_rate"])
-                picked = cell == (best["batch_size"], best["learning_rate"])
-                rows.append(dict(trial, embedder=label, split=split, picked=picked))
-            if model == args.trainable[0]:
-                rows += [
-                    dict(r, embedder=label, split=split, picked=False)
-                    for r in summary["references"]
-                ]
-    return rows
+        index = {t: i for i, t in enumerate(self.vocab)}
+        self.Y = np.zeros((len(X), len(self.vocab)), bool)
+        for row, post_tags in enumerate(tags):
+            for tag in post_tags:
+                if tag in index:
+                    self.Y[row, index[tag]] = True
+        self.X, self.split, self.embedder, self.dim = X, split, spec.to_json(), X.shape[1]
+
+    def part(self, name: str):
+        rows = self.split == ("train", "val", "test").index(name)
+        return self.X[rows], self.Y[rows]
 
 
-def print_table(rows: list[dict], ks: tuple[int, ...]) -> None:
-    columns = [f"{m}@{k}" for k in ks for m in ("f1", "p")] + ["f1"]
-    header = f"{'embedder':10} {'model':24} " + " ".join(f"{c:>7}" for c in columns)
-    print(header)
-    print("-" * len(header))
+def run_split(args, X, spec, tags, X_v2, seed: int) -> list[dict]:
+    from hashtag import models, tune
+    from hashtag.report import ResultRow
+
+    rng = np.random.default_rng(seed)
+    split = np.zeros(len(X), np.int8)
+    order = rng.permutation(len(X))
+    split[order[int(0.70 * len(X)) : int(0.85 * len(X))]] = 1
+    split[order[int(0.85 * len(X)) :]] = 2
+    data = SplitData(X, tags, split, spec)
+    config = tune.TuneConfig(data="memory", out="memory", references=("knn", "ridge"))
+    X_train, Y_train = data.part("train")
+    X_val, Y_val = data.part("val")
+    X_test, Y_test = data.part("test")
+
+    def score(model, X=X_test, Y=Y_test) -> dict:
+        return {k: float(v) for k, v in model.score(X, Y).items()}
+
+    trials, fitted_trials = [], {}
+    for batch_size, learning_rate in args.grid:
+        settings = tune.TrialSettings(
+            data="", model="mlp", epochs=args.epochs, loss="sigmoid", seed=0, cpus=2,
+            blocks=spec.blocks,
+        )  # fmt: skip
+        mlp = models.create("mlp", tune._model_config(
+            {"batch_size": batch_size, "learning_rate": learning_rate}, settings
+        ))  # fmt: skip
+        mlp.fit(X_train, Y_train, X_val, Y_val, vocab=data.vocab)
+        row = ResultRow(
+            model="mlp", batch_size=batch_size, learning_rate=learning_rate,
+            val=score(mlp, X_val, Y_val), test=score(mlp), epochs=mlp.epochs_done,
+        )  # fmt: skip
+        trials.append(row)
+        fitted_trials[row.label] = mlp
+    references, fitted = tune._references(config, data)
+    rows, winner, chosen = tune.compete(
+        config, data, trials, lambda r: fitted_trials[r.label], references, fitted
+    )
+    exported, _, refit_row = tune.refit_winner(config, data, winner, chosen)
+
+    # The reference: uncentred MobileNetV2, 20 neighbours, exp(10 x similarity), no prior.
+    plain = models.ModelConfig(knn_neighbours=20, knn_temperature=10.0, prior_weight=0.0)
+    v2 = SplitData(X_v2, tags, split, spec)
+    reference = models.create("knn", plain).fit(*tune._parts(v2, ("train", "val")))
+    reference_train = models.create("knn", plain).fit(*v2.part("train"))
+    out = [
+        {"model": "knn reference (train+val)", "test": score(reference, *v2.part("test"))},
+        {"model": "knn reference (train)", "test": score(reference_train, *v2.part("test"))},
+    ]
+    out += [{"model": r.label, "test": r.test, "val": r.val} for r in [*trials, *rows]]
+    out.append({"model": "exported", "test": refit_row.test, "winner": winner.label})
+    return [dict(r, seed=seed) for r in out]
+
+
+def summarise(name: str, rows: list[dict], splits: int) -> list[str]:
+    lines = [f"\n{name}: {splits} splits (mean +- sd over splits; ratio = per-split mean)"]
+    by_model: dict[str, list[dict]] = {}
     for r in rows:
-        name = r["model"]
-        if r.get("batch_size"):
-            name += f" bs {r['batch_size']} lr {r['learning_rate']:g}"
-        name += " *" if r["picked"] else ""
-        cells = " ".join(f"{r['test'].get(c, float('nan')):7.3f}" for c in columns)
-        print(f"{r['embedder']:10} {name:24} {cells}")
-    print("* the trial the grid picks on validation F1 (and exports)")
-
-
-def summarise(rows: list[dict], ks: tuple[int, ...]) -> None:
-    """The picked trial against kNN and popularity: mean over splits, and wins per split."""
-    for embedder in dict.fromkeys(r["embedder"] for r in rows):
-        mine = [r for r in rows if r["embedder"] == embedder]
-        splits = sorted({r["split"] for r in mine})
-        for model in dict.fromkeys(r["model"] for r in mine if r["picked"]):
-            for k in ks:
-                metric = f"f1@{k}"
-                ours, knn, pop = ([] for _ in range(3))
-                for split in splits:
-                    here = [r for r in mine if r["split"] == split]
-                    ours += [r["test"][metric] for r in here if r["model"] == model and r["picked"]]
-                    knn += [r["test"][metric] for r in here if r["model"] == "knn"]
-                    pop += [r["test"][metric] for r in here if r["model"] == "popularity"]
-                wins = sum(o > n for o, n in zip(ours, knn, strict=True))
-                print(
-                    f"{embedder}: picked {model} F1@{k} {np.mean(ours):.3f} = "
-                    f"{np.mean(ours) / np.mean(knn):.2f}x kNN ({np.mean(knn):.3f}), "
-                    f"{np.mean(ours) / np.mean(pop):.2f}x popularity ({np.mean(pop):.3f}); "
-                    f"above kNN on {wins} of {len(splits)} split(s)"
-                )
+        by_model.setdefault(
+            r["model"].split(":")[0] if r["model"].startswith("blend") else r["model"], []
+        ).append(r)
+    reference = {r["seed"]: r for r in by_model["knn reference (train+val)"]}
+    header = f"{'model':34} " + " ".join(f"{'F1@' + str(k):>15} {'x ref':>6}" for k in KS)
+    lines += [header, "-" * len(header)]
+    for model, mine in by_model.items():
+        cells = []
+        for k in KS:
+            values = np.array([r["test"][f"f1@{k}"] for r in mine])
+            ratios = np.array(
+                [r["test"][f"f1@{k}"] / reference[r["seed"]]["test"][f"f1@{k}"] for r in mine]
+            )
+            cells.append(f"{values.mean():.4f} +- {values.std():.4f} {ratios.mean():6.3f}")
+        lines.append(f"{model[:34]:34} " + " ".join(cells))
+    exported = by_model["exported"]
+    wins = {
+        k: sum(r["test"][f"f1@{k}"] > reference[r["seed"]]["test"][f"f1@{k}"] for r in exported)
+        for k in KS
+    }
+    winners: dict[str, int] = {}
+    for r in exported:
+        kind = r["winner"].split(":")[0].split(" bs=")[0]
+        winners[kind] = winners.get(kind, 0) + 1
+    lines.append(
+        f"exported above the reference on {wins[5]}/{len(exported)} splits (F1@5), {wins[10]}/{len(exported)} (F1@10); winners: {winners}"
+    )
+    return lines
 
 
 def main() -> None:
+    from hashtag.embedders import EmbedderSpec
+    from hashtag.sources import open_source
+
     shared = default_shared()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--posts", type=Path, default=shared / "data" / "feedme-food" / "posts.jsonl"
-    )
+    parser.add_argument("--sets", default="feedme-food,flickr8k-dev")
+    parser.add_argument("--data", type=Path, default=shared / "data")
     parser.add_argument("--models", type=Path, default=shared / "models")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "quality")
+    parser.add_argument("--embedders", default="v2,v1", help="comma list of v2, v1 (an ensemble)")
+    parser.add_argument("--splits", type=int, default=6)
     parser.add_argument(
-        "--embedders", default="classic,v2", help="comma list of classic, v2 or registry names"
-    )
-    parser.add_argument(
-        "--trainable", default="mlp", help="grid models, comma list (seed: slow, see docstring)"
+        "--grid", default="64:1e-3", help="MLP trials batch:lr, comma list ('' none)"
     )
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-sizes", default="16,64,256")
-    parser.add_argument("--learning-rates", default="1e-2,1e-3,1e-4")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/hashtag-quality-cache"))
     parser.add_argument(
-        "--splits", type=int, default=1, help="train/val/test splits (merge salts) to average"
-    )
-    parser.add_argument(
-        "--min-count",
-        type=int,
-        default=2,
-        help="merge's vocabulary: tags on at least this many posts (fewer rare tags, higher F1)",
-    )
-    parser.add_argument(
-        "--dtype", default="float32", help="merge's embedding dtype: float32 or float16"
+        "--dtype",
+        default="float32",
+        help="float16: round the embeddings as `hashtag merge --dtype float16` stores them",
     )
     parser.add_argument("--json", type=Path, help="also write every row here")
     args = parser.parse_args()
-    args.out = args.out.resolve()
-    args.trainable = args.trainable.split(",")
-    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    args.learning_rates = [float(r) for r in args.learning_rates.split(",")]
-    if not args.posts.is_file():
-        raise SystemExit(f"no posts at {args.posts}: pass --posts posts.jsonl")
-    names = {"classic": "classic", "v2": f"tflite:{args.models / V2}"}
+    args.grid = [(int(b), float(lr)) for b, lr in (c.split(":") for c in args.grid.split(",") if c)]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    rows = []
-    for item in args.embedders.split(","):
-        label = item if item in names else item.replace(":", "-").replace("/", "-")[-24:]
-        rows += run_embedder(args, names.get(item, item), label)
-    ks = (5, 10)
-    print()
-    print_table([r for r in rows if r["split"] == 0], ks)
-    summarise(rows, ks)
+    names = args.embedders.split(",")
+    specs = {n: EmbedderSpec.parse(f"tflite:{args.models / MODELS[n]}") for n in ("v2", *names)}
+    lines, everything = [], []
+    for name in args.sets.split(","):
+        posts = list(open_source(str(args.data / name / "posts.jsonl")).posts())
+        tags = [p.tags for p in posts]
+        # One pass of the product's ensemble embedder; V2 alone is its first block, renormalised.
+        both = EmbedderSpec.ensemble([specs["v2"], specs["v1"]])
+        from hashtag import embedders
+
+        full = embed(posts, both, args.cache, name)
+        if args.dtype == "float16":  # what the dataset's readers get back from float16 files
+            full = full.astype(np.float16).astype(np.float32)
+        built = embedders.create_from_spec(both)
+        spec = EmbedderSpec.ensemble([built.parts[0].spec, built.parts[1].spec])
+        X_v2 = embedders.l2_normalize(full[:, : built.parts[0].dim])
+        X = full if names == ["v2", "v1"] else X_v2
+        spec = spec if names == ["v2", "v1"] else spec.parts[0]
+        rows = []
+        for seed in range(args.splits):
+            started = time.perf_counter()
+            rows += run_split(args, X, spec, tags, X_v2, seed)
+            print(
+                f"{name} split {seed}: {rows[-1]['winner']} ({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
+        lines += summarise(name, rows, args.splits)
+        everything += [dict(r, set=name) for r in rows]
+    print("\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps(everything, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 A field `batch_sizes: tuple[int, ...]` becomes `--batch-sizes 16,64,256`; a bool becomes
 `--flag` / `--no-flag`; `--config FILE.yaml` sets any field (flags override the file). The jobs/
 entrypoints use the same parser, so `ray job submit -- python jobs/X.py` takes the same flags.
+
+Errors are one line on stderr, `hashtag STAGE: error: MESSAGE`: a user mistake (UserError, a bad
+option, a missing input) exits 2, any other failure exits 1; `-v` adds the traceback.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import importlib
 import json
 import logging
 import sys
+import traceback
 import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from hashtag.errors import UserError
 
 # subcommand -> (module, config class, run function, one-line help)
 STAGES: dict[str, tuple[str, str, str, str]] = {
@@ -96,15 +102,66 @@ def _coerce(annotation: Any, value: Any) -> Any:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): `LABEL: error: MESSAGE (see PROG --help)`,
+    LABEL being `hashtag STAGE` whichever script runs the stage."""
+
+    label = ""
+
+    def error(self, message: str) -> typing.NoReturn:
+        label = self.label or self.prog
+        self.exit(2, f"{label}: error: {message} (see {self.prog} --help)\n")
+
+
+def _sections(config_cls: type) -> dict[str, dataclasses.Field]:
+    """Fields that hold a whole stage config (PipelineConfig's scrape, merge, tune...)."""
+    return {f.name: f for f in dataclasses.fields(config_cls) if f.metadata.get("section")}
+
+
+def _options(config_cls: type, exclude: Sequence[str] = ()) -> list[dataclasses.Field]:
+    return [
+        f
+        for f in dataclasses.fields(config_cls)
+        if f.name not in exclude and not f.metadata.get("section")
+    ]
+
+
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One flag per field. A section field (a stage config inside PipelineConfig) adds its
+    stage's flags as `--SECTION.OPTION` (`--scrape.max-retries 5`; derived fields excepted), and
+    also as plain `--OPTION` when no other section nor the config itself has that option."""
+    _add_options(parser, config_cls, prefix="")
+    unique = _unique_section_options(config_cls)
+    for name, f in _sections(config_cls).items():
+        group = parser.add_argument_group(f"{name} options", f.metadata.get("help"))
+        _add_options(group, f.metadata["section"], name, f.metadata["derived"], unique)
+
+
+def _unique_section_options(config_cls: type) -> dict[str, str]:
+    """Option name -> its section, for the options only one section has (and not the config)."""
+    owners: dict[str, list[str]] = {f.name: ["(own)"] for f in _options(config_cls)}
+    for name, f in _sections(config_cls).items():
+        for option in _options(f.metadata["section"], f.metadata["derived"]):
+            owners.setdefault(option.name, []).append(name)
+    return {option: names[0] for option, names in owners.items() if len(names) == 1}
+
+
+def _add_options(
+    parser, config_cls: type, prefix: str, exclude: Sequence[str] = (), unique=None
+) -> None:
     hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
+    for f in _options(config_cls, exclude):
         annotation = hints[f.name]
+        dest = f"{prefix}.{f.name}" if prefix else f.name
+        flags = [_flag(dest)]
+        if prefix and (unique or {}).get(f.name) == prefix:
+            flags.append(_flag(f.name))
         help_text = f.metadata.get("help", "").replace("%", "%%")
-        has_default = (
-            f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-        )
-        if has_default:
+        if _has_default(f):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             help_text += f" (default: {shown})"
@@ -112,22 +169,33 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
             help_text += " (required)"
         if f.metadata.get("positional"):
             parser.add_argument(
-                f.name,
+                dest,
                 nargs="*",
                 default=argparse.SUPPRESS,
                 help=help_text,
                 metavar=f.metadata.get("metavar", f.name.upper()),
             )
+        elif f.metadata.get("repeatable"):  # --embedder A --embedder B
+            parser.add_argument(
+                *flags,
+                dest=dest,
+                action="append",
+                default=argparse.SUPPRESS,
+                help=help_text,
+                metavar=f.name.upper(),
+            )
         elif _unwrap(annotation) is bool:
             parser.add_argument(
-                _flag(f.name),
+                *flags,
+                dest=dest,
                 action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS,
                 help=help_text,
             )
         else:
             parser.add_argument(
-                _flag(f.name),
+                *flags,
+                dest=dest,
                 type=_converter(annotation),
                 default=argparse.SUPPRESS,
                 help=help_text,
@@ -135,45 +203,77 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
             )
 
 
-def config_from_args(
-    config_cls: type, args: argparse.Namespace, parser: argparse.ArgumentParser
-) -> Any:
-    """Build the config: values from --config FILE, then the flags given on the command line."""
+def _values(config_cls, loaded, args, prefix, exclude=(), where="") -> dict[str, Any]:
+    """Field values of `config_cls` from a YAML mapping, then the flags given (flags win)."""
     hints = typing.get_type_hints(config_cls)
-    names = {f.name for f in dataclasses.fields(config_cls)}
+    options = {f.name for f in _options(config_cls, exclude)}
     values: dict[str, Any] = {}
+    for key, value in (loaded or {}).items():
+        name = str(key).replace("-", "_")
+        if name not in options:
+            known = ", ".join(sorted(n.replace("_", "-") for n in options))
+            derived = f" ({key} is set by the pipeline)" if name in exclude else ""
+            raise UserError(f"{where}unknown option {key!r}{derived}; known: {known}")
+        try:
+            values[name] = _coerce(hints[name], value)
+        except (TypeError, ValueError) as error:
+            raise UserError(f"{where}{key}: {error}") from None
+    for name in options:
+        dest = f"{prefix}.{name}" if prefix else name
+        if dest in args:
+            value = getattr(args, dest)
+            values[name] = tuple(value) if isinstance(value, list) else value
+    return values
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace, parser=None) -> Any:
+    """Build and validate the config: values from --config FILE, then the flags given. Raises
+    UserError (one line) for an unknown, missing or invalid option."""
+    loaded: dict = {}
     if getattr(args, "config", None):
         import yaml
 
         from hashtag import storage
 
-        loaded = yaml.safe_load(storage.read_text(args.config)) or {}
+        try:
+            loaded = yaml.safe_load(storage.read_text(args.config)) or {}
+        except FileNotFoundError:
+            raise UserError(f"--config {args.config}: no such file") from None
+        except yaml.YAMLError as error:
+            raise UserError(f"--config {args.config}: not valid YAML ({error})") from None
         if not isinstance(loaded, dict):
-            parser.error(f"{args.config}: expected a mapping of option: value")
-        for key, value in loaded.items():
-            name = key.replace("-", "_")
-            if name not in names:
-                parser.error(
-                    f"{args.config}: unknown option {key!r}; known: {', '.join(sorted(names))}"
-                )
-            values[name] = _coerce(hints[name], value)
-    for name in names:
-        if name in args:
-            value = getattr(args, name)
-            values[name] = tuple(value) if isinstance(value, list) else value
+            raise UserError(f"{args.config}: expected a mapping of option: value")
+    sections = _sections(config_cls)
+    where = f"{args.config}: " if getattr(args, "config", None) else ""
+    for name in sections:
+        if not isinstance(loaded.get(name) or {}, dict):
+            raise UserError(f"{where}{name}: expected a mapping of option: value")
+    routed: dict[str, dict] = {name: dict(loaded.get(name) or {}) for name in sections}
+    top = {}
+    unique = _unique_section_options(config_cls)
+    for key, value in loaded.items():
+        option = str(key).replace("-", "_")
+        if key in sections:
+            continue
+        if option in unique and unique[option] in sections:  # a plain key only one stage has
+            routed[unique[option]].setdefault(key, value)
+        else:
+            top[key] = value
+    values = _values(config_cls, top, args, "", where=where)
+    for name, f in sections.items():
+        section = routed[name]
+        values[name] = _values(
+            f.metadata["section"], section, args, name, f.metadata["derived"], f"{where}{name}: "
+        )
     missing = [
-        _flag(f.name)
-        for f in dataclasses.fields(config_cls)
-        if f.name not in values
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
+        _flag(f.name) for f in _options(config_cls) if f.name not in values and not _has_default(f)
     ]
     if missing:
-        parser.error(f"missing {', '.join(missing)} (give it as a flag or in --config FILE)")
+        raise UserError(f"missing {', '.join(missing)} (give it as a flag or in --config FILE)")
     try:
         return config_cls(**values)
     except (ValueError, TypeError) as error:
-        parser.error(str(error))
+        raise UserError(str(error)) from None
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -183,25 +283,57 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--s3-endpoint", metavar="URL", help="S3 API endpoint (default: $AWS_ENDPOINT_URL or AWS)"
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-
-
-def _setup(args: argparse.Namespace) -> None:
-    from hashtag import storage
-
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, tracebacks, Ray's own output"
     )
-    storage.set_s3_endpoint(args.s3_endpoint)
 
 
-def _exit_code(result: Any) -> int:
+def _setup(verbose: bool) -> None:
+    # Quiet by default: our one-line stage summaries and warnings; libraries only warn.
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
+        force=True,
+    )
+    logging.getLogger("hashtag").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def exit_code(result: Any) -> int:
+    """A stage's exit status: its result's `exit_code` (ScrapeResult...), an int, else 0."""
     if isinstance(result, int) and not isinstance(result, bool):
         return result
-    if isinstance(result, dict):
-        return 1 if result.get("failed_shards") or result.get("failed") else 0
-    return 0
+    return int(getattr(result, "exit_code", 0))
+
+
+def as_user_error(error: BaseException) -> UserError | None:
+    """The user mistake behind `error`, worded for the command line; None for a runtime failure."""
+    error = getattr(error, "cause", None) or error  # a Ray task's error carries the original
+    if isinstance(error, UserError):
+        return error
+    if isinstance(error, (FileNotFoundError, NotADirectoryError)):
+        if error.filename:
+            return UserError(f"{error.filename}: no such file or folder; check the path or URI")
+        return UserError(str(error))
+    return None
+
+
+def one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def report_error(prog: str, error: BaseException, verbose: bool) -> int:
+    """Print `PROG: error: MESSAGE` (and the traceback with -v); 2 for a user mistake, else 1."""
+    if verbose:
+        traceback.print_exception(error)
+    user = as_user_error(error)
+    if user is not None:
+        print(f"{prog}: error: {' '.join(str(user).split())}", file=sys.stderr)
+        return 2
+    hint = "" if verbose else "; -v shows the traceback"
+    message = one_line(str(error)) or "(no message)"
+    print(f"{prog}: error: {type(error).__name__}: {message}{hint}", file=sys.stderr)
+    return 1
 
 
 def _load_stage(name: str) -> tuple[type, Callable]:
@@ -211,20 +343,37 @@ def _load_stage(name: str) -> tuple[type, Callable]:
 
 
 def run_stage(name: str, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """Parse `argv` for one stage and run it: what jobs/*.py call."""
-    config_cls, run = _load_stage(name)
-    parser = argparse.ArgumentParser(prog=prog, description=STAGES[name][3])
-    _add_common(parser)
-    add_config_arguments(parser, config_cls)
-    args = parser.parse_args(argv)
-    _setup(args)
-    config = config_from_args(config_cls, args, parser)
-    return _exit_code(run(config))
+    """Parse `argv` for one stage and run it: what jobs/*.py call. Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    label = f"hashtag {name}"  # errors say which stage, from the CLI and from jobs/*.py alike
+    prog = prog or label
+    verbose = "-v" in argv or "--verbose" in argv  # known before parsing: errors of parsing too
+    _setup(verbose)
+    try:
+        config_cls, run = _load_stage(name)
+        parser = _Parser(prog=prog, description=STAGES[name][3])
+        parser.label = label
+        _add_common(parser)
+        add_config_arguments(parser, config_cls)
+        args = parser.parse_args(argv)
+        from hashtag import storage
+
+        storage.set_s3_endpoint(args.s3_endpoint)
+        config = config_from_args(config_cls, args)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():  # log lines above the progress bars, not through them
+            return exit_code(run(config))
+    except KeyboardInterrupt:
+        print(f"{label}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as error:
+        return report_error(label, error, verbose)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hashtag", description="Recommend hashtags for images: scrape, merge, tune, recommend."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -42,7 +42,7 @@ import cv2
 import numpy as np
 
 from hashtag import storage
-from hashtag.embedders import Embedder, l2_normalize, register
+from hashtag.embedders import Embedder, EmbedderSpec, l2_normalize, register
 
 # Hide TensorFlow's C++ INFO/WARNING lines (errors still show); callers may override it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -430,17 +430,13 @@ class TFLiteEmbedder(Embedder):
         self._out_scale, self._out_zero = out["quantization"]
         self.batchable = self._probe_batching()
         self.dim = int(np.prod(out["shape"][1:]))
-        self.spec = {
-            "name": f"tflite:{config.uri}",
-            "tensor": tensor or "output",
-            "sha256": digest,
-            "dim": self.dim,
-        }
+        spec = {"tensor": tensor or "output", "sha256": digest, "dim": self.dim}
         if self.input_dtype.kind == "f":
-            self.spec["input_range"] = list(config.input_range)
+            spec["input_range"] = list(config.input_range)
         # Whether the int8 rewrite ran: its embeddings differ slightly from the stored model's,
         # so a spec must rebuild the same one (and merge must not mix the two).
-        self.spec["int8"] = self.int8
+        spec["int8"] = self.int8
+        self.spec = EmbedderSpec("tflite", config.uri, tuple(spec.items()))
 
     @staticmethod
     def _maybe_int8(model: bytes) -> tuple[bytes, bool]:
@@ -671,14 +667,10 @@ class KerasEmbedder(Embedder):
             input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)],
         )
         self.dim = int(np.prod(self.model.output.shape[1:]))
-        self.spec = {
-            "name": f"keras:{config.name}",
-            "weights": config.weights,
-            "pooled": config.pooled,
-            "dim": self.dim,
-        }
+        spec = {"weights": config.weights, "pooled": config.pooled, "dim": self.dim}
         if config.weights is None:
-            self.spec["seed"] = config.seed
+            spec["seed"] = config.seed
+        self.spec = EmbedderSpec("keras", config.name, tuple(spec.items()))
 
     @property
     def min_side(self) -> int:

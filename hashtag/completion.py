@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from hashtag import artifacts, storage
+from hashtag import artifacts, metrics, storage
 
 FORMAT = "hashtag-cooccurrence"
 VERSION = 1
@@ -48,6 +48,10 @@ class CooccurrenceConfig:
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
+# The plain co-occurrence baseline: P(tag | given tag) summed over the given tags.
+PLAIN = CooccurrenceConfig(idf_power=0.0, lift_power=0.0, prior_weight=0.0)
 
 
 def _as_bool_matrix(y: np.ndarray, name: str, n_tags: int | None = None) -> np.ndarray:
@@ -85,6 +89,27 @@ def hide_half(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return given, y & ~given
 
 
+def held_out(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(given, hidden) of the posts with two tags or more: `hide_half` of those rows. The
+    evaluation protocol of completion (tune's table on label-only data, `hashtag evaluate`)."""
+    y = _as_bool_matrix(y, "y")
+    return hide_half(y[y.sum(axis=1) >= 2], seed=seed)
+
+
+def score_suggestions(scores: np.ndarray, hidden: np.ndarray, k: int = 5) -> dict[str, float]:
+    """Every metric of the k best suggestions against the hidden tags: `f1`, `precision` and
+    `recall` are micro over the k suggested (-inf, i.e. given, tags are never suggested);
+    f1@k, p@k, r@k, map as metrics.evaluate computes them."""
+    chosen = metrics.top_k_mask(scores, k) & np.isfinite(scores)
+    return {name: float(v) for name, v in metrics.evaluate(hidden, scores, chosen).items()}
+
+
+def popularity_scores(frequency: np.ndarray, given: np.ndarray) -> np.ndarray:
+    """The baseline: every post gets the tag frequencies; given tags -inf."""
+    given = _as_bool_matrix(given, "given", len(frequency))
+    return np.where(given, -np.inf, np.broadcast_to(np.float32(frequency), given.shape))
+
+
 class Cooccurrence:
     """Hashtag co-occurrence counts and the completion scores built on them."""
 
@@ -113,6 +138,14 @@ class Cooccurrence:
             raise ValueError("y_train has no posts: fit on at least one tagged post")
         self._derive()
         return self
+
+    def with_config(self, config: CooccurrenceConfig) -> Cooccurrence:
+        """The same counts scored with other weights: no refit (how tune tries weights)."""
+        self._check_fitted()
+        model = Cooccurrence(config)
+        model.counts, model.n_posts = self.counts, self.n_posts
+        model._derive()
+        return model
 
     def _derive(self) -> None:
         counts = self.counts.astype(np.float64)

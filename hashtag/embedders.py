@@ -7,9 +7,16 @@ while the model runs on a batch:
     x = embedder.preprocess(rgb)            # one image -> model input, pure numpy/OpenCV
     vectors = embedder.embed_batch(stack)   # (n, ...) -> (n, dim) float32
 
-`embedder.spec` is a JSON-serialisable description ({"name": ..., settings...}) recorded in every
-shard manifest and exported model; `create_from_spec(spec)` rebuilds the same embedder.
-`cached(name, **options)` returns one instance per process, so a Ray worker loads a model once
+`embedder.spec` is an `EmbedderSpec`, the one typed value of an embedder's identity: parsed once
+from the command line (`EmbedderSpec.parse("tflite:m.tflite")`), recorded in every shard manifest
+and exported model as `spec.to_json()` ({"name": ..., settings...}), read back with
+`EmbedderSpec.from_json`; `create_from_spec(spec)` rebuilds the same embedder.
+
+Several embedders at once (`create_from_spec(EmbedderSpec.ensemble([a, b]))`, the scrape's
+`--embedder A --embedder B`): one `EnsembleEmbedder` whose vector is the parts' L2-normalised
+vectors concatenated (each scaled by 1/sqrt(parts), so the whole has unit norm); its spec keeps
+the parts and their dims (`spec.blocks`), so that models can centre and weigh each part.
+`cached(spec)` returns one instance per process, so a Ray worker loads a model once
 and reuses it across shards.
 
 Names: "classic" (this module, no weights); "tflite:PATH_OR_URI[#tensor]" and "keras:NAME"
@@ -20,26 +27,119 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
 
+from hashtag.errors import UserError
+
 _FACTORIES: dict[str, Callable[..., Embedder]] = {}
 # Registry prefixes whose factories live in modules imported on first use.
 _LAZY_MODULES = {"tflite": "hashtag.cnn", "keras": "hashtag.cnn"}
+ENSEMBLE = "ensemble"  # the kind of a spec made of several embedders
+LABEL_ONLY = "none"  # the kind of label-only data: no embedder
+
+
+def _frozen(value: Any) -> Any:
+    """JSON values as hashable ones: lists become tuples."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _thawed(value: Any) -> Any:
+    return [_thawed(v) for v in value] if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """Which embedder, with which settings: kind ("classic", "tflite", "keras", "none",
+    "ensemble"), its argument (model path or URI, backbone name), its options as sorted
+    (name, value) pairs, and for an ensemble its parts. Hashable; equal specs embed alike."""
+
+    kind: str
+    arg: str = ""
+    options: tuple[tuple[str, Any], ...] = ()
+    parts: tuple[EmbedderSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            raise UserError("an embedder needs a name: classic, tflite:PATH, keras:NAME")
+        object.__setattr__(
+            self,
+            "options",
+            tuple(sorted((str(k), _frozen(v)) for k, v in dict(self.options).items())),
+        )
+        object.__setattr__(self, "parts", tuple(self.parts))
+        if (self.kind == ENSEMBLE) != bool(self.parts) or len(self.parts) == 1:
+            raise UserError("an ensemble spec needs two or more parts, and only it has parts")
+        if any(p.kind in (ENSEMBLE, LABEL_ONLY) for p in self.parts):
+            raise UserError("an ensemble's parts are plain embedders (no ensemble, no 'none')")
+
+    @classmethod
+    def parse(cls, text: str, **options: Any) -> EmbedderSpec:
+        """From the command line's string: "classic", "tflite:PATH_OR_URI[#tensor]", "keras:NAME"."""
+        kind, _, arg = str(text).strip().partition(":")
+        if kind not in available() and kind != LABEL_ONLY:
+            raise UserError(f"unknown embedder {text!r}; use one of: {', '.join(available())}")
+        return cls(kind, arg, tuple(options.items()))
+
+    @classmethod
+    def ensemble(cls, parts: Sequence[EmbedderSpec]) -> EmbedderSpec:
+        """Several embedders in one: one spec for one embedder, else an ensemble."""
+        parts = tuple(parts)
+        return parts[0] if len(parts) == 1 else cls(ENSEMBLE, parts=parts)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.arg}" if self.arg else self.kind
+
+    def get(self, option: str, default: Any = None) -> Any:
+        return dict(self.options).get(option, default)
+
+    @property
+    def dim(self) -> int | None:
+        if self.parts:
+            dims = [p.dim for p in self.parts]
+            return None if None in dims else sum(dims)
+        return self.get("dim")
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """The dims of an ensemble's parts, in order; () for one embedder."""
+        return tuple(int(p.dim or 0) for p in self.parts)
+
+    def to_json(self) -> dict[str, Any]:
+        if self.parts:
+            return {"name": ENSEMBLE, "parts": [p.to_json() for p in self.parts]}
+        return {"name": self.name, **{k: _thawed(v) for k, v in self.options}}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any] | EmbedderSpec) -> EmbedderSpec:
+        if isinstance(value, EmbedderSpec):
+            return value
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            raise UserError(f"not an embedder spec: {value!r} (expected {{'name': ...}})")
+        if value["name"] == ENSEMBLE:
+            return cls(ENSEMBLE, parts=tuple(cls.from_json(p) for p in value.get("parts") or ()))
+        kind, _, arg = value["name"].partition(":")
+        options = tuple((k, v) for k, v in value.items() if k != "name")
+        return cls(kind, arg, options)
+
+    def __str__(self) -> str:
+        return " + ".join(p.name for p in self.parts) if self.parts else self.name
 
 
 class Embedder:
     """Base class. Subclasses set `spec`, `dim` and implement preprocess / embed_batch."""
 
-    spec: dict[str, Any]
+    spec: EmbedderSpec
     dim: int
 
     @property
     def name(self) -> str:
-        return self.spec["name"]
+        return self.spec.name
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -88,20 +188,27 @@ def create(name: str, **options: Any) -> Embedder:
     return _FACTORIES[prefix](arg or None, **options)
 
 
-def create_from_spec(spec: dict[str, Any]) -> Embedder:
-    """Rebuild the embedder a manifest or exported model recorded."""
-    options = {k: v for k, v in spec.items() if k != "name"}
-    return create(spec["name"], **options)
+def create_from_spec(spec: EmbedderSpec | dict[str, Any], **settings: Any) -> Embedder:
+    """Rebuild the embedder a manifest or exported model recorded (a spec or its JSON).
+    `settings` (threads...) go to every part that accepts them, not into the identity."""
+    spec = EmbedderSpec.from_json(spec)
+    if spec.kind == LABEL_ONLY:
+        raise UserError("this data has no image embedder (label-only posts): nothing to embed")
+    if spec.parts:
+        return EnsembleEmbedder([create_from_spec(p, **settings) for p in spec.parts])
+    options = {k: _thawed(v) for k, v in spec.options}
+    if spec.kind == "tflite":
+        options.update(settings)
+    return create(spec.name, **options)
 
 
 @functools.lru_cache(maxsize=4)
-def _cached(name: str, frozen_options: tuple) -> Embedder:
-    return create(name, **dict(frozen_options))
-
-
-def cached(name: str, **options: Any) -> Embedder:
-    """One embedder per process and settings: models load once per Ray worker."""
-    return _cached(name, tuple(sorted(options.items())))
+def cached(spec: EmbedderSpec) -> Embedder:
+    """One embedder per process and spec: models load once per Ray worker. An ensemble's
+    parts are cached one by one."""
+    if spec.parts:
+        return EnsembleEmbedder([cached(p) for p in spec.parts])
+    return create_from_spec(spec)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -123,7 +230,7 @@ class ClassicEmbedder(Embedder):
     size = 128
 
     def __init__(self) -> None:
-        self.spec = {"name": "classic", "version": 1}
+        self.spec = EmbedderSpec("classic", options=(("version", 1),))
         self.dim = 128 + 3 * (8 + 4) + 9 * 16 + 32
 
     @property
@@ -170,6 +277,50 @@ class ClassicEmbedder(Embedder):
             neighbour = grey[1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx]
             codes |= (neighbour >= centre).astype(np.int32) << bit
         return np.bincount(codes.ravel() >> 3, minlength=32).astype(np.float32)
+
+
+class EnsembleEmbedder(Embedder):
+    """Several embedders on the same photos: their vectors side by side (see the module doc).
+
+    `preprocess` runs every part's preprocessing and packs the results as bytes in one row, so
+    that ingest's decode threads and batches work unchanged; `embed_batch` unpacks them."""
+
+    def __init__(self, parts: Sequence[Embedder]) -> None:
+        if len(parts) < 2:
+            raise UserError("an ensemble needs two or more embedders")
+        self.parts = list(parts)
+        self.spec = EmbedderSpec.ensemble([p.spec for p in self.parts])
+        self.dim = sum(p.dim for p in self.parts)
+        side = max(p.min_side or 32 for p in self.parts)
+        probe = np.zeros((side, side, 3), np.uint8)
+        self._inputs = [np.asarray(p.preprocess(probe)) for p in self.parts]  # shapes, dtypes
+        self._ends = np.cumsum([x.nbytes for x in self._inputs])
+
+    @property
+    def min_side(self) -> int | None:
+        sides = [p.min_side for p in self.parts if p.min_side]
+        return max(sides) if sides else None
+
+    @property
+    def lanes(self) -> int:
+        return min(p.lanes for p in self.parts)
+
+    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
+        return np.concatenate(
+            [np.ascontiguousarray(p.preprocess(rgb)).view(np.uint8).ravel() for p in self.parts]
+        )
+
+    def embed_batch(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, np.uint8)
+        if batch.ndim != 2 or batch.shape[1] != self._ends[-1]:
+            raise ValueError(f"expected packed inputs (n, {self._ends[-1]}), got {batch.shape}")
+        vectors = []
+        for part, like, start, end in zip(
+            self.parts, self._inputs, [0, *self._ends[:-1]], self._ends, strict=True
+        ):
+            inputs = np.ascontiguousarray(batch[:, start:end]).view(like.dtype)
+            vectors.append(l2_normalize(part.embed_batch(inputs.reshape(len(batch), *like.shape))))
+        return np.concatenate(vectors, axis=1) / np.float32(np.sqrt(len(vectors)))
 
 
 @register("classic")

@@ -37,6 +37,8 @@ import numpy as np
 
 MIN_IMAGE_SIDE = 8
 MAX_JPEG_SCANS = 100
+# TIFF tags read: ImageWidth, ImageLength, SamplesPerPixel, TileWidth, TileLength.
+_TIFF_TAGS = (256, 257, 277, 322, 323)
 # OpenCV >= 4.10 decodes straight to RGB with this flag (None before).
 _COLOR_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 _REDUCED_FLAGS = {
@@ -295,15 +297,23 @@ def _tiff_header(data: bytes) -> _Header | None:
 
     ifd = number(4, 4)
     count = number(ifd, 2)
-    sizes = {}
+    values = {}
     for k in range(min(count, 4096)):  # a real IFD has a few dozen entries
         entry = ifd + 2 + 12 * k
         tag, kind = number(entry, 2), number(entry + 2, 2)
-        if tag in (256, 257) and kind in (3, 4):  # SHORT or LONG, stored in the entry
-            sizes[tag] = number(entry + 8, 2 if kind == 3 else 4)
-    if 256 not in sizes or 257 not in sizes:
+        if tag in _TIFF_TAGS and kind in (3, 4):  # SHORT or LONG, stored in the entry
+            values[tag] = number(entry + 8, 2 if kind == 3 else 4)
+    if 256 not in values or 257 not in values:
         return None
-    return _Header("tiff", sizes[256], sizes[257], needs_unchanged=True)
+    width, height = values[256], values[257]
+    # libtiff allocates a whole tile, and a buffer per sample: bound them like the image.
+    tile = values.get(322, 1) * values.get(323, 1)
+    if values.get(277, 1) > 4 or tile > max(width * height, 1 << 16):
+        raise ImageError(
+            f"TIFF with {values.get(277, 1)} samples per pixel or {tile}-pixel tiles",
+            "too-many-pixels",
+        )
+    return _Header("tiff", width, height, needs_unchanged=True)
 
 
 def _need(data: bytes, n: int) -> None:

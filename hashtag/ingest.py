@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hashtag import images
-from hashtag.embedders import Embedder
+from hashtag import images, storage
+from hashtag.embedders import LABEL_ONLY, Embedder, EmbedderSpec
 from hashtag.fetch import Fetcher, FetchError
 from hashtag.posts import Post
 
 log = logging.getLogger(__name__)
 
-LABEL_ONLY_SPEC = {"name": "none"}
+LABEL_ONLY_SPEC = EmbedderSpec(LABEL_ONLY)
 # Decompression-bomb guard: 50 megapixels is larger than any phone photo.
 MAX_PIXELS = 50_000_000
 
@@ -68,7 +68,9 @@ def _load(post: Post, embedder: Embedder, fetcher: Fetcher, max_pixels: int) -> 
     except images.ImageError as error:
         return _Loaded(post, reason=error.reason, size=0)
     except Exception as error:  # a bad post must never fail the shard
-        log.exception("post %s: unexpected error while loading %s", post.id, post.image)
+        log.exception(
+            "post %s: unexpected error while loading %s", post.id, storage.redact(post.image)
+        )
         return _Loaded(post, reason=f"error-{type(error).__name__}")
     return _Loaded(post, array, hashlib.sha256(data).hexdigest(), len(data))
 
@@ -174,7 +176,9 @@ def _embed(batch: list[_Loaded], embedder: Embedder) -> _Embedded:
         if item.reason is None:
             good.append(item)
         else:
-            log.warning("skip post %s (%s): %s", item.post.id, item.post.image, item.reason)
+            log.warning(
+                "skip post %s (%s): %s", item.post.id, storage.redact(item.post.image), item.reason
+            )
             skips.append((item.post.id, item.reason))
     if not good:
         return _Embedded([], None, skips)

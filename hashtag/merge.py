@@ -56,7 +56,10 @@ from hashtag.dataset import (
     split_code,
     write_parted_manifest,
 )
-from hashtag.shards import ShardError, finished_shards, read_embeddings, read_rows
+from hashtag.embedders import EmbedderSpec
+from hashtag.errors import ArtifactError, UserError
+from hashtag.results import StageResult
+from hashtag.shards import ShardError, finished_shards, read_embeddings, read_rows, verify
 
 log = logging.getLogger(__name__)
 
@@ -137,18 +140,30 @@ def assign_split(
 def _check_compatible(manifests: dict[int, dict[str, Any]]) -> None:
     first_index = next(iter(manifests))
     first = manifests[first_index]
+    spec = EmbedderSpec.from_json(first["embedder"])
     for index, manifest in manifests.items():
-        if manifest["embedder"] != first["embedder"]:
-            raise ValueError(
-                f"shard {first_index} was embedded with {first['embedder']} but shard {index} with "
-                f"{manifest['embedder']}; merge shards of one embedder only (scrape the others "
-                "again with the same --embedder, or into another folder)"
+        other = EmbedderSpec.from_json(manifest["embedder"])
+        if other != spec:
+            raise UserError(
+                f"shard {first_index} was embedded with {spec} but shard {index} with "
+                f"{other}{_difference(spec, other)}; merge shards of one embedder set only "
+                "(scrape the others again with the same --embedder flags, or into another folder)"
             )
         if manifest["dim"] != first["dim"]:
-            raise ValueError(
+            raise UserError(
                 f"shard {first_index} has dim {first['dim']} but shard {index} has dim "
                 f"{manifest['dim']} (same embedder {first['embedder']}); rescrape one of them"
             )
+
+
+def _difference(a: EmbedderSpec, b: EmbedderSpec) -> str:
+    """Why two specs differ, when their names alone do not say it."""
+    if a.parts or b.parts:
+        return f" ({len(a.parts) or 1} embedder(s) vs {len(b.parts) or 1})"
+    if a.name == b.name:
+        changed = sorted(k for k in dict(a.options) | dict(b.options) if a.get(k) != b.get(k))
+        return f" (same model, different {', '.join(changed)})"
+    return ""
 
 
 # ---------------------------------------------------------------- the tasks (pure of Ray)
@@ -192,9 +207,13 @@ def keys_task(
     bad: dict[str, str] = {}
     id_length = 0
     for index in group:
+        problem = verify(shards_root, index, manifests[index])  # sizes and sha256
+        if problem:  # the driver refuses the merge, naming the shard
+            bad[str(index)] = problem
+            continue
         try:
             rows = read_rows(shards_root, index, manifests[index])
-        except ShardError as error:  # logged by the driver
+        except ShardError as error:
             bad[str(index)] = str(error)
             continue
         ids = [str(row["id"]) for row in rows]
@@ -403,12 +422,24 @@ def _run_stage(desc: str, task, calls: list[tuple]) -> list[Any]:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
-                results[pending.pop(ref)] = ray.get(ref)
+                try:
+                    results[pending.pop(ref)] = ray.get(ref)
+                except ray.exceptions.RayTaskError as error:
+                    if isinstance(error.cause, UserError):  # a full disk: one clear line
+                        raise error.cause from None
+                    raise
                 bar.update()
     return [results[i] for i in range(len(refs))]
 
 
-def run(config: MergeConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class MergeResult(StageResult):
+    out: str
+    count: int
+    vocab_size: int
+
+
+def run(config: MergeConfig) -> MergeResult:
     """Merge the finished shards under config.shards into a dataset at config.out; return the
     summary (also written as OUT/merge.json)."""
     import ray
@@ -459,8 +490,13 @@ def run(config: MergeConfig) -> dict[str, Any]:
         key=lambda tag: (-tag_counts[tag], tag),
     )[: config.vocab_size]
     bad_shards = {int(i): e for k in keys for i, e in k["bad"].items()}
-    for index, error in sorted(bad_shards.items()):
-        log.error("skipping shard %d: %s", index, error)
+    if bad_shards:  # refused, not dropped: dropping would lose their posts silently
+        index, error = min(bad_shards.items())
+        raise ArtifactError(
+            f"shard {index} is damaged ({error}); {len(bad_shards)} damaged shard(s) in all "
+            f"({sorted(bad_shards)}): rerun the same `hashtag scrape` (it rebuilds damaged "
+            "shards), then merge again"
+        )
     good = [i for i in indices if i not in bad_shards]
     id_length = max(k["id_length"] for k in keys)
     written = [
@@ -525,7 +561,7 @@ def run(config: MergeConfig) -> dict[str, Any]:
         manifest["count"],
         len(vocab),
     )
-    return summary
+    return MergeResult(summary, config.out, summary["count"], summary["vocab_size"])
 
 
 def _remove_stale(out: str, parts: set[str]) -> None:

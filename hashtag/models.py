@@ -39,10 +39,11 @@ optimizer's state restored.
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,10 @@ _FIX = "retrain and export the model again (`hashtag tune`)"
 MAX_TAGS = 10_000_000  # more tags, or wider embeddings, are a tampered manifest
 MAX_DIM = 1 << 16
 TRAINABLE = {"seed", "mlp"}
+# Ridge penalties tried on validation (ridge_lambda=0), and the metric that picks them and a
+# blend's weights when the caller names none.
+RIDGE_LAMBDAS = (0.3, 1.0, 3.0, 10.0)
+SELECT_METRIC = "f1@5"
 LOSSES = ("sigmoid", "softmax")
 THREADS_ENV = "HASHTAG_TF_THREADS"
 # Similarity blocks: queries x training images float32 of at most 2**26 cells (256 MB).
@@ -84,6 +89,22 @@ class ModelConfig:
     seed: int = field(default=0, metadata=_help("random seed"))
     knn_neighbours: int = field(default=15, metadata=_help("knn: neighbours that vote"))
     dropout: float = field(default=0.5, metadata=_help("mlp: dropout rate"))
+    knn_temperature: float = field(
+        default=0.0,
+        metadata=_help("knn: neighbour weights exp(t x similarity); 0: the similarity itself"),
+    )
+    ridge_lambda: float = field(
+        default=0.0,
+        metadata=_help(f"ridge: L2 penalty; 0: the best of {RIDGE_LAMBDAS} on validation"),
+    )
+    centre: bool = field(
+        default=False,
+        metadata=_help("subtract the training mean of each embedding block, then L2-normalise it"),
+    )
+    blocks: tuple[int, ...] = field(
+        default=(),
+        metadata=_help("dims of the embedders whose outputs are concatenated; (): one embedder"),
+    )
     threads: int = field(
         default=0, metadata=_help(f"TensorFlow threads; 0: ${THREADS_ENV} or TF's default")
     )
@@ -104,6 +125,11 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = default), got {self.threads}")
+        if self.knn_temperature < 0 or self.ridge_lambda < 0:
+            raise ValueError("knn_temperature and ridge_lambda must be >= 0")
+        object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))  # JSON: a list
+        if any(b < 1 for b in self.blocks):
+            raise ValueError(f"blocks must be positive dims, got {self.blocks}")
 
 
 # ----------------------------------------------------------------------------- training data
@@ -345,11 +371,55 @@ class Recommender:
         if not resume:
             self.history, self.epochs_done = {}, 0
         self.dim, self.n_tags = shape[1], shape[2]
+        if not resume:
+            self._fit_features(X)
         callbacks = list(callbacks)
-        self._fit(X, Y, X_val, Y_val, callbacks)
+        self._fit(self._featured(X), Y, X_val, Y_val, callbacks)
         if not self.trainable:  # one "epoch", so Tune treats every model alike
             self._end_epoch(0, {}, X_val, Y_val, callbacks)
         return self
+
+    # -- features: what the model reads (centred blocks), learnt on the training rows
+
+    def _fit_features(self, X: np.ndarray | Blocks) -> None:
+        blocks = self.config.blocks or (self.dim,)
+        if sum(blocks) != self.dim:
+            raise ValueError(
+                f"the embedding blocks {blocks} add up to {sum(blocks)}, not the embedding dim "
+                f"{self.dim}: pass the dims of the embedders the features came from"
+            )
+        if not self.config.centre:
+            return
+        if isinstance(X, Blocks):  # one pass over the blocks, in float64
+            total = np.zeros(self.dim, np.float64)
+            for rows, _, _ in X.read(None):
+                total += rows.sum(axis=0, dtype=np.float64)
+            self.feature_mean = (total / X.rows).astype(np.float32)
+        else:
+            self.feature_mean = X.mean(axis=0, dtype=np.float64).astype(np.float32)
+
+    def _featured(self, X: np.ndarray | Blocks) -> np.ndarray | Blocks:
+        """`features` of the training data, arrays or Blocks (each block as it is read)."""
+        if not isinstance(X, Blocks):
+            return self.features(X)
+        if not self.config.centre and len(self.config.blocks) <= 1:
+            return X
+
+        def read(order):
+            for rows, indptr, indices in X.read(order):
+                yield self.features(rows), indptr, indices
+
+        return Blocks(read, X.rows, X.dim, X.n_tags)
+
+    def features(self, X: np.ndarray) -> np.ndarray:
+        """Each block (one embedder's part) centred on the training mean when `centre`, then
+        L2-normalised; blocks weigh alike (the whole row has unit norm)."""
+        if not self.config.centre and len(self.config.blocks) <= 1:
+            return X
+        ends = np.cumsum(self.config.blocks or (X.shape[1],))[:-1]
+        mean = self.feature_mean if self.config.centre else np.zeros(X.shape[1], np.float32)
+        parts = [l2_normalize(p) for p in np.split(X - mean, ends, axis=1)]
+        return np.concatenate(parts, axis=1) / np.float32(np.sqrt(len(parts)))
 
     def _end_epoch(
         self,
@@ -388,7 +458,7 @@ class Recommender:
         """float32 (n, V): higher = more likely."""
         self._check_fitted()
         X = _as_features(X, "X", self.dim)
-        return np.asarray(self._scores(X), np.float32)
+        return np.asarray(self._scores(self.features(X)), np.float32)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """bool (n, V): the tags the decision rule recommends."""
@@ -432,7 +502,7 @@ class Recommender:
         """Everything `set_state` needs to continue: arrays (weights, optimizer) and counters."""
         self._check_fitted()
         return {
-            "arrays": {name: np.array(a) for name, a in self._arrays().items()},
+            "arrays": {name: np.array(a) for name, a in self._all_arrays().items()},
             "epochs_done": self.epochs_done,
             "decision": asdict(self.decision),
             "history": {key: list(values) for key, values in self.history.items()},
@@ -440,8 +510,17 @@ class Recommender:
             "dim": self.dim,
         }
 
+    def _all_arrays(self) -> dict[str, np.ndarray]:
+        arrays = dict(self._arrays())
+        if self.config.centre:
+            arrays["feature_mean"] = self.feature_mean
+        return arrays
+
     def set_state(self, state: dict[str, Any]) -> Recommender:
-        self._restore(dict(state["arrays"]))
+        arrays = dict(state["arrays"])
+        if self.config.centre:
+            self.feature_mean = arrays.pop("feature_mean").astype(np.float32)
+        self._restore(arrays)
         self.epochs_done = int(state["epochs_done"])
         self.decision = Decision(**state["decision"])
         self.history = {key: list(values) for key, values in state["history"].items()}
@@ -455,10 +534,12 @@ class Recommender:
         if metadata is not None:
             self.metadata = dict(metadata)
         artifacts.remove_manifest(uri)
+        arrays = state.pop("arrays")
         files = {
             f"{name}.npy": artifacts.write_array(uri, f"{name}.npy", array)
-            for name, array in state.pop("arrays").items()
+            for name, array in arrays.items()
         }
+        self._save_parts(uri)
         artifacts.write_manifest(
             uri,
             FORMAT,
@@ -467,10 +548,16 @@ class Recommender:
             model=self.name,
             config=asdict(self.config),
             vocab=self.vocab,
-            arrays=sorted(self._arrays()),
+            arrays=sorted(arrays),
             extra=self.metadata,
             **state,
         )
+
+    def _save_parts(self, uri: str) -> None:
+        """Hook: models made of models (a blend) save them beside their own arrays."""
+
+    def _load_parts(self, uri: str) -> None:
+        """Hook: the counterpart of `_save_parts`."""
 
 
 def load(uri: str) -> Recommender:
@@ -484,7 +571,8 @@ def load(uri: str) -> Recommender:
             f"its manifest names no known model ({str(manifest.get('model'))[:40]})"
         )
     n_tags = artifact.int_field("n_tags", low=1, high=MAX_TAGS)
-    dim = artifact.int_field("dim", low=1, high=MAX_DIM)
+    # dim 0: a popularity model from label-only posts (tune exports it with completion).
+    dim = artifact.int_field("dim", low=0, high=MAX_DIM)
     vocab = manifest.get("vocab")
     if vocab is not None and (
         not isinstance(vocab, list)
@@ -506,6 +594,7 @@ def load(uri: str) -> Recommender:
             )
             for name in names
         }
+        model._load_parts(artifact.uri)
         model.set_state({**manifest, "arrays": arrays})
         model.vocab = vocab
         model.metadata = manifest.get("extra") or {}
@@ -576,7 +665,11 @@ class Knn(Recommender):
     def _scores(self, X: np.ndarray) -> np.ndarray:
         k = self.config.knn_neighbours
         indices, sims = nearest_neighbours(X, self.train_embeddings, k)
-        weights = np.maximum(sims, 0.0) + 1e-6  # dissimilar neighbours still count a little
+        if self.config.knn_temperature:
+            # exp(t x similarity), shifted by the row's best for no overflow (ratios unchanged)
+            weights = np.exp(self.config.knn_temperature * (sims - sims[:, :1]))
+        else:
+            weights = np.maximum(sims, 0.0) + 1e-6  # dissimilar neighbours still count a little
         weights /= weights.sum(axis=1, keepdims=True)
         votes = np.empty((len(X), self.n_tags), np.float32)
         rows = max(1, _SIMILARITY_CELLS // max(1, indices.shape[1] * self.n_tags))
@@ -598,6 +691,171 @@ class Knn(Recommender):
         self.train_embeddings = arrays["train_embeddings"].astype(np.float32)
         self.train_labels = arrays["train_labels"].astype(bool)
         self.frequency = arrays["frequency"].astype(np.float32)
+
+
+@register
+class Ridge(Recommender):
+    """Closed-form multi-output ridge regression of the 0/1 labels on the features (a linear
+    probe): W = (X'X + lambda I)^-1 X'(Y - mean). Cheap and, on centred features, strong. With
+    `ridge_lambda=0` the penalty is the best of RIDGE_LAMBDAS on validation (one
+    eigendecomposition serves them all)."""
+
+    name = "ridge"
+
+    def _fit(self, X, Y, X_val, Y_val, callbacks) -> None:
+        X64 = X.astype(np.float64)
+        self.bias = Y.mean(axis=0, dtype=np.float64)
+        targets = Y - self.bias
+        dual = len(X) < X.shape[1]  # solve in the smaller of the two spaces
+        values, vectors = np.linalg.eigh(X64 @ X64.T if dual else X64.T @ X64)
+        values = np.maximum(values, 0.0)
+        projected = vectors.T @ (targets if dual else X64.T @ targets)
+
+        def solve(penalty: float) -> np.ndarray:
+            coefficients = vectors @ (projected / (values + penalty)[:, None])
+            return (X64.T @ coefficients if dual else coefficients).astype(np.float32)
+
+        penalties = [self.config.ridge_lambda] if self.config.ridge_lambda else RIDGE_LAMBDAS
+        if len(penalties) == 1 or X_val is None:
+            self.penalty = penalties[0] if len(penalties) == 1 else 1.0
+            self.weights = solve(self.penalty)
+            return
+        features = self.features(_as_features(X_val, "X_val", self.dim))
+        best = -np.inf
+        for penalty in penalties:
+            weights = solve(penalty)
+            value = metric_value(Y_val, features @ weights + self.bias.astype(np.float32))
+            if value > best:
+                best, self.penalty, self.weights = value, penalty, weights
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        return X @ self.weights + self.bias.astype(np.float32)
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"weights": self.weights, "bias": self.bias, "penalty": np.float64(self.penalty)}
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self.weights = arrays["weights"].astype(np.float32)
+        self.bias = arrays["bias"].astype(np.float64)
+        self.penalty = float(arrays["penalty"])
+
+
+@register
+class Blend(Recommender):
+    """A weighted sum of other models' scores: `Blend.of([mlp, knn], X_val, Y_val)` takes fitted
+    models and picks the weights (steps of 0.1 summing to 1) by `metric` on validation.
+    `fit` refits every part on new data and keeps the weights (and the decision rule): how
+    the chosen blend is retrained on train + validation. Saved with each part in `part-N/`."""
+
+    name = "blend"
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__(config)
+        self.parts: list[Recommender] = []
+        self.weights = np.zeros(0, np.float32)
+
+    @classmethod
+    def of(
+        cls,
+        parts: Sequence[Recommender],
+        X_val: np.ndarray,
+        Y_val: np.ndarray,
+        metric: str = SELECT_METRIC,
+        steps: int = 10,
+    ) -> Blend:
+        if len(parts) < 2 or any(p.n_tags is None for p in parts):
+            raise ValueError("a blend needs at least two fitted models")
+        blend = cls()
+        blend.parts = list(parts)
+        blend.vocab, blend.dim, blend.n_tags = parts[0].vocab, parts[0].dim, parts[0].n_tags
+        scores = [p.predict_scores(X_val) for p in parts]
+        best = -np.inf
+        for weights in _simplex(len(parts), steps):
+            value = metric_value(Y_val, sum(w * s for w, s in zip(weights, scores, strict=True)))
+            if value > best:
+                best, blend.weights = value, weights
+        blend._end_epoch(0, {}, X_val, Y_val, [])  # the decision rule, on validation
+        return blend
+
+    def _fit(self, X, Y, X_val, Y_val, callbacks) -> None:
+        if not self.parts:
+            raise ValueError("create a blend with Blend.of(fitted models, X_val, Y_val)")
+        self.parts = [refit(part, X, Y) for part in self.parts]
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        return sum(w * p.predict_scores(X) for w, p in zip(self.weights, self.parts, strict=True))
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"weights": self.weights}
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self.weights = arrays["weights"].astype(np.float32)
+
+    def _save_parts(self, uri: str) -> None:
+        for i, part in enumerate(self.parts):
+            part.save(storage.join(uri, f"part-{i}"), metadata={})
+
+    def _load_parts(self, uri: str) -> None:
+        count = len(storage.load_npy(storage.join(uri, "weights.npy")))
+        self.parts = [load(storage.join(uri, f"part-{i}")) for i in range(count)]
+
+    @property
+    def label(self) -> str:
+        return " + ".join(
+            f"{w:.1f} {describe(p)}" for w, p in zip(self.weights, self.parts, strict=True)
+        )
+
+
+def _simplex(n: int, steps: int) -> list[np.ndarray]:
+    """Every weight vector of n non-negative multiples of 1/steps that sum to 1."""
+    return [
+        np.array([*head, steps - sum(head)], np.float32) / steps
+        for head in itertools.product(range(steps + 1), repeat=n - 1)
+        if sum(head) <= steps
+    ]
+
+
+def metric_value(Y: np.ndarray, scores: np.ndarray, metric: str = SELECT_METRIC) -> float:
+    """One metric of `scores` on labels Y: "f1@k", "p@k"... ranks only; "f1", "precision",
+    "recall" at the decision rule chosen on these same labels; "map"."""
+    if "@" in metric:
+        return metrics.at_k(Y, scores, (int(metric.partition("@")[2]),))[metric]
+    if metric == "map":
+        return metrics.mean_average_precision(Y, scores)
+    return metrics.evaluate(Y, scores, choose_decision(Y, scores).apply(scores))[metric]
+
+
+def describe(model: Recommender) -> str:
+    """A short name: "knn", "mlp bs=64 lr=0.001", "0.5 ridge + 0.5 knn"."""
+    if isinstance(model, Blend):
+        return model.label
+    if model.trainable:
+        return f"{model.name} bs={model.config.batch_size} lr={model.config.learning_rate:g}"
+    return model.name
+
+
+def best_epoch(model: Recommender, metric: str = SELECT_METRIC) -> int:
+    """The epoch count with the best validation `metric` in the model's history (all of them
+    when it has none)."""
+    values = model.history.get(f"val_{metric}") or []
+    return int(np.argmax(values)) + 1 if values else max(1, model.epochs_done)
+
+
+def refit(model: Recommender, X: np.ndarray, Y: np.ndarray, metric: str = SELECT_METRIC):
+    """A new model of `model`'s kind and settings trained on (X, Y) - e.g. train + validation -
+    for the epoch count `model` reached its best validation `metric` at, keeping the decision
+    rule chosen on validation (there is no held-out data left to choose it on)."""
+    if isinstance(model, Blend):
+        fresh = Blend(model.config)
+        fresh.parts, fresh.weights = model.parts, model.weights
+    else:
+        config = model.config
+        if model.trainable:
+            config = replace(config, epochs=best_epoch(model, metric))
+        fresh = create(model.name, config)
+    fresh.fit(X, Y, vocab=model.vocab)
+    fresh.decision = model.decision
+    return fresh
 
 
 class _KerasTrained(Recommender):

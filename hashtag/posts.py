@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from hashtag import storage
+
 
 @dataclass(frozen=True)
 class Post:
@@ -38,7 +40,8 @@ class Post:
         }
         if self.embedding is not None:
             row["embedding"] = list(self.embedding)
-        return json.dumps(row, ensure_ascii=False, sort_keys=True)
+        # Source metadata may hold NaN (not JSON): stored as null, and the output stays strict.
+        return storage.dumps(storage.json_safe(row), sort_keys=True)
 
     @classmethod
     def from_json(cls, line: str) -> Post:

@@ -3,6 +3,7 @@
     hashtag recommend --model out/tune/model photo.jpg photos/ s3://bucket/pics/ --k 5
     hashtag recommend --model out/tune/model photo.jpg --tags pizza,dinner     # image + completion
     hashtag recommend --model out/tune/model --tags pizza,dinner               # completion alone
+    hashtag recommend --model out/tune/model --manifest posts.jsonl --json    # one line per post
     hashtag evaluate --model out/tune/model --data out/dataset                 # Markdown table
 
 The exported model folder (tune.py writes it) is self-contained: the recommender's weights and
@@ -12,22 +13,33 @@ as the scrape (hashtag/ingest.py), with the embedder the model was trained on.
 
 A bad image (missing, corrupt, too large) is an error line for that image; the others go on and
 the exit status is 1.
+
+`--manifest POSTS.jsonl` streams posts, one JSON object per line: `image` (optional: relative to
+the manifest, a path, s3:// or http(s)), `tags` (the hashtags already written: a list or
+"a,b"), `id` (optional; default the line number). One output line per post, carrying its id
+and image, in the manifest's order; posts go through in batches of BATCH, so memory does not
+grow with the file.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from hashtag import storage, tags
+from hashtag.embedders import LABEL_ONLY, EmbedderSpec
+from hashtag.errors import ArtifactError, UserError
 
 COOCCURRENCE = "cooccurrence"
+BATCH = 64  # posts embedded and scored together in --manifest mode
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -54,6 +66,13 @@ class RecommendConfig:
         default="",
         metadata={"help": "hashtags already given (tag1,tag2): complete them, never repeat them"},
     )
+    manifest: str = field(
+        default="",
+        metadata={
+            "help": "posts to recommend for, JSON Lines (- for standard input): image "
+            "(optional), tags, id (optional)"
+        },
+    )
     json: bool = field(default=False, metadata={"help": "one JSON object per image and line"})
     completion_weight: float = field(
         default=0.5,
@@ -71,8 +90,15 @@ class RecommendConfig:
             raise ValueError(f"--fetch-deadline-s must be > 0, got {self.fetch_deadline_s}")
         if isinstance(self.images, str):
             object.__setattr__(self, "images", (self.images,))
-        if not self.images and not self.tags.strip():
-            raise ValueError("give at least one IMAGE (file, folder or URL), or --tags to complete")
+        if self.manifest and (self.images or self.tags.strip()):
+            raise ValueError(
+                "--manifest gives each post's image and tags: drop the IMAGE arguments and --tags"
+            )
+        if not self.images and not self.tags.strip() and not self.manifest:
+            raise ValueError(
+                "give at least one IMAGE (file, folder or URL), --tags to complete, "
+                "or --manifest POSTS.jsonl"
+            )
         if self.k < 1:
             raise ValueError(f"--k must be at least 1, got {self.k}")
         if not math.isfinite(self.min_score):
@@ -94,17 +120,32 @@ class ExportedModel:
         from hashtag import models
 
         self.uri = str(uri)
-        self.recommender = models.load(self.uri)
+        try:
+            self.recommender = models.load(self.uri)
+        except FileNotFoundError as error:
+            raise ArtifactError(
+                f"{error}; give --model the folder `hashtag tune` exported (OUT/tune/model)"
+            ) from error
         self.metadata: dict[str, Any] = dict(getattr(self.recommender, "metadata", None) or {})
         if "vocab" not in self.metadata or "embedder" not in self.metadata:
-            raise ValueError(
+            raise ArtifactError(
                 f"{uri} has no vocabulary or embedder in its metadata: it is not a model "
                 "exported by `hashtag tune` (OUT/model); export one with `hashtag tune`"
             )
         self.vocab: list[str] = [str(t) for t in self.metadata["vocab"]]
         self.index = {tag: i for i, tag in enumerate(self.vocab)}
-        self.embedder_spec: dict[str, Any] = self.metadata["embedder"]
+        self.embedder_spec = EmbedderSpec.from_json(self.metadata["embedder"])
         self._cooccurrence = None
+        self._embedder = None
+
+    @property
+    def embedder(self):
+        """The model's embedder, built once (a --manifest run embeds many batches with it)."""
+        from hashtag import embedders
+
+        if self._embedder is None:
+            self._embedder = embedders.create_from_spec(self.embedder_spec)
+        return self._embedder
 
     @property
     def cooccurrence(self):
@@ -113,13 +154,15 @@ class ExportedModel:
         if self._cooccurrence is None:
             location = storage.join(self.uri, COOCCURRENCE)
             if not storage.exists(storage.join(location, "manifest.json")):
-                raise ValueError(f"{self.uri} has no {COOCCURRENCE}/: re-export it to use --tags")
+                raise ArtifactError(
+                    f"{self.uri} has no {COOCCURRENCE}/: re-export it to use --tags"
+                )
             self._cooccurrence = Cooccurrence.load(location)
         return self._cooccurrence
 
     @property
     def has_images(self) -> bool:
-        return self.embedder_spec.get("name") not in (None, "none")
+        return self.embedder_spec.kind != LABEL_ONLY
 
     def tag_mask(self, names: list[str]) -> tuple[np.ndarray, list[str]]:
         """bool (V,) of the known tags among `names`, and the unknown ones."""
@@ -153,7 +196,7 @@ def read_blocklist(exclude: str) -> list[str]:
     )
     if looks_like_file:
         if not storage.exists(exclude):
-            raise FileNotFoundError(f"--exclude file {exclude} does not exist")
+            raise UserError(f"--exclude file {exclude} does not exist")
         lines = storage.read_text(exclude).splitlines()
         return parse_tag_list(
             ",".join(line for line in lines if not line.lstrip().startswith("//"))
@@ -207,17 +250,18 @@ def _image_scores(
     exported: ExportedModel, images: list[str], fetch_deadline_s: float = 60.0
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Scores (V,) of every image that could be embedded, and the reason for every other one."""
-    from hashtag import embedders, ingest
+    from hashtag import ingest
     from hashtag.fetch import FetchConfig, Fetcher
     from hashtag.posts import Post
 
+    if not images:
+        return {}, {}
     if not exported.has_images:
-        reason = "this model was trained on labels only (no image embedder): use --tags alone"
+        reason = "this model was trained on labels only (no image embedder): give tags alone"
         return {}, dict.fromkeys(images, reason)
-    embedder = embedders.create_from_spec(exported.embedder_spec)
     posts = [Post(id=str(n), image=location, tags=()) for n, location in enumerate(images)]
     fetcher = Fetcher(FetchConfig(fetch_deadline_s=fetch_deadline_s))
-    result = ingest.embed_posts(posts, embedder, fetcher, threads=4)
+    result = ingest.embed_posts(posts, exported.embedder, fetcher, threads=4)
     errors = {images[int(post_id)]: reason for post_id, reason in result.skips}
     if not result.posts:
         return {}, errors
@@ -225,56 +269,128 @@ def _image_scores(
     return {p.image: s for p, s in zip(result.posts, scores, strict=True)}, errors
 
 
-def recommend(config: RecommendConfig) -> list[dict[str, Any]]:
-    """One result per image (or one for completion alone): {"image", "hashtags"} or {"image", "error"}."""
-    exported = ExportedModel(config.model)
-    given_names = parse_tag_list(config.tags)
-    given, unknown = exported.tag_mask(given_names)
-    if unknown:
-        print(
-            f"note: not in the model's vocabulary, ignored: {', '.join(unknown)}", file=sys.stderr
-        )
-    blocked, _ = exported.tag_mask(read_blocklist(config.exclude))
-    blocked |= given  # a given tag is never suggested again
+@dataclass(frozen=True)
+class Query:
+    """One post to recommend for: an image and/or the tags already written."""
 
-    def finish(image_scores: np.ndarray | None) -> np.ndarray:
-        if given_names:
-            scores = exported.cooccurrence.combine(
-                None if image_scores is None else image_scores[None, :],
-                given[None, :],
-                config.completion_weight,
-            )[0]
-        else:
-            scores = np.asarray(image_scores, np.float32)
-        return np.where(blocked, -np.inf, scores)
+    image: str | None
+    given: tuple[str, ...] = ()
+    id: str | None = None  # set in --manifest mode, echoed in the output
+    error: str = ""  # a manifest line that could not be read
 
-    if not config.images:
-        hashtags = top_hashtags(finish(None), exported.vocab, config.k, config.min_score)[0]
-        return [{"image": None, "given": given_names, "hashtags": hashtags}]
-    images = expand_images(config.images)
-    if not images:
-        return [{"image": ", ".join(config.images), "error": "no image files found"}]
+
+def _recommend_batch(
+    exported: ExportedModel, queries: list[Query], config: RecommendConfig, blocked: np.ndarray
+) -> list[dict[str, Any]]:
+    """One result per query, in order: {"image", "hashtags"} (plus "id", "given") or "error"."""
+    images = sorted({q.image for q in queries if q.image and not q.error})
     scores, errors = _image_scores(exported, images, config.fetch_deadline_s)
     results = []
-    for image in images:
-        if image in scores:
-            hashtags = top_hashtags(
-                finish(scores[image]), exported.vocab, config.k, config.min_score
+    for query in queries:
+        result: dict[str, Any] = {} if query.id is None else {"id": query.id}
+        result["image"] = query.image
+        if query.given or query.image is None:
+            result["given"] = list(query.given)
+        if query.error or (query.image is not None and query.image not in scores):
+            result["error"] = query.error or errors.get(query.image, "not embedded")
+            results.append(result)
+            continue
+        given, _ = exported.tag_mask(list(query.given))  # unknown tags cannot help: ignored
+        image = None if query.image is None else scores[query.image]
+        if query.given or image is None:
+            row = exported.cooccurrence.combine(
+                None if image is None else image[None, :], given[None, :], config.completion_weight
             )[0]
-            results.append({"image": image, "hashtags": hashtags})
         else:
-            results.append({"image": image, "error": errors.get(image, "not embedded")})
+            row = np.asarray(image, np.float32)
+        row = np.where(blocked | given, -np.inf, row)  # a given tag is never suggested again
+        result["hashtags"] = top_hashtags(row, exported.vocab, config.k, config.min_score)[0]
+        results.append(result)
     return results
+
+
+def read_manifest(uri: str) -> Iterator[Query]:
+    """The posts of a JSON Lines manifest (`-`: standard input), streamed line by line; a bad
+    line is a Query with its error."""
+    if uri == "-":
+        yield from _queries(sys.stdin.buffer, ".")
+        return
+    fs, path = storage.filesystem(uri)
+    if not fs.exists(path):
+        raise UserError(f"--manifest {uri}: no such file; give a JSON Lines file of posts")
+    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    with fs.open(path, "rb") as f:
+        yield from _queries(f, base)
+
+
+def _queries(lines: Iterable[bytes], base: str) -> Iterator[Query]:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON object per line, got {type(row).__name__}")
+            yield _query(row, number, base)
+        except (ValueError, RecursionError) as error:  # also UnicodeDecodeError, deep nesting
+            yield Query(image=None, id=f"line {number}", error=f"bad line: {error}")
+
+
+def _query(row: dict, number: int, base: str) -> Query:
+    post_id = row.get("id", number)
+    image = row.get("image") or None
+    given = row.get("tags") or []
+    if not isinstance(image, (str, type(None))):
+        raise ValueError(f"`image` must be a string, got {type(image).__name__}")
+    if isinstance(given, str):
+        given = [given]
+    if not isinstance(given, list) or not all(isinstance(t, str) for t in given):
+        raise ValueError("`tags` must be a list of strings or a string 'a,b'")
+    if image and "://" not in image and not image.startswith("/"):
+        image = storage.join(base, image) if storage.is_remote(base) else os.path.join(base, image)
+    return Query(image=image, given=tuple(parse_tag_list(",".join(given))), id=str(post_id))
+
+
+def recommend_stream(config: RecommendConfig) -> Iterator[dict[str, Any]]:
+    """Results in input order, computed BATCH queries at a time (memory bounded by a batch)."""
+    exported = ExportedModel(config.model)
+    blocked, _ = exported.tag_mask(read_blocklist(config.exclude))
+    if config.manifest:
+        queries: Iterable[Query] = read_manifest(config.manifest)
+    else:
+        given = tuple(parse_tag_list(config.tags))
+        unknown = exported.tag_mask(list(given))[1]
+        if unknown:
+            names = ", ".join(unknown)
+            print(f"note: not in the model's vocabulary, ignored: {names}", file=sys.stderr)
+        if config.images:
+            images = expand_images(config.images)
+            if not images:
+                error = "no image files found"
+                queries = [Query(image=", ".join(config.images), given=given, error=error)]
+            else:
+                queries = [Query(image=image, given=given) for image in images]
+        else:
+            queries = [Query(image=None, given=given)]
+    queries = iter(queries)
+    for batch in iter(lambda: list(itertools.islice(queries, BATCH)), []):
+        yield from _recommend_batch(exported, batch, config, blocked)
+
+
+def recommend(config: RecommendConfig) -> list[dict[str, Any]]:
+    """One result per image or post (or one for completion alone): {"image", "hashtags"} or
+    {"image", "error"}; with --manifest also "id" and "given"."""
+    return list(recommend_stream(config))
 
 
 def format_result(result: dict[str, Any], as_json: bool) -> str:
     if as_json:
         return json.dumps(result, ensure_ascii=False)
-    name = (
-        result["image"]
-        if result["image"] is not None
-        else "given " + " ".join(f"#{t}" for t in result.get("given", []))
-    )
+    name = result["image"]
+    if name is None:
+        name = "given " + " ".join(f"#{t}" for t in result.get("given", []))
+    if result.get("id") is not None:
+        name = f"{result['id']} ({name})"
     if "error" in result:
         return f"{name}: error: {result['error']}"
     if not result["hashtags"]:
@@ -283,48 +399,70 @@ def format_result(result: dict[str, Any], as_json: bool) -> str:
 
 
 def run(config: RecommendConfig) -> int:
-    """Print the recommendations; exit status 0, or 1 when any image failed."""
-    results = recommend(config)
-    for result in results:
+    """Print the recommendations as they come; exit status 0, or 1 when any post failed."""
+    failed = 0
+    for result in recommend_stream(config):
+        failed += "error" in result
         print(format_result(result, config.json), flush=True)
-    return 1 if any("error" in r for r in results) else 0
+    return 1 if failed else 0
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    """Score the model and the popularity baseline on the test split; print a Markdown table."""
+    """Score the model and the popularity baseline on the test split; print the decision table.
+    A completion model (label-only posts) is scored as tune scores it: on held-out tags."""
     from hashtag import models
     from hashtag.dataset import Dataset
-    from hashtag.report import ResultRow, drop_empty_columns, results_table, to_markdown
+    from hashtag.report import ResultRow, decision_markdown, results_table
 
     exported = ExportedModel(config.model)
-    dataset = Dataset.load(config.data)
+    dataset = Dataset.load(config.data)  # a missing dataset says so (FileNotFoundError)
     if list(dataset.vocab) != exported.vocab:
-        raise ValueError(
+        raise UserError(
             f"{config.data} has a different hashtag vocabulary than the model {config.model}: "
             "evaluate on the dataset the model was trained on"
         )
-    if exported.embedder_spec != dataset.embedder:
-        raise ValueError(
+    if exported.embedder_spec != EmbedderSpec.from_json(dataset.embedder):
+        raise UserError(
             f"the dataset's embedder {dataset.embedder} is not the model's {exported.embedder_spec}"
         )
     X_train, Y_train = dataset.part("train")
     X_val, Y_val = dataset.part("val")
     X_test, Y_test = dataset.part("test")
     if len(X_test) == 0:
-        raise ValueError(f"{config.data} has no test posts")
-    popularity = models.create("popularity", models.ModelConfig())
-    popularity.fit(X_train, Y_train, X_val, Y_val)
-    meta = exported.metadata
-    rows = [
-        ResultRow(
-            model=meta.get("model", exported.recommender.name),
-            batch_size=meta.get("batch_size"),
-            learning_rate=meta.get("learning_rate"),
-            epochs=meta.get("epochs"),
-            test=exported.recommender.score(X_test, Y_test),
-        ),
-        ResultRow(model="popularity", test=popularity.score(X_test, Y_test)),
-    ]
-    table = drop_empty_columns(results_table(rows))
-    print(to_markdown(table))
+        raise UserError(f"{config.data} has no test posts")
+    if exported.has_images:
+        popularity = models.create("popularity", models.ModelConfig())
+        popularity.fit(X_train, Y_train, X_val, Y_val)
+        meta = exported.metadata
+        rows = [
+            ResultRow(
+                model=meta.get("model", exported.recommender.name),
+                batch_size=meta.get("batch_size"),
+                learning_rate=meta.get("learning_rate"),
+                epochs=meta.get("epochs"),
+                test=exported.recommender.score(X_test, Y_test),
+            ),
+            ResultRow(model="popularity", test=popularity.score(X_test, Y_test)),
+        ]
+    else:
+        rows = _completion_rows(exported, Y_train, Y_test)
+    print(decision_markdown(rows), end="")
+    table = results_table(rows)
     return {"model": config.model, "data": config.data, "test_posts": len(X_test), "table": table}
+
+
+def _completion_rows(exported: ExportedModel, Y_train, Y_test) -> list:
+    """The exported completion against popularity and plain co-occurrence, on held-out tags."""
+    from hashtag.completion import PLAIN, held_out, popularity_scores, score_suggestions
+    from hashtag.report import ResultRow
+
+    given, hidden = held_out(Y_test)
+    frequency = np.asarray(Y_train, bool).mean(axis=0)
+    scorers = {
+        "completion": exported.cooccurrence.scores_given,
+        "cooccurrence": exported.cooccurrence.with_config(PLAIN).scores_given,
+        "popularity": lambda g: popularity_scores(frequency, g),
+    }
+    return [
+        ResultRow(model=n, test=score_suggestions(f(given), hidden)) for n, f in scorers.items()
+    ]

@@ -27,6 +27,21 @@ BASELINE = "popularity"
 # Metrics shown first, in this order; any other metric a model reports follows, sorted.
 LEADING_METRICS = ("f1", "precision", "recall", "f1@5", "p@5", "r@5", "hit@5", "map")
 LIFT_METRICS = ("f1", "f1@5")
+# The table people choose a model from (results.md's first, what tune prints): column -> header.
+DECISION_COLUMNS = {
+    "model": "model",
+    "batch_size": "batch size",
+    "learning_rate": "learning rate",
+    "val_f1": "val F1",
+    "val_f1@5": "val F1@5",
+    "f1@5": "test F1@5",
+    "p@5": "P@5",
+    "r@5": "R@5",
+    "map": "mAP",
+    "lift_f1@5": "lift F1@5",
+    "seconds": "seconds",
+}
+SELECTED_MARK = " (selected)"
 # Per-epoch series drawn by plot_curves (others in a row's history are ignored).
 CURVE_F1 = ("val_f1", "f1")
 CURVE_LOSS = ("loss", "val_loss")
@@ -39,6 +54,7 @@ class ResultRow:
     test / val: metric name -> value on the test / validation split.
     history:    per-epoch curves, name -> values (e.g. "loss", "val_loss", "val_f1").
     status:     "ok", or why the trial has no result ("error: ...").
+    selected:   the row whose model was exported (chosen on validation).
     """
 
     model: str
@@ -51,6 +67,7 @@ class ResultRow:
     history: dict[str, list[float]] = field(default_factory=dict)
     status: str = "ok"
     trial_id: str = ""
+    selected: bool = False
 
     @property
     def is_trial(self) -> bool:
@@ -104,8 +121,10 @@ def results_table(rows: Sequence[ResultRow], baseline: str = BASELINE) -> list[d
             "batch_size": row.batch_size if row.is_trial else "",
             "learning_rate": row.learning_rate if row.is_trial else "",
             "status": row.status,
+            "selected": row.selected,
             "epochs": row.epochs if row.epochs is not None else "",
             "val_f1": row.val.get("f1", math.nan),
+            "val_f1@5": row.val.get("f1@5", math.nan),  # what selection uses by default
         }
         for name in metrics:
             record[name] = row.test.get(name, math.nan)
@@ -139,18 +158,39 @@ def to_csv(table: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def decision_table(table: list[dict]) -> list[dict]:
+    """The columns that decide, with readable headers; the selected row's model marked. A
+    failed trial shows its status in place of its metrics."""
+    out = []
+    for record in table:
+        row = {header: record.get(column, math.nan) for column, header in DECISION_COLUMNS.items()}
+        if record.get("selected"):
+            row["model"] = f"{row['model']}{SELECTED_MARK}"
+        if record.get("status", "ok") != "ok":
+            row["model"] = f"{row['model']} ({record['status'][:60]})"
+        out.append(row)
+    return drop_empty_columns(out)
+
+
+def decision_markdown(rows: Sequence[ResultRow], baseline: str = BASELINE) -> str:
+    """results.md's first table as Markdown (also what `hashtag tune` prints)."""
+    return to_markdown(decision_table(results_table(rows, baseline)))
+
+
 def to_markdown(table: list[dict]) -> str:
     if not table:
         return "(no results)\n"
     columns = list(table[0])
     lines = [
         "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" if c in ("model", "status") else "---:" for c in columns) + "|",
+        "|"
+        + "|".join("---" if c in ("model", "status", "selected") else "---:" for c in columns)
+        + "|",
     ]
     for record in table:
         cells = [
             f"{record[c]:g}"
-            if c == "learning_rate" and isinstance(record[c], float)
+            if c in ("learning_rate", "learning rate") and isinstance(record[c], float)
             else _format(record[c])
             for c in columns
         ]
@@ -272,7 +312,10 @@ def write_report(rows: Sequence[ResultRow], out: str, baseline: str = BASELINE) 
     storage.write_text(paths["results.csv"], to_csv(table))
     lines = "\n".join(trial_line(r) for r in rows)
     storage.write_text(
-        paths["results.md"], f"# Results\n\n{to_markdown(table)}\n```\n{lines}\n```\n"
+        paths["results.md"],
+        f"# Results\n\n{to_markdown(decision_table(table))}\n"
+        f"## Every metric\n\nTest split unless named val_; lift = over {baseline}.\n\n"
+        f"{to_markdown(drop_empty_columns(table))}\n```\n{lines}\n```\n",
     )
     plot_heatmap(rows, paths["heatmap.png"])
     plot_curves(rows, paths["curves.png"])

@@ -19,12 +19,22 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
-from hashtag import embedders, ingest, shards, storage
+from hashtag import embedders, ingest, shards, sources, storage
+from hashtag.errors import UserError
 from hashtag.fetch import FetchConfig, Fetcher
 from hashtag.posts import Post
+from hashtag.results import StageResult
 from hashtag.sources import open_source
 
 log = logging.getLogger(__name__)
+SUMMARY = "scrape.json"
+
+# What each kind of source reads posts from: said when a source holds none.
+LOOKED_FOR = {
+    "manifest": "rows with an `image` field (JSON Lines or CSV)",
+    "instaloader": "instaloader posts (<date>_UTC.jpg with its .txt caption), searched recursively",
+    "seed": "rows of the *_csvs.npy files",
+}
 
 
 @dataclass(frozen=True)
@@ -36,9 +46,13 @@ class ScrapeConfig:
         }
     )
     out: str = field(metadata={"help": "output root; shards go to OUT/shards/shard-NNNNN"})
-    embedder: str = field(
-        default="classic",
-        metadata={"help": "embedder name: classic, tflite:PATH_OR_URI[#tensor], keras:NAME"},
+    embedder: tuple[str, ...] = field(
+        default=("classic",),
+        metadata={
+            "help": "embedder: classic, tflite:PATH_OR_URI[#tensor], keras:NAME; repeat the flag "
+            "(--embedder A --embedder B) to store every post's vectors of each, side by side",
+            "repeatable": True,
+        },
     )
     embedder_weights: str = field(
         default="",
@@ -53,7 +67,15 @@ class ScrapeConfig:
         default=0, metadata={"help": "shard tasks in flight at once (0: twice the cluster's CPUs)"}
     )
     max_retries: int = field(
-        default=3, metadata={"help": "retries of a shard task whose worker died or that failed"}
+        default=3,
+        metadata={
+            "help": "retries of a shard task whose worker died (crash, memory monitor) or that "
+            "failed; then its posts are skipped and the shard reported as failed"
+        },
+    )
+    memory_per_task_mb: int = field(
+        default=1024,
+        metadata={"help": "memory each embed task declares to Ray (MB), so Ray packs them"},
     )
     trust_pickle: bool = field(
         default=False,
@@ -85,12 +107,20 @@ class ScrapeConfig:
             raise ValueError("--cpus-per-task must be > 0 and --gpus-per-task >= 0")
         if not self.fetch_deadline_s > 0:
             raise ValueError(f"--fetch-deadline-s must be > 0, got {self.fetch_deadline_s}")
+        if self.memory_per_task_mb < 1:
+            raise ValueError(f"--memory-per-task-mb must be >= 1, got {self.memory_per_task_mb}")
         if self.max_retries < 0 or self.max_in_flight < 0:
             raise ValueError("--max-retries and --max-in-flight must be >= 0")
-        if self.embedder.partition(":")[0] not in embedders.available():
-            raise ValueError(
-                f"unknown embedder {self.embedder!r}; use one of: {', '.join(embedders.available())}"
-            )
+        names = (self.embedder,) if isinstance(self.embedder, str) else tuple(self.embedder)
+        object.__setattr__(self, "embedder", names)
+        if not names or len(set(names)) != len(names):
+            raise UserError(f"--embedder: give one or more different embedders, got {names}")
+        for name in names:
+            embedders.EmbedderSpec.parse(name)  # a clear error for an unknown name, here
+
+    def embedder_specs(self) -> list[embedders.EmbedderSpec]:
+        """The requested embedders, parsed, with the task's settings (threads, weights)."""
+        return [embedders.EmbedderSpec.parse(n, **self.embedder_options(n)) for n in self.embedder]
 
     def fetch_config(self) -> FetchConfig:
         return FetchConfig(
@@ -101,9 +131,11 @@ class ScrapeConfig:
             fetch_deadline_s=self.fetch_deadline_s,
         )
 
-    def embedder_options(self) -> dict:
-        options: dict = {"weights": self.embedder_weights} if self.embedder_weights else {}
-        if self.embedder.startswith("tflite:"):
+    def embedder_options(self, name: str) -> dict:
+        options: dict = {}
+        if self.embedder_weights and name.startswith("keras:"):
+            options["weights"] = self.embedder_weights
+        if name.startswith("tflite:"):
             # The interpreters fill the task's CPUs, not the node's: Ray does not pin tasks to
             # cores, so the default (every CPU visible) would oversubscribe the node. One
             # single-threaded interpreter per CPU, each fed by its own embedding lane: its threads
@@ -113,13 +145,27 @@ class ScrapeConfig:
         return options
 
 
-def embed_shard(config: ScrapeConfig, index: int, posts: list[Post], label_only: bool) -> dict:
+@dataclass(frozen=True)
+class ScrapeResult(StageResult):
+    shards_uri: str
+    posts_embedded: int
+    failed_shards: dict[int, str]
+
+    @property
+    def exit_code(self) -> int:
+        """1 when a shard failed (a rerun retries it), else 0."""
+        return 1 if self.failed_shards else 0
+
+
+def embed_shard(
+    config: ScrapeConfig, index: int, posts: list[Post], label_only: bool, source: dict
+) -> dict:
     """Embed one shard and write it (data files first, manifest last). Runs in a Ray task."""
     start = time.perf_counter()
     if label_only:
         result, spec = ingest.label_only(posts), ingest.LABEL_ONLY_SPEC
     else:
-        embedder = embedders.cached(config.embedder, **config.embedder_options())
+        embedder = embedders.cached(embedders.EmbedderSpec.ensemble(config.embedder_specs()))
         # One decode thread per CPU the task holds: more would steal cores from other tasks.
         threads = max(1, int(config.cpus_per_task))
         result = ingest.embed_posts(
@@ -136,13 +182,15 @@ def embed_shard(config: ScrapeConfig, index: int, posts: list[Post], label_only:
         "skips": [{"id": post_id, "reason": reason} for post_id, reason in result.skips],
         "bytes_read": result.bytes_read,
         "seconds": round(time.perf_counter() - start, 3),
+        "source": source,
+        "shard_size": config.shard_size,
     }
     return shards.write_shard(
         config.out,
         index,
         result.posts,
         result.embeddings,
-        embedder=spec,
+        embedder=spec.to_json(),
         image_sha256=result.image_sha256,
         stats=stats,
     )
@@ -156,46 +204,105 @@ def _chunks(posts: Iterator[Post], size: int) -> Iterator[tuple[int, list[Post]]
         yield index, chunk
 
 
-def run(config: ScrapeConfig) -> dict:
+def _resumable(config: ScrapeConfig, identity: dict) -> dict[int, dict]:
+    """The finished shards a rerun may keep: refuses another source or shard size (mixing them
+    would lose or repeat posts); a shard whose files do not match its manifest is rebuilt."""
+    summary_uri = storage.join(config.out, SUMMARY)
+    recorded = []
+    if storage.exists(summary_uri):
+        previous = storage.read_json(summary_uri)
+        if isinstance(previous, dict) and "source" in previous:
+            recorded.append((previous["source"], previous.get("shard_size"), summary_uri))
+    finished = shards.finished_shards(config.out)
+    for index, manifest in finished.items():
+        if "source" in manifest:
+            recorded.append((manifest["source"], manifest.get("shard_size"), f"shard {index}"))
+    for source, shard_size, where in recorded:
+        if source != identity or shard_size != config.shard_size:
+            raise UserError(
+                f"{config.out} holds a scrape of another source or shard size ({where}: "
+                f"{source}, shard size {shard_size}; now: {identity}, shard size "
+                f"{config.shard_size}); mixing them would lose or repeat posts: use a new --out, "
+                "or delete the old one"
+            )
+    kept = {}
+    for index, manifest in finished.items():
+        problem = shards.verify(config.out, index, manifest)
+        if problem:
+            log.warning("shard %d is damaged (%s); rebuilding it", index, problem)
+            continue
+        kept[index] = manifest
+    return kept
+
+
+def run(config: ScrapeConfig) -> ScrapeResult:
     """Scrape and embed every post of `config.source` into shards under `config.out`."""
     import ray
 
     from hashtag import raycluster
 
-    raycluster.connect()
     start = time.perf_counter()
-    source = open_source(config.source, trust_pickle=config.trust_pickle)
-    finished = shards.finished_shards(config.out)
+    try:
+        source = open_source(config.source, trust_pickle=config.trust_pickle)
+    except ValueError as error:  # an unknown kind, pickled files without --trust-pickle
+        raise UserError(str(error)) from error
+    posts = iter(source.posts())
+    first = next(posts, None)
+    if first is None:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(source.skipped.items()))
+        raise UserError(
+            f"no posts in {config.source}: looked for "
+            f"{LOOKED_FOR.get(source.kind, 'posts')}"
+            + (f"; skipped: {skipped}" if skipped else "")
+            + "; check the path, or give a manifest (.jsonl/.csv)"
+        )
+    label_only = first.image is None
+    posts = itertools.chain([first], posts)
+    identity = sources.identity(config.source)
+    finished = _resumable(config, identity)
+    raycluster.connect()
     cluster_cpus = int(ray.cluster_resources().get("CPU", 0))
     max_in_flight = config.max_in_flight or max(4, 2 * cluster_cpus)
+    # Ray's own retries are off (max_retries=0 also turns off its OOM retries, which are
+    # otherwise unbounded): the driver resubmits a failed shard at most config.max_retries times.
     task = ray.remote(embed_shard).options(
         name="embed_shard",
         num_cpus=config.cpus_per_task,
         num_gpus=config.gpus_per_task,
-        max_retries=config.max_retries,
-        retry_exceptions=True,
+        memory=config.memory_per_task_mb * 2**20,
+        max_retries=0,
+        retry_exceptions=False,
         runtime_env=raycluster.worker_env() or None,
     )
     totals: Counter = Counter()
     skipped: Counter = Counter()
     failed: dict[int, str] = {}
+    attempts: Counter = Counter()
     in_flight: dict = {}
     config_ref = ray.put(config)
     progress = tqdm(desc="scrape", unit="post", dynamic_ncols=True)
-    posts = iter(source.posts())
-    first = next(posts, None)
-    label_only = first is not None and first.image is None
-    if first is not None:
-        posts = itertools.chain([first], posts)
+
+    def submit(index: int, chunk: list[Post]) -> None:
+        ref = task.remote(config_ref, index, chunk, label_only, identity)
+        in_flight[ref] = (index, chunk)
 
     def collect(ready: list) -> None:
         for ref in ready:
-            index = in_flight.pop(ref)
+            index, chunk = in_flight.pop(ref)
             try:
                 manifest = ray.get(ref)
             except Exception as error:  # reported, the other shards go on; a rerun retries it
-                log.error("shard %d failed after %d retries: %s", index, config.max_retries, error)
-                failed[index] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                attempts[index] += 1
+                if attempts[index] <= config.max_retries:
+                    log.warning("shard %d failed (%s); retry %d", index, reason, attempts[index])
+                    totals["task_retries"] += 1
+                    submit(index, chunk)
+                    continue
+                log.error("shard %d failed after %d retries: %s", index, config.max_retries, reason)
+                failed[index] = reason
+                skipped["shard-failed"] += len(chunk)
+                progress.update(len(chunk))
                 continue
             record(manifest, written=True)
 
@@ -220,7 +327,7 @@ def run(config: ScrapeConfig) -> dict:
         while len(in_flight) >= max_in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             collect(ready)
-        in_flight[task.remote(config_ref, index, chunk, label_only)] = index
+        submit(index, chunk)
     while in_flight:
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         collect(ready)
@@ -231,6 +338,8 @@ def run(config: ScrapeConfig) -> dict:
     summary = {
         "stage": "scrape",
         "config": asdict(config),
+        "source": identity,
+        "shard_size": config.shard_size,
         "shards_uri": storage.join(config.out, "shards"),
         **dict(totals),
         "skipped": dict(sorted(skipped.items())),
@@ -239,7 +348,7 @@ def run(config: ScrapeConfig) -> dict:
         "seconds": round(seconds, 2),
         "posts_per_second": round(totals["posts_in"] / seconds, 1) if seconds else None,
     }
-    storage.write_json(storage.join(config.out, "scrape.json"), summary)
+    storage.write_json(storage.join(config.out, SUMMARY), summary)
     log.info(
         "scrape: %d shards (%d already done), %d posts embedded, %d skipped -> %s",
         totals["shards"],
@@ -248,4 +357,4 @@ def run(config: ScrapeConfig) -> dict:
         sum(skipped.values()),
         summary["shards_uri"],
     )
-    return summary
+    return ScrapeResult(summary, summary["shards_uri"], totals["posts_embedded"], failed)

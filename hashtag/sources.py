@@ -33,7 +33,13 @@ file:// and s3:// all work):
    and pickle can run code from the file: open_source refuses them unless trust_pickle=True.
 
 Rows that cannot be used are never fatal: each is logged with its post id and counted in
-`skipped` ("bad-row", "missing-image", "video", "no-image", "duplicate-id").
+`skipped` ("bad-row", "bad-id", "missing-image", "video", "no-image", "duplicate-id").
+
+Hostile files are read in bounded memory and linear time: a JSON row is at most MAX_ROW_BYTES
+(longer: a "bad-row", skipped without being held in memory), nesting too deep for the parser is a
+"bad-row", ids are at most MAX_ID_CHARS characters ("bad-id"), instaloader metadata (.json.xz)
+is inflated to at most MAX_METADATA_BYTES, and a CSV quote that is never closed (which would
+swallow the rest of the file into one cell) is a "bad-row" naming the line it starts on.
 """
 
 from __future__ import annotations
@@ -62,6 +68,10 @@ MANIFEST_NAMES = ("posts.jsonl", "posts.csv", "manifest.jsonl", "manifest.csv")
 _JSON_EXTENSIONS = (".jsonl", ".ndjson", ".json")
 _CSV_EXTENSIONS = (".csv", ".tsv")
 _SEED_SUFFIX = "_csvs.npy"
+MAX_ROW_BYTES = 1 << 20
+MAX_ID_CHARS = 256
+MAX_METADATA_BYTES = 16 << 20
+MAX_JSON_ARRAY_BYTES = 256 << 20
 
 
 class _Skip(Exception):
@@ -95,6 +105,9 @@ class Source:
         self.warnings.clear()
         seen: set[str] = set()
         for post in self._iter_posts():
+            if len(post.id) > MAX_ID_CHARS:  # ids are stored at a fixed width: keep it bounded
+                self._skip(post.id[:40] + "...", "bad-id", f"{len(post.id)} characters")
+                continue
             if post.id in seen:
                 self._skip(post.id, "duplicate-id", "an earlier post has the same id")
                 continue
@@ -153,6 +166,22 @@ def open_source(uri: str, *, trust_pickle: bool = False) -> Source:
     )
 
 
+def identity(uri: str) -> dict[str, Any]:
+    """What tells this source from another (a scrape records it to refuse mixing on resume):
+    its URI (without user:password), and its size and ETag (a file) or file count and total size
+    (a folder)."""
+    uri = _absolute(str(uri))
+    fs, path = storage.filesystem(uri)
+    if fs.isdir(path):
+        infos = list(fs.find(path, detail=True).values())
+        total = sum(int(info.get("size") or 0) for info in infos)
+        return {"uri": storage.redact(uri), "files": len(infos), "bytes": total}
+    info = fs.info(path)
+    found = {"uri": storage.redact(uri), "bytes": info.get("size")}
+    etag = info.get("ETag") or info.get("etag")
+    return {**found, "etag": str(etag).strip('"')} if etag else found
+
+
 # manifests --------------------------------------------------------------------------------------
 
 
@@ -179,21 +208,36 @@ class ManifestSource(Source):
 
     def _json_rows(self) -> Iterator[tuple[int, Any]]:
         fs, path = storage.filesystem(self.uri)
-        with fs.open(path, "rb") as f:
-            first = f.read(1 << 12).lstrip()
-            f.seek(0)
+        with fs.open(path, "rb") as raw:
+            f = io.BufferedReader(raw)  # readline(limit) on every filesystem
+            first = f.peek(1 << 12)[: 1 << 12].lstrip()
             if first.startswith(b"["):  # one JSON array rather than JSON Lines
+                data = f.read(MAX_JSON_ARRAY_BYTES + 1)
+                if len(data) > MAX_JSON_ARRAY_BYTES:
+                    raise ValueError(
+                        f"{self.uri} is one JSON array over {MAX_JSON_ARRAY_BYTES} bytes: "
+                        "write it as JSON Lines (one post per line) instead"
+                    )
                 try:
-                    rows = json.loads(f.read())
-                except ValueError as e:
-                    raise ValueError(f"{self.uri} is not valid JSON: {e}") from e
+                    rows = json.loads(data)
+                except (ValueError, RecursionError) as e:
+                    raise ValueError(f"{self.uri} is not valid JSON: {e}") from None
                 yield from enumerate(rows, start=1)
                 return
-            for number, line in enumerate(f, start=1):
+            number = 0
+            while line := f.readline(MAX_ROW_BYTES + 1):
+                number += 1
+                if len(line) > MAX_ROW_BYTES and not line.endswith(b"\n"):
+                    while (rest := f.readline(1 << 16)) and not rest.endswith(b"\n"):
+                        pass  # skip the rest of the line without holding it
+                    yield number, _Skip("bad-row", f"line {number} is over {MAX_ROW_BYTES} bytes")
+                    continue
                 if not line.strip():
                     continue
-                try:
-                    yield number, json.loads(line)
+                try:  # sanitised here: a row too deep for json_safe is a bad row, not a crash
+                    yield number, storage.json_safe(json.loads(line))
+                except RecursionError:
+                    yield number, _Skip("bad-row", f"line {number} is nested too deeply")
                 except ValueError as e:  # also UnicodeDecodeError
                     yield number, _Skip("bad-row", f"line {number} is not JSON: {e}")
 
@@ -202,16 +246,29 @@ class ManifestSource(Source):
         delimiter = "\t" if self.uri.lower().endswith(".tsv") else ","
         with fs.open(path, "rb") as raw:
             text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
-            reader = csv.DictReader(text, delimiter=delimiter)
+            lines = _RecordLines(text)
+            reader = csv.DictReader(lines, delimiter=delimiter)
             number = 0
             while True:
                 number += 1
+                lines.record.clear()
                 try:
                     row = next(reader)
                 except StopIteration:
                     return
                 except csv.Error as e:
                     yield number, _Skip("bad-row", f"CSV row {number}: {e}")
+                    continue
+                if len(lines.record) > 1 and _unterminated(lines.record, delimiter):
+                    first = lines.number - len(lines.record) + 1
+                    yield (
+                        number,
+                        _Skip(
+                            "bad-row",
+                            f"CSV row {number}: the quote opened on line {first} is never "
+                            f"closed (it swallowed lines {first}-{lines.number}); close it",
+                        ),
+                    )
                     continue
                 if None in row:
                     yield (
@@ -252,6 +309,32 @@ class ManifestSource(Source):
         return os.path.normpath(os.path.join(self.base, image))
 
 
+class _RecordLines:
+    """The lines of a text file, remembering those of the current CSV record."""
+
+    def __init__(self, text: io.TextIOBase):
+        self.text, self.record, self.number = text, [], 0
+
+    def __iter__(self) -> _RecordLines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.text)
+        self.number += 1
+        self.record.append(line)
+        return line
+
+
+def _unterminated(lines: list[str], delimiter: str) -> bool:
+    """True when a multi-line CSV record ends inside a quoted cell (at the end of the file)."""
+    try:
+        for _ in csv.reader(lines, delimiter=delimiter, strict=True):
+            pass
+    except csv.Error as e:
+        return "unexpected end of data" in str(e)
+    return False
+
+
 def _row_id(row: Any, number: int) -> str:
     if not isinstance(row, dict):
         raise _Skip("bad-row", f"row {number} is a {type(row).__name__}, not an object")
@@ -259,7 +342,7 @@ def _row_id(row: Any, number: int) -> str:
     if value is None or value == "":
         return str(number)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise _Skip("bad-row", f"`id` must be a string or number, got {value!r}")
+        raise _Skip("bad-row", f"`id` must be a string or number, got {str(value)[:80]!r}")
     return str(value)
 
 
@@ -344,8 +427,9 @@ class InstaloaderSource(Source):
         caption = _node_caption(node)
         if "txt" in group:
             try:
-                caption = storage.read_bytes(group["txt"]).decode("utf-8", errors="replace")
-            except OSError as e:
+                data = storage.read_bytes(group["txt"], limit=MAX_ROW_BYTES)
+                caption = data.decode("utf-8", errors="replace")
+            except (OSError, storage.TooLarge) as e:
                 self._warn(stem, "bad-caption", f"{group['txt']}: {e}")
         metadata: dict[str, Any] = {"stem": stem}
         if len(images) > 1:
@@ -364,11 +448,11 @@ class InstaloaderSource(Source):
         if location is None:
             return {}
         try:
-            data = storage.read_bytes(location)
+            data = storage.read_bytes(location, limit=MAX_METADATA_BYTES)
             if location.lower().endswith(".xz"):
-                data = lzma.decompress(data)
+                data = _inflate_xz(data, MAX_METADATA_BYTES)
             document = json.loads(data)
-        except (lzma.LZMAError, EOFError, OSError, ValueError) as e:
+        except (lzma.LZMAError, EOFError, OSError, ValueError, RecursionError) as e:
             self._warn(stem, "bad-metadata", f"{location}: {type(e).__name__}: {e}")
             return {}
         if not isinstance(document, dict):
@@ -376,6 +460,17 @@ class InstaloaderSource(Source):
             return {}
         node = document.get("node", document)
         return node if isinstance(node, dict) else {}
+
+
+def _inflate_xz(data: bytes, limit: int) -> bytes:
+    """The decompressed bytes, at most `limit` of them (an xz bomb is a ValueError)."""
+    decompressor = lzma.LZMADecompressor()
+    out = decompressor.decompress(data, max_length=limit + 1)
+    if len(out) > limit:
+        raise ValueError(f"inflates to more than {limit} bytes")
+    if not decompressor.eof:
+        raise EOFError("truncated xz data")
+    return out
 
 
 def _node_caption(node: dict[str, Any]) -> str:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -50,6 +52,14 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
             options["client_kwargs"] = {"endpoint_url": endpoint}
         return url_to_fs(uri, **options)
     return url_to_fs(uri)
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@")
+
+
+def redact(uri: str | None) -> str | None:
+    """`uri` without a `user:password@` part: what may be logged or stored."""
+    return _USERINFO.sub(r"\1", uri) if isinstance(uri, str) else uri
 
 
 def join(uri: str, *parts: str) -> str:
@@ -144,6 +154,17 @@ def write_text(uri: str, text: str) -> None:
 
 def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinite float (not JSON) replaced by None, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def dumps(obj: Any, **options: Any) -> str:

@@ -26,6 +26,7 @@ starts a new experiment (the name carries a hash of those settings).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,19 +40,30 @@ from typing import Any
 import numpy as np
 
 from hashtag import models, storage
-from hashtag.report import ResultRow, trial_line, write_report
+from hashtag.errors import UserError
+from hashtag.report import ResultRow, decision_markdown, trial_line, write_report
+from hashtag.results import StageResult
 
 log = logging.getLogger(__name__)
 
 # The exported model's metadata (inside models' own manifest) says what wrote it.
 EXPORT_FORMAT = "hashtag-export"
 EXPORT_VERSION = 1
-REFERENCE_MODELS = ("popularity", "knn")
+REFERENCE_MODELS = ("popularity", "knn", "ridge")
+REFIT_MODES = ("train+val", "all", "none")
+# Blends that compete beside the grid: "best" is the grid's best trial on validation.
+BLENDS = (("best", "knn"), ("ridge", "knn"), ("best", "ridge"), ("best", "ridge", "knn"))
 # Inside a trial checkpoint: the model folder (models' save format) and our bookkeeping.
 CHECKPOINT_MODEL = "model"
 CHECKPOINT_STATE = "state.json"
 # Per-epoch values shown in Tune's progress and kept for the learning curves.
 EPOCH_METRICS = ("loss", "val_f1", "val_f1@5", "val_map")
+# Completion (label-only datasets): the weights tried on validation (never on test).
+COMPLETION_GRID = {
+    "idf_power": (0.0, 0.5, 1.0),
+    "lift_power": (0.0, 0.25, 0.5, 0.75),
+    "prior_weight": (0.01, 0.1),
+}
 UNFINISHED = "unfinished"
 
 
@@ -82,6 +94,24 @@ class TuneConfig:
     )
     loss: str = field(default="sigmoid", metadata={"help": "mlp loss: sigmoid or softmax"})
     seed: int = field(default=0, metadata={"help": "random seed of every trial"})
+    select_metric: str = field(
+        default=models.SELECT_METRIC,
+        metadata={
+            "help": "validation metric that picks the exported model among the trials, the "
+            "references and the blends (f1@5, f1@10, p@5, map, f1...)"
+        },
+    )
+    refit: str = field(
+        default="train+val",
+        metadata={
+            "help": "retrain the chosen model before export on: train+val (default), all "
+            "(also test, after its test figures are recorded: production), none"
+        },
+    )
+    blends: bool = field(
+        default=True,
+        metadata={"help": "score blends of the best trial, knn and ridge compete too"},
+    )
     memory_budget: float = field(
         default=0.0,
         metadata={
@@ -126,7 +156,7 @@ class TuneConfig:
             )
         if self.max_failures < 0:
             raise ValueError(f"--max-failures must be >= 0, got {self.max_failures}")
-        references = sorted(set(models.available()) - models.TRAINABLE)
+        references = sorted(set(models.available()) - models.TRAINABLE - {"blend"})
         unknown = set(self.references) - set(references)
         if unknown:
             raise ValueError(
@@ -134,6 +164,17 @@ class TuneConfig:
             )
         if self.loss not in models.LOSSES:
             raise ValueError(f"--loss must be one of {', '.join(models.LOSSES)}, got {self.loss!r}")
+        if self.refit not in REFIT_MODES:
+            raise ValueError(f"--refit must be one of {', '.join(REFIT_MODES)}, got {self.refit!r}")
+        name, _, k = self.select_metric.partition("@")
+        if not (
+            (k and name in ("f1", "p", "r", "hit") and k.isdigit() and int(k) >= 1)
+            or (not k and self.select_metric in ("f1", "precision", "recall", "map"))
+        ):
+            raise ValueError(
+                f"--select-metric {self.select_metric!r} is not a metric: use f1@5, f1@10, "
+                "p@5, r@5, hit@5, map, f1, precision or recall"
+            )
 
     def experiment_name(self, dataset: dict[str, Any]) -> str:
         """Same name for the same training settings and dataset (`dataset_fingerprint`), so a
@@ -147,9 +188,28 @@ class TuneConfig:
             "epochs": self.epochs,
             "loss": self.loss,
             "seed": self.seed,
+            "features": "centred",
         }
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
         return f"grid-{digest[:10]}"
+
+
+@dataclass(frozen=True)
+class TuneResult(StageResult):
+    model: str  # the exported model's URI; "" when nothing was exported
+    failed: tuple[str, ...] = ()
+    interrupted: bool = False
+    has_images: bool = True  # False: a completion model from label-only posts
+
+    @property
+    def exit_code(self) -> int:
+        """1 when a trial failed or the run was interrupted (a rerun resumes), else 0."""
+        return 1 if self.failed or self.interrupted else 0
+
+
+def tune_metric(name: str) -> str:
+    """A metric name Tune's loggers accept (tensorboardX refuses '@'): val_f1@5 -> val_f1_at_5."""
+    return name.replace("@", "_at_")
 
 
 def memory_budget_bytes(config: TuneConfig) -> int:
@@ -200,6 +260,7 @@ class TrialSettings:
     cpus: float
     dim: int = 0
     vocab: tuple[str, ...] = ()
+    blocks: tuple[int, ...] = ()  # the dims of the embedders the features concatenate
     # Storage settings of the driver (the S3 endpoint override) that the trial's process needs.
     env: dict[str, str] = field(default_factory=dict)
 
@@ -240,10 +301,11 @@ class TrialData:
             self.dataset = Dataset.load(data)
 
     def blocks(self, name: str, order: np.random.Generator | None = None, rows: int = 0):
-        """(X, labels indptr, indices) blocks of split `name`, of `rows` (BLOCK_ROWS) rows."""
+        """(X, labels indptr, indices) blocks of split `name`, of `rows` rows: by default
+        BLOCK_ROWS when shuffled (training), SCORE_ROWS in order (scoring)."""
         from hashtag.dataset import array_blocks
 
-        rows = rows or BLOCK_ROWS
+        rows = rows or (BLOCK_ROWS if order is not None else SCORE_ROWS)
         if self.dataset is not None:
             return self.dataset.blocks(name, rows, order)
         split = self.arrays[name]
@@ -262,7 +324,7 @@ class TrialData:
         from hashtag.dataset import dense_labels
 
         Xs, Ys = [], []
-        for X, indptr, indices in _first_rows(self.blocks("val", rows=SCORE_ROWS), VAL_SAMPLE):
+        for X, indptr, indices in _first_rows(self.blocks("val"), VAL_SAMPLE):
             Xs.append(X)
             Ys.append(dense_labels(indptr, indices, n_tags))
         return np.concatenate(Xs), np.concatenate(Ys)
@@ -276,7 +338,27 @@ def _model_config(grid: dict[str, Any], settings: TrialSettings):
         loss=settings.loss,
         seed=settings.seed,
         threads=max(1, int(settings.cpus)),
+        centre=True,
+        blocks=settings.blocks,
     )
+
+
+def reference_config(name: str, seed: int, blocks: tuple[int, ...] = ()) -> models.ModelConfig:
+    """The settings of a reference model in the table: kNN as the shared sets' README measures
+    it (20 neighbours, weights exp(10 x similarity), no prior) but on centred features, which
+    lifts it 2-3% on real photos; ridge on centred features, its penalty chosen on validation."""
+    if name == "knn":
+        return models.ModelConfig(
+            seed=seed,
+            knn_neighbours=20,
+            knn_temperature=10.0,
+            prior_weight=0.0,
+            centre=True,
+            blocks=blocks,
+        )
+    if name == "ridge":
+        return models.ModelConfig(seed=seed, centre=True, blocks=blocks)
+    return models.ModelConfig(seed=seed)
 
 
 def _score_blocks(recommender, blocks) -> dict[str, float]:
@@ -299,7 +381,7 @@ def _report(recommender, state: dict[str, Any], metrics: dict[str, Any]) -> None
     with tempfile.TemporaryDirectory(prefix="hashtag-ckpt-") as folder:
         recommender.save(os.path.join(folder, CHECKPOINT_MODEL))
         with open(os.path.join(folder, CHECKPOINT_STATE), "w") as f:
-            json.dump(state, f)
+            f.write(storage.dumps(storage.json_safe(state)))  # strict JSON: a NaN loss is null
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
@@ -312,7 +394,7 @@ class _EpochReporter:
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         self.state["seconds"] = self.seconds_before + time.perf_counter() - self.started
-        shown = {k: float(v) for k, v in logs.items() if k in EPOCH_METRICS}
+        shown = {tune_metric(k): float(v) for k, v in logs.items() if k in EPOCH_METRICS}
         _report(self.recommender, self.state, {"epoch": epoch + 1, "done": False, **shown})
 
 
@@ -362,8 +444,8 @@ def train_trial(
     del X_val, Y_val
     state.update(
         done=True,
-        val=_score_blocks(recommender, data.blocks("val", rows=SCORE_ROWS)),
-        test=_score_blocks(recommender, data.blocks("test", rows=SCORE_ROWS)),
+        val=_score_blocks(recommender, data.blocks("val")),
+        test=_score_blocks(recommender, data.blocks("test")),
     )
     _report(
         recommender,
@@ -421,47 +503,72 @@ def _first_rows(blocks, n: int):
         yield X, indptr, indices
 
 
-def _references(config: TuneConfig, dataset, data: TrialData) -> list[ResultRow]:
-    """Popularity and kNN, scored once per dataset; a rerun reads them back."""
-    cache_uri = storage.join(config.out, "references.json")
-    key = {
-        "data": config.data,
-        "dataset": dataset_fingerprint(dataset),
-        "references": list(config.references),
-        "seed": config.seed,
-    }
-    if storage.exists(cache_uri):
-        cached = storage.read_json(cache_uri)
-        if cached.get("key") == key:
-            return [ResultRow(**row) for row in cached["rows"]]
-    # Over the memory budget the references train on the first REFERENCE_ROWS training rows (a
-    # random sample: splits are a hash of the post id); kNN holds them all in memory.
-    train = data.train(dataset.dim, dataset.vocab_size)
-    if data.dataset is not None and train.rows > REFERENCE_ROWS:
-        log.info("references train on %d of %d training rows", REFERENCE_ROWS, train.rows)
-        train = models.Blocks(
-            lambda order: _first_rows(data.blocks("train"), REFERENCE_ROWS),
-            REFERENCE_ROWS,
-            train.dim,
-            train.n_tags,
-        )
-    X_train, Y_train = _in_memory(train)
+def blocks_of(dataset) -> tuple[int, ...]:
+    """The dims of the embedders a dataset's features concatenate; () for one embedder."""
+    from hashtag.embedders import EmbedderSpec
+
+    return EmbedderSpec.from_json(dataset.embedder).blocks
+
+
+def _chained(data: TrialData, names: tuple[str, ...], order=None):
+    """The blocks of the splits `names`, one split after the other."""
+    for name in names:
+        yield from data.blocks(name, order)
+
+
+def _training_rows(data: TrialData, names: tuple[str, ...], n_tags: int):
+    """(X, Y) in memory of the splits `names`; over the memory budget the first REFERENCE_ROWS
+    of them (a random sample: splits are a hash of the post id)."""
+    from hashtag.dataset import dense_labels
+
+    blocks = _chained(data, names)
+    if data.dataset is not None:
+        blocks = _first_rows(blocks, REFERENCE_ROWS)
+    parts = [(X, dense_labels(indptr, indices, n_tags)) for X, indptr, indices in blocks]
+    return np.concatenate([X for X, _ in parts]), np.concatenate([Y for _, Y in parts])
+
+
+def _candidate_row(label: str, recommender, data: TrialData, started: float) -> ResultRow:
+    return ResultRow(
+        model=label,
+        val=_score_blocks(recommender, data.blocks("val")),
+        test=_score_blocks(recommender, data.blocks("test")),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _references(config: TuneConfig, dataset, data: TrialData) -> tuple[list[ResultRow], dict]:
+    """Popularity, kNN and ridge, fitted in the driver: their rows and the fitted models
+    (candidates for the export and parts of the blends). Over the memory budget they train on
+    the first REFERENCE_ROWS training rows; kNN holds them all in memory."""
+    X_train, Y_train = _training_rows(data, ("train",), dataset.vocab_size)
     X_val, Y_val = data.validation(dataset.vocab_size)
-    rows = []
+    rows, fitted = [], {}
     for name in config.references:
         started = time.perf_counter()
-        recommender = models.create(name, models.ModelConfig(seed=config.seed))
-        recommender.fit(X_train, Y_train, X_val, Y_val)
-        rows.append(
-            ResultRow(
-                model=name,
-                val=_score_blocks(recommender, data.blocks("val", rows=SCORE_ROWS)),
-                test=_score_blocks(recommender, data.blocks("test", rows=SCORE_ROWS)),
-                seconds=time.perf_counter() - started,
-            )
+        recommender = models.create(name, reference_config(name, config.seed, blocks_of(dataset)))
+        recommender.fit(X_train, Y_train, X_val, Y_val, vocab=dataset.vocab)
+        rows.append(_candidate_row(name, recommender, data, started))
+        fitted[name] = recommender
+    return rows, fitted
+
+
+def _blends(config: TuneConfig, dataset, data: TrialData, candidates: dict[str, Any]):
+    """Every blend of BLENDS whose parts are there, its weights chosen on validation:
+    (rows, {label: blend})."""
+    X_val, Y_val = data.validation(dataset.vocab_size)
+    rows, fitted = [], {}
+    for names in BLENDS if config.blends else ():
+        if not all(name in candidates for name in names):
+            continue
+        started = time.perf_counter()
+        blend = models.Blend.of(
+            [candidates[n] for n in names], X_val, Y_val, metric=config.select_metric
         )
-    storage.write_json(cache_uri, {"key": key, "rows": [asdict(r) for r in rows]})
-    return rows
+        label = f"blend: {blend.label}"
+        rows.append(_candidate_row(label, blend, data, started))
+        fitted[label] = blend
+    return rows, fitted
 
 
 def _trial_state(result) -> dict[str, Any] | None:
@@ -509,17 +616,29 @@ def _trial_row(config: TuneConfig, result, state: dict[str, Any] | None) -> Resu
     )
 
 
-def export_model(config: TuneConfig, dataset, recommender, row: ResultRow) -> str:
-    """Write the self-contained model folder OUT/model/: weights, metadata, co-occurrence."""
+def export_model(
+    config: TuneConfig,
+    dataset,
+    recommender,
+    row: ResultRow,
+    *,
+    trained_on: tuple[str, ...] = ("train",),
+    selection: dict[str, Any] | None = None,
+    completion=None,
+) -> str:
+    """Write the self-contained model folder OUT/model/: the model (a knn or a blend keeps its
+    training embeddings and labels), metadata, and co-occurrence of the labels it learnt from
+    (with `completion`'s weights, a CooccurrenceConfig, when given)."""
     from hashtag.completion import Cooccurrence
-    from hashtag.dataset import csr_rows, dense_labels
 
     uri = storage.join(config.out, "model")
     storage.remove(uri)  # no file of an older export may survive beside the new one
+    rows = np.sort(np.concatenate([dataset.rows(name) for name in trained_on]))
     metadata = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
         "model": recommender.name,
+        "selected": row.label,
         "embedder": dataset.embedder,
         "vocab": list(dataset.vocab),
         "decision": asdict(recommender.decision),
@@ -529,23 +648,33 @@ def export_model(config: TuneConfig, dataset, recommender, row: ResultRow) -> st
         "loss": config.loss,
         "val": row.val,
         "test": row.test,
-        "trained_on": {"data": config.data, "count": len(dataset), "dim": dataset.dim},
+        "selection": selection or {},
+        "trained_on": {
+            "data": config.data,
+            "splits": list(trained_on),
+            "count": len(rows),
+            "dim": dataset.dim,
+        },
     }
-    if getattr(recommender, "optimizer_state", None):
-        # Recommending needs no Adam moments (twice the weights); trial checkpoints keep them.
-        recommender.optimizer_state = []
+    for part in [recommender, *getattr(recommender, "parts", [])]:
+        if getattr(part, "optimizer_state", None):
+            # Recommending needs no Adam moments (twice the weights); checkpoints keep them.
+            part.optimizer_state = []
     recommender.save(uri, metadata=metadata)
-    # From the training labels alone, a block of posts at a time.
-    indptr, indices = dataset.labels_csr(dataset.rows("train"))
-    blocks = (
-        dense_labels(
-            *csr_rows(indptr, indices, np.arange(a, min(a + 8192, len(indptr) - 1))),
-            dataset.vocab_size,
-        )
-        for a in range(0, len(indptr) - 1, 8192)
-    )
-    Cooccurrence().fit_blocks(blocks).save(storage.join(uri, "cooccurrence"))
+    # From the labels the model learnt from, a block of posts at a time.
+    blocks = label_blocks(dataset, rows)
+    Cooccurrence(completion).fit_blocks(blocks).save(storage.join(uri, "cooccurrence"))
     return uri
+
+
+def label_blocks(dataset, rows: np.ndarray, size: int = 8192):
+    """The labels of `rows` as dense bool (b, V) blocks, one in memory at a time."""
+    from hashtag.dataset import csr_rows, dense_labels
+
+    indptr, indices = dataset.labels_csr(rows)
+    for start in range(0, len(indptr) - 1, size):
+        block = np.arange(start, min(start + size, len(indptr) - 1))
+        yield dense_labels(*csr_rows(indptr, indices, block), dataset.vocab_size)
 
 
 def _best_model(config: TuneConfig, results, best: ResultRow):
@@ -559,6 +688,146 @@ def _best_model(config: TuneConfig, results, best: ResultRow):
             with result.checkpoint.as_directory() as folder:
                 return models.load(os.path.join(folder, CHECKPOINT_MODEL))
     raise RuntimeError(f"the best trial {best.label} has no checkpoint to export")
+
+
+def _metric(row: ResultRow, metric: str) -> float:
+    value = row.val.get(metric, math.nan)
+    return value if math.isfinite(value) else -math.inf
+
+
+def compete(
+    config: TuneConfig,
+    dataset,
+    data: TrialData,
+    trials: list[ResultRow],
+    trial_model: Any,
+    references: list[ResultRow],
+    fitted: dict[str, Any],
+) -> tuple[list[ResultRow], ResultRow, Any]:
+    """Every candidate on validation by `config.select_metric`, never on test: the finished
+    trials (`trial_model(row)` gives a trial's fitted model), the references (`fitted`) and the
+    blends of BLENDS. Returns (reference and blend rows, the winner's row, its model)."""
+    metric = config.select_metric
+    candidates = dict(fitted)
+    if trials:
+        best_trial = max(trials, key=lambda r: _metric(r, metric))
+        candidates["best"] = candidates[best_trial.label] = trial_model(best_trial)
+    blend_rows, blends = _blends(config, dataset, data, candidates)
+    candidates.update(blends)
+    rows = [*references, *blend_rows]
+    winner = max([*trials, *rows], key=lambda r: _metric(r, metric))
+    return rows, winner, candidates[winner.label]
+
+
+def _refit_on(config: TuneConfig, dataset, data: TrialData, recommender, names):
+    if not recommender.streams:
+        X, Y = _training_rows(data, names, dataset.vocab_size)
+        return models.refit(recommender, X, Y, config.select_metric)
+    rows = sum(len(dataset.rows(name)) for name in names)
+    blocks = models.Blocks(
+        lambda order: _chained(data, names, order), rows, dataset.dim, dataset.vocab_size
+    )
+    return models.refit(recommender, blocks, None, config.select_metric)
+
+
+def refit_winner(config: TuneConfig, dataset, data: TrialData, winner: ResultRow, recommender):
+    """The winner retrained per `config.refit` (its epoch count picked on validation). Returns
+    (model to export, the splits it learnt from, a row with the test figures of the train+val
+    refit; None for refit none)."""
+    if config.refit == "none":
+        return recommender, ("train",), None
+    started = time.perf_counter()
+    trained_on = ("train", "val")
+    recommender = _refit_on(config, dataset, data, recommender, trained_on)
+    row = ResultRow(
+        model=f"exported: {winner.label}, refit on train+val",
+        test=_score_blocks(recommender, data.blocks("test")),
+        epochs=recommender.epochs_done if recommender.trainable else None,
+        seconds=time.perf_counter() - started,
+    )
+    if config.refit == "all":  # for production: the test figures above are already taken
+        trained_on = ("train", "val", "test")
+        recommender = _refit_on(config, dataset, data, recommender, trained_on)
+    return recommender, trained_on, row
+
+
+def _folder_bytes(uri: str) -> int:
+    fs, path = storage.filesystem(uri)
+    return int(sum(fs.du(path, total=False).values()))
+
+
+def _select_and_export(config, dataset, data, finished, results, references, fitted):
+    """compete, refit_winner, export_model. Returns (rows beside the trials, best, model uri)."""
+    rows, winner, recommender = compete(
+        config,
+        dataset,
+        data,
+        finished,
+        lambda row: _best_model(config, results, row),
+        references,
+        fitted,
+    )
+    metric = config.select_metric
+    recommender, trained_on, refit_row = refit_winner(config, dataset, data, winner, recommender)
+    selection = {
+        "metric": metric,
+        "winner": winner.label,
+        "refit": config.refit,
+        "candidates": {r.label: r.val.get(metric) for r in [*finished, *rows]},
+    }
+    model_uri = export_model(
+        config, dataset, recommender, winner, trained_on=trained_on, selection=selection
+    )
+    size = _folder_bytes(model_uri)
+    print(
+        f"selected on validation {metric} {_metric(winner, metric):.4f}: {winner.label}; "
+        f"exported ({recommender.name}, trained on {'+'.join(trained_on)}, {size / 1e6:.1f} MB"
+        f", test {metric} {(refit_row or winner).test.get(metric, math.nan):.4f}) -> {model_uri}"
+    )
+    best = {
+        "model": winner.label,
+        "kind": recommender.name,
+        "batch_size": winner.batch_size,
+        "learning_rate": winner.learning_rate,
+        "val": winner.val,
+        "test": winner.test,
+        "refit_test": refit_row.test if refit_row else {},
+        "trained_on": list(trained_on),
+        "bytes": size,
+    }
+    return rows + ([refit_row] if refit_row else []), best, model_uri
+
+
+def _progress_callback(total: int):
+    """A Tune callback drawing one tqdm bar over the grid's trials (Tune itself stays quiet)."""
+    from ray.tune import Callback
+    from tqdm.auto import tqdm
+
+    class TrialProgress(Callback):
+        def __init__(self) -> None:
+            self.bar = None
+
+        def __getstate__(self) -> dict:  # Tune pickles its callbacks with the experiment
+            return {"bar": None}
+
+        def _step(self, trial, text: str) -> None:
+            if self.bar is None:
+                self.bar = tqdm(total=total, desc="tune", unit="trial", dynamic_ncols=True)
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            f1 = (trial.last_result or {}).get("val_f1")
+            self._step(trial, f"last val_f1 {f1:.3f}" if f1 is not None else "")
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._step(trial, "a trial failed")
+
+        def on_experiment_end(self, trials, **info) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
+    return TrialProgress()
 
 
 def _run_grid(config: TuneConfig, dataset, data: TrialData):
@@ -577,6 +846,7 @@ def _run_grid(config: TuneConfig, dataset, data: TrialData):
         cpus=config.cpus_per_trial,
         dim=dataset.dim,
         vocab=tuple(dataset.vocab),
+        blocks=blocks_of(dataset),
         env=raycluster.worker_env().get("env_vars", {}),
     )
     params = {
@@ -590,9 +860,15 @@ def _run_grid(config: TuneConfig, dataset, data: TrialData):
     )
     name = config.experiment_name(dataset_fingerprint(dataset))
     experiment = f"{storage_path.rstrip('/')}/{name}"
+    loud = raycluster.verbose()
     # Every epoch checkpoints (so that a stopped job resumes mid-trial); with short trials that
     # makes Tune print a snapshot-frequency warning several times a second. It is by design here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if not loud:  # Tune's own output (checkpoint and syncing notices, tables) only with -v
+        # The new output engine prints its experiment box and paths even at verbose=0.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     raycluster.connect()
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         log.info("restoring the Tune experiment at %s", experiment)
@@ -615,10 +891,107 @@ def _run_grid(config: TuneConfig, dataset, data: TrialData):
                 storage_filesystem=filesystem,
                 failure_config=tune.FailureConfig(max_failures=config.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                verbose=1,
+                # Tune's per-trial tables only with -v; by default one progress bar.
+                verbose=1 if loud else 0,
+                callbacks=[]
+                if loud
+                else [_progress_callback(len(config.batch_sizes) * len(config.learning_rates))],
             ),
         )
     return tuner.fit(), experiment
+
+
+def completion_rows(config: TuneConfig, dataset) -> tuple[list[ResultRow], Any]:
+    """Completion of label-only posts: popularity, plain co-occurrence P(tag | given) and the
+    weighted co-occurrence with its weights chosen on validation (never on test), each scored
+    on held-out tags (completion.held_out). Returns the rows (the chosen one `selected`) and
+    the chosen CooccurrenceConfig."""
+    import itertools
+
+    from hashtag.completion import (
+        PLAIN,
+        Cooccurrence,
+        CooccurrenceConfig,
+        held_out,
+        popularity_scores,
+        score_suggestions,
+    )
+
+    parts = {split: held_out(dataset.part(split)[1], config.seed) for split in ("val", "test")}
+    for split, (given, _) in parts.items():
+        if len(given) == 0:
+            raise UserError(
+                f"{config.data} has no {split} post with two tags or more: completion is scored "
+                "by hiding half of each post's tags; merge more posts first"
+            )
+    started = time.perf_counter()
+    counts = Cooccurrence(PLAIN).fit_blocks(label_blocks(dataset, dataset.rows("train")))
+    fit_seconds = time.perf_counter() - started
+    frequency = np.diag(counts.counts) / counts.n_posts
+
+    def scored(name: str, scores_given, seconds: float, selected: bool = False) -> ResultRow:
+        started = time.perf_counter()
+        val, test = (score_suggestions(scores_given(g), h) for g, h in parts.values())
+        seconds += time.perf_counter() - started
+        return ResultRow(model=name, val=val, test=test, seconds=seconds, selected=selected)
+
+    rows = [
+        scored("popularity", lambda given: popularity_scores(frequency, given), 0.0),
+        scored("cooccurrence", counts.scores_given, fit_seconds),
+    ]
+    started = time.perf_counter()
+    val_given, val_hidden = parts["val"]
+    candidates = [
+        CooccurrenceConfig(*values) for values in itertools.product(*COMPLETION_GRID.values())
+    ]
+    chosen = max(
+        candidates,
+        key=lambda c: score_suggestions(counts.with_config(c).scores_given(val_given), val_hidden)[
+            "f1"
+        ],
+    )
+    rows.append(
+        scored(
+            "completion",
+            counts.with_config(chosen).scores_given,
+            fit_seconds + time.perf_counter() - started,
+            selected=True,
+        )
+    )
+    return rows, chosen
+
+
+def _run_completion(config: TuneConfig, dataset, started: float) -> TuneResult:
+    """Label-only posts: fit what needs no image, export a completion model, say so."""
+    rows, chosen = completion_rows(config, dataset)
+    best = rows[-1]
+    X_train, Y_train = dataset.part("train")
+    X_val, Y_val = dataset.part("val")
+    recommender = models.create("popularity", models.ModelConfig(seed=config.seed))
+    recommender.fit(X_train, Y_train, X_val, Y_val)
+    model_uri = export_model(config, dataset, recommender, best, completion=chosen)
+    paths = write_report(rows, config.out)
+    print(decision_markdown(rows), end="")
+    weights = ", ".join(f"{k} {v:g}" for k, v in asdict(chosen).items())
+    print(
+        f"label-only posts (no image): exported a completion model ({weights}; chosen on "
+        f"validation) -> {model_uri}\n"
+        f"  complete tags with: hashtag recommend --model {model_uri} --tags TAG1,TAG2"
+    )
+    summary = {
+        "stage": "tune",
+        "config": asdict(config),
+        "label_only": True,
+        "rows": [asdict(r) for r in rows],
+        "completion": asdict(chosen),
+        "best": {"model": best.model, "val": best.val, "test": best.test},
+        "failed": [],
+        "model": model_uri,
+        "outputs": paths,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    storage.write_json(storage.join(config.out, "tune.json"), _jsonable(summary))
+    return TuneResult(summary, model_uri, has_images=False)
 
 
 def _trial_data(config: TuneConfig, dataset) -> TrialData:
@@ -633,68 +1006,60 @@ def _trial_data(config: TuneConfig, dataset) -> TrialData:
     return TrialData(config.data, None)
 
 
-def run(config: TuneConfig) -> dict[str, Any]:
-    """Tune the grid, score the references, write the report, export the best model."""
+def run(config: TuneConfig) -> TuneResult:
+    """Tune the grid, score the references, write the report, export the best model. On
+    label-only posts (no embeddings), fit and export hashtag completion instead."""
     from hashtag.dataset import Dataset
 
     started = time.perf_counter()
-    dataset = Dataset.load(config.data)
+    dataset = Dataset.load(config.data)  # a missing dataset says so (FileNotFoundError)
     for name in ("train", "val", "test"):
         if len(dataset.rows(name)) == 0:
-            raise ValueError(
+            raise UserError(
                 f"{config.data} has no {name} posts: the grid needs train, validation and test "
                 "posts; merge more posts (or a different split) first"
             )
     if dataset.dim == 0:
-        raise ValueError(
-            f"{config.data} has no embeddings (dim 0, label-only posts): there is nothing to "
-            "train an image model on"
-        )
+        return _run_completion(config, dataset, started)
     data = _trial_data(config, dataset)
-    references = _references(config, dataset, data)
+    references, fitted = _references(config, dataset, data)
     results, experiment = _run_grid(config, dataset, data)
     trials = sorted(
         (_trial_row(config, result, _trial_state(result)) for result in results),
         key=lambda r: (r.batch_size, -r.learning_rate),
     )
     finished = [row for row in trials if row.status == "ok"]
-    failed = [row.label for row in trials if row.status != "ok"]
-    rows = trials + references
-    for row in rows:
-        print(trial_line(row))
+    failed = tuple(row.label for row in trials if row.status != "ok")
+    log.debug("\n".join(trial_line(row) for row in trials + references))
     if any(row.status == UNFINISHED for row in trials):
         # Interrupted (Ctrl-C): Tune saved its state; exporting now could pick a worse model.
         print(f"interrupted: rerun the same command to resume {experiment}")
-        return {"stage": "tune", "interrupted": True, "experiment": experiment, "failed": failed}
+        summary = {"stage": "tune", "interrupted": True, "experiment": experiment, "failed": failed}
+        return TuneResult(summary, "", failed, interrupted=True)
     if not finished:
         raise RuntimeError(
             f"every trial of {experiment} failed ({trials[0].status if trials else 'no trials'}); "
             "fix the cause and rerun the same command: failed trials are retried"
         )
-    # Choose on validation, never on test.
-    best = max(finished, key=lambda r: r.val.get("f1", -math.inf))
-    recommender = _best_model(config, results, best)
-    model_uri = export_model(config, dataset, recommender, best)
-    paths = write_report(rows, config.out)
-    print(
-        f"best (validation f1 {best.val.get('f1', math.nan):.4f}): {trial_line(best)} -> {model_uri}"
+    others, best, model_uri = _select_and_export(
+        config, dataset, data, finished, results, references, fitted
     )
+    rows = [dataclasses.replace(r, selected=r.label == best["model"]) for r in trials + others]
+    paths = write_report(rows, config.out)
+    print(decision_markdown(rows), end="")
+    print(f"every metric: {paths['results.md']}")
     summary = {
         "stage": "tune",
         "config": asdict(config),
         "experiment": experiment,
         "trials": [asdict(r) for r in trials],
         "references": [asdict(r) for r in references],
-        "best": {
-            "batch_size": best.batch_size,
-            "learning_rate": best.learning_rate,
-            "val": best.val,
-            "test": best.test,
-        },
-        "failed": failed,
+        "candidates": [asdict(r) for r in others],
+        "best": best,
+        "failed": list(failed),
         "model": model_uri,
         "outputs": paths,
         "seconds": round(time.perf_counter() - started, 2),
     }
     storage.write_json(storage.join(config.out, "tune.json"), _jsonable(summary))
-    return summary
+    return TuneResult(summary, model_uri, failed)

@@ -20,6 +20,15 @@ def _shared_dir() -> Path | None:
 
 SHARED = _shared_dir()
 
+# The moto server's static test credentials, set before any test starts Ray: local workers
+# inherit this process's environment (only the endpoint travels in runtime_env, never keys).
+for _key, _value in (
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_DEFAULT_REGION", "us-east-1"),
+):
+    os.environ.setdefault(_key, _value)
+
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:

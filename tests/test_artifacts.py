@@ -10,12 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from hashtag import artifacts, merge, models, shards
+from hashtag import artifacts, models
 from hashtag.completion import Cooccurrence
-from hashtag.dataset import Dataset
+from hashtag.dataset import Dataset, DatasetWriter, csr_from_lists
 from hashtag.errors import ArtifactError
 from hashtag.models import ModelConfig
-from hashtag.posts import Post
 
 SPEC = {"name": "classic", "version": 1}
 
@@ -25,16 +24,18 @@ def edit_manifest(folder, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-def make_dataset(tmp_path, name="d"):
-    rows = [(f"p{i}", ["cat", "dog"][: 1 + i % 2]) for i in range(12)]
-    posts = [Post(id=i, image=None, tags=tuple(t)) for i, t in rows]
-    embeddings = np.arange(24, dtype=np.float32).reshape(12, 2)
-    shards.write_shard(
-        str(tmp_path / "s"), 0, posts, embeddings, embedder=SPEC, image_sha256=[None] * 12,
-        stats={},
-    )  # fmt: skip
+def make_dataset(tmp_path, name="d", n=12):
+    """A one-folder dataset written by DatasetWriter (what each merged part is), without Ray."""
     out = tmp_path / name
-    merge.run(merge.MergeConfig(shards=str(tmp_path / "s"), out=str(out), min_count=1))
+    ids = [f"p{i}" for i in range(n)]
+    labels = [[0] if i % 2 else [0, 1] for i in range(n)]
+    indptr, indices = csr_from_lists(labels)
+    with DatasetWriter(str(out), dim=2, id_length=4) as writer:
+        writer.append(
+            np.arange(2 * n, dtype=np.float32).reshape(n, 2), ids, np.zeros(n, np.uint8),
+            indptr, indices,
+        )  # fmt: skip
+        writer.finish(vocab=["cat", "dog"], tag_counts=[n, n // 2], embedder=SPEC)
     return out
 
 
@@ -143,12 +144,18 @@ def test_tampered_cooccurrence_is_one_artifact_error(tmp_path):
 
 FULL_DISK = """
 import resource, signal, sys
-from hashtag import merge
+import numpy as np
+from hashtag.dataset import DatasetWriter
 from hashtag.errors import UserError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
-resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 try:
-    merge.run(merge.MergeConfig(shards=sys.argv[1], out=sys.argv[2], min_count=1))
+    with DatasetWriter(sys.argv[1], dim=64, id_length=4) as writer:
+        for _ in range(10):
+            n = 100
+            writer.append(np.ones((n, 64), np.float32), ["x"] * n, np.zeros(n, np.uint8),
+                          np.zeros(n + 1, np.int64), np.zeros(0, np.int32))
+        writer.finish(vocab=["a"], tag_counts=[1], embedder={"name": "classic"})
 except UserError as error:
     print(error)
     sys.exit(2)
@@ -159,10 +166,7 @@ def test_a_full_disk_keeps_the_previous_dataset(tmp_path):
     out = make_dataset(tmp_path)
     before = sorted(os.listdir(out))
     result = subprocess.run(
-        [sys.executable, "-c", FULL_DISK, str(tmp_path / "s"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, "-c", FULL_DISK, str(out)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2, result.stderr
     assert "no space left" in result.stdout and "Traceback" not in result.stderr

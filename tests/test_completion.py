@@ -123,3 +123,61 @@ def test_original_style_popularity_f1_on_seed_data(shared_dir):
     assert figures[3] == pytest.approx(0.121, abs=0.001)
     assert figures[5] == pytest.approx(0.138, abs=0.001)
     assert figures[6] == pytest.approx(0.143, abs=0.001)
+
+
+@pytest.mark.slow
+def test_completion_from_the_original_files_through_the_cli(shared_dir, tmp_path):
+    """scrape --trust-pickle -> merge -> tune -> recommend --manifest, each a `hashtag` process:
+    tune exports a completion model that beats popularity and plain co-occurrence on test, and
+    batch recommend reproduces tune's test F1 on the same held-out tags."""
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    from hashtag.dataset import Dataset
+
+    folder = shared_dir / "data" / "seed-instagram"
+    if not folder.is_dir():
+        pytest.skip("seed-instagram data is not in ../shared")
+
+    def hashtag(*argv: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [sys.executable, "-m", "hashtag.cli", *argv], capture_output=True, text=True
+        )
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        return done
+
+    run = tmp_path / "run"
+    hashtag("scrape", "--source", str(folder), "--trust-pickle", "--out", str(run))
+    hashtag("merge", "--shards", str(run), "--out", str(run / "dataset"))
+    tuned = hashtag("tune", "--data", str(run / "dataset"), "--out", str(run / "tune"))
+    assert len(tuned.stdout.splitlines()) <= 8 and "completion model" in tuned.stdout
+    with open(run / "tune" / "results.csv") as f:
+        table = {row["model"]: row for row in csv.DictReader(f)}
+    f1 = {name: float(row["f1@5"]) for name, row in table.items()}
+    print("seed completion through the CLI, test F1@5:", f1)
+    assert f1["completion"] > f1["cooccurrence"] > f1["popularity"]
+    assert f1["completion"] > 1.5 * f1["popularity"] and table["completion"]["selected"] == "True"
+
+    # The same held-out tags as tune's test rows, through batch recommend.
+    dataset = Dataset.load(str(run / "dataset"))
+    _, labels = dataset.part("test")
+    labels = labels[labels.sum(axis=1) >= 2]
+    given, hidden = hide_half(labels, seed=0)
+    manifest = tmp_path / "posts.jsonl"
+    with open(manifest, "w") as f:
+        for n, row in enumerate(given):
+            tags = [dataset.vocab[i] for i in np.flatnonzero(row)]
+            f.write(json.dumps({"id": f"post{n}", "tags": tags}) + "\n")
+    done = hashtag(
+        "recommend", "--model", str(run / "tune" / "model"), "--manifest", str(manifest), "--json"
+    )
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["id"] for r in results] == [f"post{n}" for n in range(len(given))]
+    index = {tag: i for i, tag in enumerate(dataset.vocab)}
+    suggested = np.zeros_like(hidden)
+    for n, result in enumerate(results):
+        suggested[n, [index[h["tag"]] for h in result["hashtags"]]] = True
+    micro = metrics.micro_prf(hidden, suggested)["f1"]
+    assert micro == pytest.approx(float(table["completion"]["f1"]), abs=0.005)

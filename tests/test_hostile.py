@@ -3,6 +3,7 @@ counted skip with its reason, in bounded time and memory, and loses nothing else
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import socket
@@ -14,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from hashtag import images
+from hashtag import images, sources, tags
 from hashtag.fetch import FetchConfig, Fetcher, FetchError, is_metadata_address, is_public_address
 from hashtag.images import ImageError
 
@@ -219,3 +220,132 @@ def test_a_small_tiff_still_decodes():
     ok, encoded = cv2.imencode(".tiff", image)
     assert images.image_size(encoded.tobytes()) == (30, 20)
     assert images.decode(encoded.tobytes()).shape == (20, 30, 3)
+
+
+# parsers --------------------------------------------------------------------------------------
+
+
+def test_a_huge_caption_parses_in_linear_time():
+    caption = (
+        "#food " + "a." * 50_000 + "x" * 100_000 + " #late"
+    )  # quadratic for a backtracking URL pattern
+    started = time.monotonic()
+    assert tags.parse_hashtags(caption) == ["food"]  # the rest is past MAX_CAPTION_CHARS
+    assert tags.parse_hashtags("#a " + "b" * 100_000 + "/x " + "#c")[:1] == ["a"]
+    assert time.monotonic() - started < 1.0
+    assert tags.parse_hashtags("see (https://x.org/p#frag) #ok www.y.com/#no z.org/a#no") == ["ok"]
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("#ca\u200bt", "cat"),  # zero-width space
+        ("#\u202ecat", "cat"),  # right-to-left override
+        ("#c\u0007at\u200e", "cat"),  # control and left-to-right mark
+        ("#ｃａｔ", "cat"),  # full width (NFKC)
+        ("#\u200dcat\u200d", "cat"),  # ZWJ not between letters
+        ("#می\u200cخواهم", "می\u200cخواهم"),  # Persian ZWNJ between letters stays
+    ],
+)
+def test_invisible_characters_leave_tags(raw, expected):
+    assert tags.normalize(raw) == expected
+
+
+def test_hostile_jsonl_rows_are_counted_not_fatal(tmp_path):
+    rows = [
+        json.dumps({"id": "ok1", "image": "a.jpg", "tags": ["x"]}),
+        "[" * 200_000 + "]" * 200_000,  # nesting: RecursionError in json
+        json.dumps({"id": "big", "image": "b.jpg", "caption": "y" * (sources.MAX_ROW_BYTES + 10)}),
+        json.dumps({"id": "i" * 100_000, "image": "c.jpg"}),
+        json.dumps({"id": "nan", "image": "d.jpg", "metadata": float("nan")}),
+        json.dumps({"id": "ok2", "image": "e.jpg", "tags": ["x"]}),
+    ]
+    path = tmp_path / "posts.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    source = sources.open_source(str(path))
+    posts = list(source.posts())
+    assert [p.id for p in posts] == ["ok1", "nan", "ok2"]
+    assert source.skipped == {"bad-row": 2, "bad-id": 1}
+    # NaN is not JSON: what we write is strict (sanitised to null).
+    row = json.loads(posts[1].to_json())
+    assert row["metadata"]["metadata"] is None
+
+
+def test_unterminated_csv_quote_is_reported(tmp_path, caplog):
+    path = tmp_path / "posts.csv"
+    path.write_text('id,image,tags\na,a.jpg,x\nb,"b.jpg,y\nc,c.jpg,z\nd,d.jpg,w\n')
+    source = sources.open_source(str(path))
+    assert [p.id for p in source.posts()] == ["a"]
+    assert source.skipped == {"bad-row": 1}
+    assert "line 3 is never closed" in caplog.text.replace("opened on line", "line")
+
+
+def test_xz_bomb_metadata_is_capped(tmp_path):
+    import lzma
+
+    folder = tmp_path / "insta"
+    folder.mkdir()
+    image = np.zeros((16, 16, 3), np.uint8)
+    cv2.imwrite(str(folder / "2020-01-01_00-00-00_UTC.jpg"), image)
+    (folder / "2020-01-01_00-00-00_UTC.txt").write_text("#kept")
+    bomb = lzma.compress(b" " * (sources.MAX_METADATA_BYTES + 1), preset=9)
+    (folder / "2020-01-01_00-00-00_UTC.json.xz").write_bytes(bomb)
+    assert len(bomb) < 100_000
+    source = sources.open_source(str(folder))
+    posts = list(source.posts())
+    assert [p.tags for p in posts] == [("kept",)] and source.warnings == {"bad-metadata": 1}
+
+
+# secrets --------------------------------------------------------------------------------------
+
+
+def test_no_secret_travels_in_runtime_env_or_stored_urls(monkeypatch, tmp_path):
+    from hashtag import raycluster, shards, storage
+    from hashtag.posts import Post
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDSECRET")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret")
+    assert raycluster.worker_env() == {"env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}}
+
+    url = "http://alice:hunter2@127.0.0.1:9/a.jpg"
+    assert storage.redact(url) == "http://127.0.0.1:9/a.jpg"
+    with pytest.raises(FetchError) as info:
+        Fetcher(FetchConfig(allow_private=True, retries=0, timeout_s=0.5)).get(url)
+    assert "hunter2" not in str(info.value) and "alice" not in str(info.value)
+    post = Post(id="p", image=url, tags=("x",))
+    shards.write_shard(
+        str(tmp_path), 0, [post], np.zeros((1, 0), np.float32), embedder={"name": "classic"},
+        image_sha256=[None], stats={},
+    )  # fmt: skip
+    stored = (tmp_path / "shards" / "shard-00000" / "posts.jsonl").read_text()
+    assert "hunter2" not in stored and "127.0.0.1:9/a.jpg" in stored
+
+
+def test_a_tiff_with_giant_tiles_is_refused():
+    data = bytearray(tiff_bomb(width=64, height=64))
+    # Turn the RowsPerStrip entry (278) into TileWidth and the StripByteCounts one into
+    # TileLength, both 65535: a small image whose one tile would need 4 G pixels.
+    for old, new in ((278, 322), (279, 323)):
+        at = data.index(old.to_bytes(2, "little") + (4).to_bytes(2, "little"))
+        data[at : at + 2] = new.to_bytes(2, "little")
+        data[at + 8 : at + 12] = (65535).to_bytes(4, "little")
+    with pytest.raises(ImageError) as info:
+        images.decode(bytes(data))
+    assert info.value.reason == "too-many-pixels"
+
+
+def test_a_stalling_resolver_is_bounded_by_the_deadline(monkeypatch):
+    # The system resolver (not our code) stalls, as a slow authoritative server would make it.
+    real = socket.getaddrinfo
+
+    def slow(*args, **kwargs):
+        time.sleep(3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    config = FetchConfig(allow_private=True, retries=3, backoff_s=0.01, fetch_deadline_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(FetchError) as info:
+        Fetcher(config).get("http://slow-dns.example/a.jpg")
+    assert info.value.reason == "timeout" and time.monotonic() - started < 1.5

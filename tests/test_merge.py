@@ -10,6 +10,7 @@ import pytest
 
 from hashtag import merge, shards, storage
 from hashtag.dataset import Dataset, DatasetWriter, csr_from_lists
+from hashtag.errors import ArtifactError
 from hashtag.posts import Post
 
 SPEC = {"name": "classic", "version": 1}
@@ -176,10 +177,14 @@ def test_missing_and_damaged_shards(tmp_path, caplog):
     (tmp_path / "s" / "shards" / "shard-00002" / "manifest.json").unlink()  # unfinished
     (tmp_path / "s" / "shards" / "shard-00001" / "posts.jsonl").write_text("{broken\n")
     write(root, 3, [("z", ["dog"], "s7")])
+    # A damaged shard is refused by name (dropping it would lose its posts silently).
+    with pytest.raises(ArtifactError, match="shard 1 is damaged.*rerun the same `hashtag scrape`"):
+        merge.run(config(root, str(tmp_path / "d"), min_count=1))
+    assert not (tmp_path / "d" / "manifest.json").exists()
+    (tmp_path / "s" / "shards" / "shard-00001" / "manifest.json").unlink()  # as if rebuilding
     summary = merge.run(config(root, str(tmp_path / "d"), min_count=1))
-    assert summary["missing_shards"] == [2] and summary["bad_shards"] == [1]
+    assert summary["missing_shards"] == [1, 2] and summary["bad_shards"] == []
     assert Dataset.load(str(tmp_path / "d")).ids.tolist() == ["a", "b", "z"]
-    assert "skipping shard 1" in caplog.text
 
 
 def test_every_file_loads_without_pickle(tmp_path):

@@ -57,7 +57,7 @@ class Recorder:
 
 
 def test_registry_and_config_validation():
-    assert models.available() == ["knn", "mlp", "popularity", "seed"]
+    assert models.available() == ["blend", "knn", "mlp", "popularity", "ridge", "seed"]
     assert models.TRAINABLE == {"seed", "mlp"}
     assert {n for n in models.available() if models.create(n).trainable} == models.TRAINABLE
     with pytest.raises(ValueError, match="available"):

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from hashtag import shards, storage
+from hashtag.dataset import Dataset
+from hashtag.errors import UserError
 from hashtag.merge import MergeConfig
 from hashtag.merge import run as merge
 from hashtag.scrape import ScrapeConfig
@@ -90,6 +92,23 @@ def test_scrape_writes_shards_counts_skips_and_resumes(local_ray, tmp_path):
     assert third["shards_already_done"] == 2 and third["shards_written"] == 1
     assert third["posts_embedded"] == 20
 
+    # A finished shard damaged in place (same size) is found by its hash and rebuilt.
+    path = os.path.join(shards.shard_uri(out, 2), "posts.jsonl")
+    data = bytearray(open(path, "rb").read())
+    data[10] = ord("#") if data[10] != ord("#") else ord("x")
+    open(path, "wb").write(bytes(data))
+    fourth = scrape(config)
+    assert fourth["shards_already_done"] == 2 and fourth["shards_written"] == 1
+    assert shards.verify(out, 2, shards.read_manifest(out, 2)) is None
+
+    # Another shard size or another source would mix slots: refused, nothing touched.
+    with pytest.raises(UserError, match="another source or shard size.*new --out"):
+        scrape(dataclasses.replace(config, shard_size=5))
+    other = write_manifest(str(tmp_path / "src2"), 4)
+    with pytest.raises(UserError, match="another source or shard size"):
+        scrape(dataclasses.replace(config, source=other))
+    assert shards.finished_shards(out).keys() == {0, 1, 2}
+
 
 class _SlowImages(http.server.SimpleHTTPRequestHandler):
     delay_s = 0.15
@@ -102,21 +121,38 @@ class _SlowImages(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def _kill_one_embed_task(stop: threading.Event, killed: list) -> None:
-    """SIGKILL the first Ray worker process that runs an embed_shard task."""
-    while not stop.is_set() and not killed:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
+def _our_embed_workers() -> list[int]:
+    """Pids of Ray workers running embed_shard that descend from this test process (the
+    machine may run other people's Ray: never touch those)."""
+    parents, found = {}, []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                parents[int(pid)] = int(f.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::embed_shard"):
+                    found.append(int(pid))
+        except (OSError, ValueError, IndexError):
+            continue
+    ours = []
+    for pid in found:
+        ancestor, hops = pid, 0
+        while ancestor > 1 and ancestor != os.getpid() and hops < 10:
+            ancestor, hops = parents.get(ancestor, 0), hops + 1
+        if ancestor == os.getpid():
+            ours.append(pid)
+    return ours
+
+
+def _kill_embed_tasks(stop: threading.Event, killed: list, most: int) -> None:
+    """SIGKILL up to `most` of our embed_shard workers, as they appear."""
+    while not stop.is_set() and len(killed) < most:
+        for pid in _our_embed_workers()[: most - len(killed)]:
             try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmdline = f.read().decode(errors="replace")
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
             except OSError:
                 continue
-            if cmdline.startswith("ray::embed_shard"):
-                os.kill(int(pid), signal.SIGKILL)
-                killed.append(int(pid))
-                return
         time.sleep(0.05)
 
 
@@ -133,7 +169,7 @@ def test_worker_killed_mid_shard_is_retried_without_losing_or_duplicating_posts(
         manifest = write_manifest(str(src), 24, bad=False, image_base=base)
         out = str(tmp_path / "out")
         stop, killed = threading.Event(), []
-        killer = threading.Thread(target=_kill_one_embed_task, args=(stop, killed))
+        killer = threading.Thread(target=_kill_embed_tasks, args=(stop, killed, 1))
         killer.start()
         summary = scrape(
             ScrapeConfig(
@@ -151,6 +187,35 @@ def test_worker_killed_mid_shard_is_retried_without_losing_or_duplicating_posts(
     assert sorted(ids) == [f"p{i:04d}" for i in range(24)]
 
 
+def test_a_shard_that_keeps_dying_is_retried_a_bounded_number_of_times(local_ray, tmp_path):
+    src = tmp_path / "src"
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a, **k: _SlowImages(*a, directory=str(src), **k)
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        manifest = write_manifest(str(src), 6, bad=False, image_base=base)
+        stop, killed = threading.Event(), []
+        killer = threading.Thread(target=_kill_embed_tasks, args=(stop, killed, 20))
+        killer.start()
+        started = time.monotonic()
+        summary = scrape(
+            ScrapeConfig(
+                source=manifest, out=str(tmp_path / "out"), shard_size=6,
+                allow_private_addresses=True, max_retries=1,
+            )
+        )  # fmt: skip
+        stop.set()
+        killer.join()
+    finally:
+        server.shutdown()
+    assert len(killed) == 2  # the first attempt and one retry, then the driver gives up
+    assert list(summary["failed_shards"]) == [0] and summary["task_retries"] == 1
+    assert summary["skipped"]["shard-failed"] == 6 and summary.get("posts_embedded", 0) == 0
+    assert time.monotonic() - started < 60
+
+
 def test_scrape_and_merge_on_s3(local_ray, s3_bucket, tmp_path):
     manifest = write_manifest(s3_bucket + "/source", 12)
     out = s3_bucket + "/run"
@@ -159,8 +224,8 @@ def test_scrape_and_merge_on_s3(local_ray, s3_bucket, tmp_path):
     assert storage.exists(storage.join(out, "shards", "shard-00002", "manifest.json"))
     merged = merge(MergeConfig(shards=out, out=out + "/dataset", min_count=1))
     assert merged["count"] == 12
-    ids = storage.load_npy(out + "/dataset/ids.npy")
-    assert sorted(ids.tolist()) == [f"p{i:04d}" for i in range(12)]
+    ids = Dataset.load(out + "/dataset").ids  # parted: ids live in the parts
+    assert sorted(np.asarray(ids).tolist()) == [f"p{i:04d}" for i in range(12)]
 
 
 def test_config_errors_say_what_to_do():
@@ -172,10 +237,11 @@ def test_config_errors_say_what_to_do():
 
 def test_tflite_interpreters_get_the_task_cpus_not_the_node_cpus(tmp_path):
     tflite = ScrapeConfig(source="m.jsonl", out=str(tmp_path), embedder="tflite:m.tflite")
-    assert tflite.embedder_options() == {"num_threads": 1, "interpreters": 1}
+    assert tflite.embedder == ("tflite:m.tflite",)
+    assert tflite.embedder_options("tflite:m.tflite") == {"num_threads": 1, "interpreters": 1}
     wide = dataclasses.replace(tflite, cpus_per_task=4)
-    assert wide.embedder_options() == {"num_threads": 4, "interpreters": 4}
-    assert ScrapeConfig(source="m.jsonl", out=str(tmp_path)).embedder_options() == {}
+    assert wide.embedder_options("tflite:m.tflite") == {"num_threads": 4, "interpreters": 4}
+    assert ScrapeConfig(source="m.jsonl", out=str(tmp_path)).embedder_options("classic") == {}
 
 
 def test_scrape_with_the_real_tflite_model_on_two_lanes(local_ray, shared_dir, tmp_path):

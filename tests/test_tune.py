@@ -141,7 +141,9 @@ def test_grid_on_ray_writes_report_and_model_then_resumes(tmp_path, local_ray, c
     )
     summary = tune.run(config)
     printed = capsys.readouterr().out
-    assert "Model bs: 16 / lr: 0.01 / f1: " in printed and "Model bs: 64 / lr: 0.01" in printed
+    assert "(selected)" in printed and "| 16 | 0.01 |" in printed  # the decision table
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "Model bs: 16 / lr: 0.01 / f1: " in report and "Model bs: 64 / lr: 0.01" in report
     assert "popularity" in printed and "knn" in printed
     out = tmp_path / "out"
     for name in ("results.csv", "results.md", "heatmap.png", "curves.png", "tune.json"):
@@ -150,8 +152,12 @@ def test_grid_on_ray_writes_report_and_model_then_resumes(tmp_path, local_ray, c
     assert len(summary["trials"]) == 2 and all(t["epochs"] == 2 for t in summary["trials"])
     assert all(len(t["history"]["val_f1"]) == 2 for t in summary["trials"])
     best = summary["best"]
-    best_val = max(t["val"]["f1"] for t in summary["trials"])
-    assert best["val"]["f1"] == best_val  # chosen on validation
+    contenders = [c for c in summary["trials"] + summary["candidates"] if c["val"]]
+    assert best["val"]["f1@5"] == max(c["val"]["f1@5"] for c in contenders)  # on validation
+    assert {"knn", "ridge"} <= {c["model"] for c in contenders}
+    assert best["trained_on"] == ["train", "val"]  # refit before export
+    table = (out / "results.md").read_text()
+    assert "selected" in table and "refit on train+val" in table
 
     # The export loads on its own: no dataset, no Ray state.
     exported = models.load(summary["model"])
@@ -160,7 +166,7 @@ def test_grid_on_ray_writes_report_and_model_then_resumes(tmp_path, local_ray, c
     assert exported.metadata["format"] == tune.EXPORT_FORMAT
     assert exported.metadata["decision"]["kind"] in ("top_k", "threshold")
     X_test, Y_test = dataset.part("test")
-    assert exported.score(X_test, Y_test)["f1"] == pytest.approx(best["test"]["f1"])
+    assert exported.score(X_test, Y_test)["f1"] == pytest.approx(best["refit_test"]["f1"])
     completion = Cooccurrence.load(storage.join(summary["model"], "cooccurrence"))
     assert completion.n_tags == len(dataset.vocab)
 
