@@ -31,7 +31,7 @@ SUMMARY = "scrape.json"
 
 # What each kind of source reads posts from: said when a source holds none.
 LOOKED_FOR = {
-    "manifest": "rows with an `image` (or label-only `tags`) in the manifest",
+    "manifest": "rows with an `image` field (JSON Lines or CSV)",
     "instaloader": "instaloader posts (<date>_UTC.jpg with its .txt caption), searched recursively",
     "seed": "rows of the *_csvs.npy files",
 }

@@ -627,10 +627,9 @@ def export_model(
     completion=None,
 ) -> str:
     """Write the self-contained model folder OUT/model/: the model (a knn or a blend keeps its
-    training embeddings and labels), metadata, and co-occurrence of the labels it learnt from (with `completion`'s weights, a
-    CooccurrenceConfig, when given)."""
+    training embeddings and labels), metadata, and co-occurrence of the labels it learnt from
+    (with `completion`'s weights, a CooccurrenceConfig, when given)."""
     from hashtag.completion import Cooccurrence
-    from hashtag.dataset import csr_rows, dense_labels
 
     uri = storage.join(config.out, "model")
     storage.remove(uri)  # no file of an older export may survive beside the new one
@@ -663,16 +662,19 @@ def export_model(
             part.optimizer_state = []
     recommender.save(uri, metadata=metadata)
     # From the labels the model learnt from, a block of posts at a time.
-    indptr, indices = dataset.labels_csr(rows)
-    blocks = (
-        dense_labels(
-            *csr_rows(indptr, indices, np.arange(a, min(a + 8192, len(indptr) - 1))),
-            dataset.vocab_size,
-        )
-        for a in range(0, len(indptr) - 1, 8192)
-    )
+    blocks = label_blocks(dataset, rows)
     Cooccurrence(completion).fit_blocks(blocks).save(storage.join(uri, "cooccurrence"))
     return uri
+
+
+def label_blocks(dataset, rows: np.ndarray, size: int = 8192):
+    """The labels of `rows` as dense bool (b, V) blocks, one in memory at a time."""
+    from hashtag.dataset import csr_rows, dense_labels
+
+    indptr, indices = dataset.labels_csr(rows)
+    for start in range(0, len(indptr) - 1, size):
+        block = np.arange(start, min(start + size, len(indptr) - 1))
+        yield dense_labels(*csr_rows(indptr, indices, block), dataset.vocab_size)
 
 
 def _best_model(config: TuneConfig, results, best: ResultRow):
@@ -915,7 +917,6 @@ def completion_rows(config: TuneConfig, dataset) -> tuple[list[ResultRow], Any]:
         score_suggestions,
     )
 
-    _, Y_train = dataset.part("train")
     parts = {split: held_out(dataset.part(split)[1], config.seed) for split in ("val", "test")}
     for split, (given, _) in parts.items():
         if len(given) == 0:
@@ -923,10 +924,10 @@ def completion_rows(config: TuneConfig, dataset) -> tuple[list[ResultRow], Any]:
                 f"{config.data} has no {split} post with two tags or more: completion is scored "
                 "by hiding half of each post's tags; merge more posts first"
             )
-    frequency = np.asarray(Y_train, bool).mean(axis=0)
     started = time.perf_counter()
-    counts = Cooccurrence(PLAIN).fit(Y_train)
+    counts = Cooccurrence(PLAIN).fit_blocks(label_blocks(dataset, dataset.rows("train")))
     fit_seconds = time.perf_counter() - started
+    frequency = np.diag(counts.counts) / counts.n_posts
 
     def scored(name: str, scores_given, seconds: float, selected: bool = False) -> ResultRow:
         started = time.perf_counter()

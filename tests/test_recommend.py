@@ -176,3 +176,24 @@ def test_model_and_images_on_s3(exported, images, s3_bucket, capsys):
     results = {r["image"]: r for r in _lines(capsys)}
     assert len(results[f"{s3_bucket}/pics/a.jpg"]["hashtags"]) == 5
     assert "error" in results[f"{s3_bucket}/pics/broken.jpg"]
+
+
+def test_manifest_of_images_and_tags_answers_each_post_in_order(exported, images, tmp_path):
+    vocab = models.load(exported).metadata["vocab"]
+    rows = [
+        {"id": "x", "image": str(images / "a.jpg"), "tags": [vocab[0]]},
+        {"id": "y", "image": str(images / "broken.jpg")},
+        {"id": "z", "tags": f"#{vocab[1]}"},
+        {"image": str(images / "b.png")},
+    ]
+    manifest = tmp_path / "posts.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = RecommendConfig(model=exported, manifest=str(manifest), json=True)
+    results = recommend.recommend(config)
+    assert [r["id"] for r in results] == ["x", "y", "z", "4"]
+    assert vocab[0] not in {h["tag"] for h in results[0]["hashtags"]}
+    assert "error" in results[1] and results[1]["image"] == str(images / "broken.jpg")
+    assert results[2]["image"] is None and len(results[2]["hashtags"]) == 5
+    assert len(results[3]["hashtags"]) == 5 and "given" not in results[3]
+    with pytest.raises(ValueError, match="--manifest gives each post"):
+        RecommendConfig(model=exported, manifest=str(manifest), tags="a")
