@@ -226,7 +226,7 @@ def _values(config_cls, loaded, args, prefix, exclude=(), where="") -> dict[str,
     return values
 
 
-def config_from_args(config_cls: type, args: argparse.Namespace, parser=None) -> Any:
+def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
     """Build and validate the config: values from --config FILE, then the flags given. Raises
     UserError (one line) for an unknown, missing or invalid option."""
     loaded: dict = {}

@@ -210,7 +210,10 @@ def _resumable(config: ScrapeConfig, identity: dict) -> dict[int, dict]:
     summary_uri = storage.join(config.out, SUMMARY)
     recorded = []
     if storage.exists(summary_uri):
-        previous = storage.read_json(summary_uri)
+        try:
+            previous = storage.read_json(summary_uri)
+        except (OSError, ValueError, RecursionError):  # damaged: the shard manifests still say
+            previous = None
         if isinstance(previous, dict) and "source" in previous:
             recorded.append((previous["source"], previous.get("shard_size"), summary_uri))
     finished = shards.finished_shards(config.out)
