@@ -85,10 +85,23 @@ class SplitData:
                 if tag in index:
                     self.Y[row, index[tag]] = True
         self.X, self.split, self.embedder, self.dim = X, split, spec.to_json(), X.shape[1]
+        self.vocab_size = len(self.vocab)
 
     def part(self, name: str):
         rows = self.split == ("train", "val", "test").index(name)
         return self.X[rows], self.Y[rows]
+
+
+def trial_data(data: SplitData):
+    """tune's TrialData of a SplitData: its splits as arrays with CSR labels."""
+    from hashtag import models, tune
+
+    arrays = {}
+    for name in ("train", "val", "test"):
+        X, Y = data.part(name)
+        indptr, indices = models.csr_of(Y)
+        arrays[name] = {"X": X, "indptr": indptr, "indices": indices}
+    return tune.TrialData("", arrays)
 
 
 def run_split(args, X, spec, tags, X_v2, seed: int) -> list[dict]:
@@ -125,16 +138,18 @@ def run_split(args, X, spec, tags, X_v2, seed: int) -> list[dict]:
         )  # fmt: skip
         trials.append(row)
         fitted_trials[row.label] = mlp
-    references, fitted = tune._references(config, data)
+    splits = trial_data(data)
+    references, fitted = tune._references(config, data, splits)
     rows, winner, chosen = tune.compete(
-        config, data, trials, lambda r: fitted_trials[r.label], references, fitted
+        config, data, splits, trials, lambda r: fitted_trials[r.label], references, fitted
     )
-    exported, _, refit_row = tune.refit_winner(config, data, winner, chosen)
+    exported, _, refit_row = tune.refit_winner(config, data, splits, winner, chosen)
 
     # The reference: uncentred MobileNetV2, 20 neighbours, exp(10 x similarity), no prior.
     plain = models.ModelConfig(knn_neighbours=20, knn_temperature=10.0, prior_weight=0.0)
     v2 = SplitData(X_v2, tags, split, spec)
-    reference = models.create("knn", plain).fit(*tune._parts(v2, ("train", "val")))
+    both = tune._training_rows(trial_data(v2), ("train", "val"), len(v2.vocab))
+    reference = models.create("knn", plain).fit(*both)
     reference_train = models.create("knn", plain).fit(*v2.part("train"))
     out = [
         {"model": "knn reference (train+val)", "test": score(reference, *v2.part("test"))},
@@ -205,7 +220,7 @@ def main() -> None:
     args.grid = [(int(b), float(lr)) for b, lr in (c.split(":") for c in args.grid.split(",") if c)]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     names = args.embedders.split(",")
-    specs = {n: EmbedderSpec.parse(f"tflite:{args.models / MODELS[n]}") for n in ("v2", *names)}
+    specs = {n: EmbedderSpec.parse(f"tflite:{args.models / MODELS[n]}") for n in ("v2", "v1")}
     lines, everything = [], []
     for name in args.sets.split(","):
         posts = list(open_source(str(args.data / name / "posts.jsonl")).posts())
