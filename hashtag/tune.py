@@ -265,11 +265,14 @@ class TrialSettings:
     env: dict[str, str] = field(default_factory=dict)
 
 
-# Streamed trials choose the decision rule and report per-epoch validation metrics on the first
+# Trials choose the decision rule and report per-epoch validation metrics on the first
 # VAL_SAMPLE validation rows (a random sample: splits are a hash of the post id), so that their
-# memory does not grow with N; the final validation and test scores use every row.
+# memory does not grow with N; the final validation and test scores use every row, SCORE_ROWS
+# at a time (scores, masks and labels of a block: ~12 bytes x SCORE_ROWS x V). Training reads
+# BLOCK_ROWS rows at a time (the span of the streamed per-epoch shuffle).
 VAL_SAMPLE = 10_000
 BLOCK_ROWS = 65_536
+SCORE_ROWS = 8_192
 SPLIT_ARRAYS = ("X", "indptr", "indices")
 
 
@@ -297,14 +300,16 @@ class TrialData:
 
             self.dataset = Dataset.load(data)
 
-    def blocks(self, name: str, order: np.random.Generator | None = None):
-        """(X, labels indptr, indices) blocks of split `name`."""
+    def blocks(self, name: str, order: np.random.Generator | None = None, rows: int = 0):
+        """(X, labels indptr, indices) blocks of split `name`, of `rows` rows: by default
+        BLOCK_ROWS when shuffled (training), SCORE_ROWS in order (scoring)."""
         from hashtag.dataset import array_blocks
 
+        rows = rows or (BLOCK_ROWS if order is not None else SCORE_ROWS)
         if self.dataset is not None:
-            return self.dataset.blocks(name, BLOCK_ROWS, order)
+            return self.dataset.blocks(name, rows, order)
         split = self.arrays[name]
-        return array_blocks(split["X"], split["indptr"], split["indices"], order, BLOCK_ROWS)
+        return array_blocks(split["X"], split["indptr"], split["indices"], order, rows)
 
     def train(self, dim: int, n_tags: int) -> models.Blocks:
         rows = (
@@ -315,18 +320,13 @@ class TrialData:
         return models.Blocks(lambda order: self.blocks("train", order), rows, dim, n_tags)
 
     def validation(self, n_tags: int) -> tuple[np.ndarray, np.ndarray]:
-        """(X, Y dense) for per-epoch validation: every row in memory, VAL_SAMPLE streamed."""
+        """(X, Y dense) of the first VAL_SAMPLE validation rows, for per-epoch validation."""
         from hashtag.dataset import dense_labels
 
-        Xs, Ys, taken = [], [], 0
-        for X, indptr, indices in self.blocks("val"):
-            if self.dataset is not None and taken >= VAL_SAMPLE:
-                break
+        Xs, Ys = [], []
+        for X, indptr, indices in _first_rows(self.blocks("val"), VAL_SAMPLE):
             Xs.append(X)
             Ys.append(dense_labels(indptr, indices, n_tags))
-            taken += len(X)
-        if self.dataset is not None:
-            return np.concatenate(Xs)[:VAL_SAMPLE], np.concatenate(Ys)[:VAL_SAMPLE]
         return np.concatenate(Xs), np.concatenate(Ys)
 
 
