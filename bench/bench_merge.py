@@ -95,7 +95,7 @@ def main() -> None:
         if args.merge_only:
             summary = merge.run(
                 merge.MergeConfig(shards=args.merge_only[0], out=args.merge_only[1])
-            )
+            ).summary
         maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         print(json.dumps({"summary": summary, "hwm": _vm_hwm(), "maxrss": maxrss_kb * 1024}))
         return

@@ -18,7 +18,8 @@ exp(10 x similarity), uncentred MobileNetV2 features, fitted on train + validati
 the exported model learns from; `knn (train)` is the same vote on train only). Printed: F1@5 and
 F1@10 (the product's per-image means) per model, mean +- standard deviation over the splits, and
 the exported model's ratio to the reference (mean of per-split ratios, and how many splits won).
-Nothing is chosen on the test split.
+Nothing is chosen on the test split. `--dtype float16` rounds the embeddings through float16
+first, as `hashtag merge --dtype float16` stores them, to measure what that costs.
 """
 
 from __future__ import annotations
@@ -209,6 +210,11 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/hashtag-quality-cache"))
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="float16: round the embeddings as `hashtag merge --dtype float16` stores them",
+    )
     parser.add_argument("--json", type=Path, help="also write every row here")
     args = parser.parse_args()
     args.grid = [(int(b), float(lr)) for b, lr in (c.split(":") for c in args.grid.split(",") if c)]
@@ -224,6 +230,8 @@ def main() -> None:
         from hashtag import embedders
 
         full = embed(posts, both, args.cache, name)
+        if args.dtype == "float16":  # what the dataset's readers get back from float16 files
+            full = full.astype(np.float16).astype(np.float32)
         built = embedders.create_from_spec(both)
         spec = EmbedderSpec.ensemble([built.parts[0].spec, built.parts[1].spec])
         X_v2 = embedders.l2_normalize(full[:, : built.parts[0].dim])

@@ -105,7 +105,7 @@ class Artifact:
 
     def error(self, problem: str) -> ArtifactError:
         """An ArtifactError naming this folder and the fix."""
-        return ArtifactError(f"{self.uri}: {problem}; {self.fix}")
+        return ArtifactError(f"{self.uri}: {problem}" + (f"; {self.fix}" if self.fix else ""))
 
     @property
     def files(self) -> dict[str, dict[str, Any]]:

@@ -103,10 +103,14 @@ def _coerce(annotation: Any, value: Any) -> Any:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block): `PROG: error: MESSAGE (see PROG --help)`."""
+    """argparse with one-line errors (no usage block): `LABEL: error: MESSAGE (see PROG --help)`,
+    LABEL being `hashtag STAGE` whichever script runs the stage."""
+
+    label = ""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        label = self.label or self.prog
+        self.exit(2, f"{label}: error: {message} (see {self.prog} --help)\n")
 
 
 def _sections(config_cls: type) -> dict[str, dataclasses.Field]:
@@ -173,7 +177,8 @@ def _add_options(
             )
         elif f.metadata.get("repeatable"):  # --embedder A --embedder B
             parser.add_argument(
-                _flag(f.name),
+                *flags,
+                dest=dest,
                 action="append",
                 default=argparse.SUPPRESS,
                 help=help_text,
@@ -221,7 +226,7 @@ def _values(config_cls, loaded, args, prefix, exclude=(), where="") -> dict[str,
     return values
 
 
-def config_from_args(config_cls: type, args: argparse.Namespace, parser=None) -> Any:
+def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
     """Build and validate the config: values from --config FILE, then the flags given. Raises
     UserError (one line) for an unknown, missing or invalid option."""
     loaded: dict = {}
@@ -340,12 +345,14 @@ def _load_stage(name: str) -> tuple[type, Callable]:
 def run_stage(name: str, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Parse `argv` for one stage and run it: what jobs/*.py call. Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    prog = prog or f"hashtag {name}"
+    label = f"hashtag {name}"  # errors say which stage, from the CLI and from jobs/*.py alike
+    prog = prog or label
     verbose = "-v" in argv or "--verbose" in argv  # known before parsing: errors of parsing too
     _setup(verbose)
     try:
         config_cls, run = _load_stage(name)
         parser = _Parser(prog=prog, description=STAGES[name][3])
+        parser.label = label
         _add_common(parser)
         add_config_arguments(parser, config_cls)
         args = parser.parse_args(argv)
@@ -358,10 +365,10 @@ def run_stage(name: str, argv: Sequence[str] | None = None, prog: str | None = N
         with logging_redirect_tqdm():  # log lines above the progress bars, not through them
             return exit_code(run(config))
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"{label}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as error:
-        return report_error(prog, error, verbose)
+        return report_error(label, error, verbose)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -216,9 +216,9 @@ class Fetcher:
             port = parts.port or (443 if https else 80)
         except ValueError as e:
             raise FetchError(f"{url!r}: {e}", "bad-location") from e
-        address = self._checked_address(host, port)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         deadline = min(time.monotonic() + config.attempt_deadline_s, fetch_deadline)
+        address = self._checked_address(host, port, deadline)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         if https:
             conn = _PinnedHTTPSConnection(
                 host, port, address, config.timeout_s, deadline, self._ssl_context
@@ -268,10 +268,13 @@ class Fetcher:
             raise _Retry(FetchError(f"{url}: got {total} of {length} bytes", "incomplete"))
         return b"".join(chunks)
 
-    def _checked_address(self, host: str, port: int) -> str:
-        """Resolve `host`; refuse it if any address is not public (unless allow_private)."""
+    def _checked_address(self, host: str, port: int, deadline: float) -> str:
+        """Resolve `host` (within the deadline); refuse it if any address is not public (unless
+        allow_private), and the cloud metadata addresses always."""
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = _resolve(host, port, deadline)
+        except TimeoutError as e:
+            raise _Retry(FetchError(f"{host!r}: {e}", "timeout")) from e
         except socket.gaierror as e:
             error = FetchError(f"cannot resolve host {host!r}: {e}", "dns-error")
             if e.errno == socket.EAI_AGAIN:  # a temporary failure of the resolver
@@ -346,6 +349,28 @@ def is_public_address(address: str) -> bool:
         )
         for ip in _unwrapped(address)
     )
+
+
+def _resolve(host: str, port: int, deadline: float) -> list:
+    """getaddrinfo, given at most the time left before `deadline`: the resolver is a blocking
+    call that a slow authoritative server (chosen by whoever wrote the URL) can stretch. A lookup
+    that overruns keeps its daemon thread until the resolver's own timeout ends it."""
+    found: list = []
+
+    def lookup() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as error:
+            found.append(error)
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if not found:
+        raise TimeoutError(f"resolving {host!r} did not finish before the deadline")
+    if isinstance(found[0], OSError):
+        raise found[0]
+    return found[0]
 
 
 def _retry_after_s(value: str | None) -> float | None:

@@ -34,7 +34,6 @@ old parts and the work folder are removed.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import time
@@ -200,7 +199,11 @@ def keys_task(
     uri = storage.join(work, "keys", f"group-{group[0]:05d}")
     if (done := _done(uri)) is not None:
         return done
-    orders, id_hashes, image_hashes, has_image, tag_rows = [], [], [], [], []
+    orders, id_hashes, image_hashes, has_image = [], [], [], []
+    # Tags as a CSR over the group's own tag numbering, built shard by shard, so that what the
+    # task holds beyond one shard's rows is a few integers per row (not Python lists).
+    column: dict[str, int] = {}
+    tag_counts_per_row, tag_indices = [], []
     bad: dict[str, str] = {}
     id_length = 0
     for index in group:
@@ -219,13 +222,27 @@ def keys_task(
         id_hashes.append(hash64(ids))
         has_image.append(np.array([isinstance(x, str) and bool(x) for x in shas], bool))
         image_hashes.append(hash64([x.lower() if isinstance(x, str) else "" for x in shas]))
-        tag_rows += [sorted({str(t) for t in row.get("tags") or ()}) for row in rows]
+        lists = [
+            [
+                column.setdefault(t, len(column))
+                for t in sorted({str(t) for t in row.get("tags") or ()})
+            ]
+            for row in rows
+        ]
+        indptr, indices = csr_from_lists(lists)
+        tag_counts_per_row.append(np.diff(indptr))
+        tag_indices.append(indices)
         id_length = max(id_length, max(map(len, ids), default=0))
-    concat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+        del rows, lists
+
+    def concat(parts: list[np.ndarray], dtype) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
     order, has = concat(orders, np.uint64), concat(has_image, bool)
-    names = sorted(set(itertools.chain.from_iterable(tag_rows)))
-    column = {tag: i for i, tag in enumerate(names)}
-    tag_indptr, tag_indices = csr_from_lists([[column[t] for t in row] for row in tag_rows])
+    names = list(column)  # index j of tag_indices is names[j]
+    tag_indptr = np.zeros(len(order) + 1, np.int64)
+    np.cumsum(concat(tag_counts_per_row, np.int64), out=tag_indptr[1:])
+    tag_indices = concat(tag_indices, np.int32)
     arrays = {"order": order, "tag_indptr": tag_indptr, "tag_indices": tag_indices}
     for kind, hashes, valid in (
         ("id", concat(id_hashes, np.uint64), np.ones(len(order), bool)),
@@ -405,7 +422,12 @@ def _run_stage(desc: str, task, calls: list[tuple]) -> list[Any]:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
-                results[pending.pop(ref)] = ray.get(ref)
+                try:
+                    results[pending.pop(ref)] = ray.get(ref)
+                except ray.exceptions.RayTaskError as error:
+                    if isinstance(error.cause, UserError):  # a full disk: one clear line
+                        raise error.cause from None
+                    raise
                 bar.update()
     return [results[i] for i in range(len(refs))]
 

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from hashtag import artifacts, metrics, storage
-from hashtag.dataset import array_blocks, dense_labels
+from hashtag.dataset import array_blocks, csr_rows, dense_labels
 from hashtag.embedders import l2_normalize
 
 FORMAT = "hashtag-model"
@@ -992,12 +992,18 @@ class Mlp(_KerasTrained):
         def batches():
             order = np.random.default_rng([self.config.seed, epoch])
             for X, indptr, indices in data.read(order):
-                Y = dense_labels(indptr, indices, data.n_tags, np.float32)
                 if softmax:  # an untagged post has no distribution to learn
-                    tagged = np.diff(indptr) > 0
-                    X, Y = X[tagged], Y[tagged] / Y[tagged].sum(axis=1, keepdims=True)
+                    tagged = np.flatnonzero(np.diff(indptr) > 0)
+                    X, (indptr, indices) = X[tagged], csr_rows(indptr, indices, tagged)
                 for start in range(0, len(X), size):
-                    yield X[start : start + size], Y[start : start + size]
+                    stop = min(start + size, len(X))
+                    span = indptr[start : stop + 1]
+                    Y = dense_labels(
+                        span - span[0], indices[span[0] : span[-1]], data.n_tags, np.float32
+                    )
+                    if softmax:
+                        Y /= Y.sum(axis=1, keepdims=True)
+                    yield X[start:stop], Y
 
         signature = (
             tf.TensorSpec((None, data.dim), tf.float32),

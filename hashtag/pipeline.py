@@ -152,7 +152,8 @@ def _stage(name: str, summaries: dict, func, *args):
 
 def _example_images(source_uri: str, count: int) -> tuple[str, ...]:
     """A few photos of the source folder to recommend for, leaving out the demo's broken files."""
-    if count < 1 or not storage.filesystem(source_uri)[0].isdir(storage.filesystem(source_uri)[1]):
+    fs, path = storage.filesystem(source_uri)
+    if count < 1 or not fs.isdir(path):  # a manifest source: no folder of photos to pick from
         return ()
     summary_uri = storage.join(source_uri, "demo-summary.json")
     broken = (
@@ -168,9 +169,8 @@ def _example_images(source_uri: str, count: int) -> tuple[str, ...]:
 
 
 def run(config: PipelineConfig) -> PipelineResult:
-    from hashtag import demo, merge, raycluster, recommend, scrape, tune
+    from hashtag import demo, merge, recommend, scrape, tune
 
-    raycluster.connect()
     start = time.perf_counter()
     stages: dict = {}
     if config.demo:

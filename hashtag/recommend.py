@@ -136,6 +136,16 @@ class ExportedModel:
         self.index = {tag: i for i, tag in enumerate(self.vocab)}
         self.embedder_spec = EmbedderSpec.from_json(self.metadata["embedder"])
         self._cooccurrence = None
+        self._embedder = None
+
+    @property
+    def embedder(self):
+        """The model's embedder, built once (a --manifest run embeds many batches with it)."""
+        from hashtag import embedders
+
+        if self._embedder is None:
+            self._embedder = embedders.create_from_spec(self.embedder_spec)
+        return self._embedder
 
     @property
     def cooccurrence(self):
@@ -240,7 +250,7 @@ def _image_scores(
     exported: ExportedModel, images: list[str], fetch_deadline_s: float = 60.0
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Scores (V,) of every image that could be embedded, and the reason for every other one."""
-    from hashtag import embedders, ingest
+    from hashtag import ingest
     from hashtag.fetch import FetchConfig, Fetcher
     from hashtag.posts import Post
 
@@ -249,10 +259,9 @@ def _image_scores(
     if not exported.has_images:
         reason = "this model was trained on labels only (no image embedder): give tags alone"
         return {}, dict.fromkeys(images, reason)
-    embedder = embedders.create_from_spec(exported.embedder_spec)
     posts = [Post(id=str(n), image=location, tags=()) for n, location in enumerate(images)]
     fetcher = Fetcher(FetchConfig(fetch_deadline_s=fetch_deadline_s))
-    result = ingest.embed_posts(posts, embedder, fetcher, threads=4)
+    result = ingest.embed_posts(posts, exported.embedder, fetcher, threads=4)
     errors = {images[int(post_id)]: reason for post_id, reason in result.skips}
     if not result.posts:
         return {}, errors

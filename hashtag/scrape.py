@@ -31,7 +31,7 @@ SUMMARY = "scrape.json"
 
 # What each kind of source reads posts from: said when a source holds none.
 LOOKED_FOR = {
-    "manifest": "rows with an `image` (or label-only `tags`) in the manifest",
+    "manifest": "rows with an `image` field (JSON Lines or CSV)",
     "instaloader": "instaloader posts (<date>_UTC.jpg with its .txt caption), searched recursively",
     "seed": "rows of the *_csvs.npy files",
 }
@@ -210,7 +210,10 @@ def _resumable(config: ScrapeConfig, identity: dict) -> dict[int, dict]:
     summary_uri = storage.join(config.out, SUMMARY)
     recorded = []
     if storage.exists(summary_uri):
-        previous = storage.read_json(summary_uri)
+        try:
+            previous = storage.read_json(summary_uri)
+        except (OSError, ValueError, RecursionError):  # damaged: the shard manifests still say
+            previous = None
         if isinstance(previous, dict) and "source" in previous:
             recorded.append((previous["source"], previous.get("shard_size"), summary_uri))
     finished = shards.finished_shards(config.out)
@@ -242,12 +245,12 @@ def run(config: ScrapeConfig) -> ScrapeResult:
     from hashtag import raycluster
 
     start = time.perf_counter()
-    try:
+    try:  # an unknown kind, pickled files without --trust-pickle, a manifest that is not JSON
         source = open_source(config.source, trust_pickle=config.trust_pickle)
-    except ValueError as error:  # an unknown kind, pickled files without --trust-pickle
+        posts = iter(source.posts())
+        first = next(posts, None)
+    except ValueError as error:
         raise UserError(str(error)) from error
-    posts = iter(source.posts())
-    first = next(posts, None)
     if first is None:
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(source.skipped.items()))
         raise UserError(

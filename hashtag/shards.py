@@ -155,7 +155,7 @@ def read_manifest(root: str, index: int) -> dict[str, Any] | None:
 def verify(root: str, index: int, manifest: dict[str, Any]) -> str | None:
     """None when shard `index`'s data files match `manifest` (sizes and sha256), else the problem."""
     try:
-        _artifact(root, index, manifest).verify()
+        _artifact(root, index, manifest, fix="").verify()  # the caller says what to do
     except ArtifactError as error:
         return str(error)
     return None
@@ -252,10 +252,12 @@ def _require_manifest(root: str, index: int) -> dict[str, Any]:
     return manifest
 
 
-def _artifact(root: str, index: int, manifest: dict[str, Any]) -> artifacts.Artifact:
+def _artifact(
+    root: str, index: int, manifest: dict[str, Any], fix: str = "rerun the same `hashtag scrape`"
+) -> artifacts.Artifact:
     if not manifest.get("files"):  # a manifest built by hand (tests): the files are the truth
         manifest = {**manifest, "files": {EMBEDDINGS: _NO_ENTRY, POSTS: _NO_ENTRY}}
-    return artifacts.Artifact(shard_uri(root, index), manifest, "rerun the same `hashtag scrape`")
+    return artifacts.Artifact(shard_uri(root, index), manifest, fix)
 
 
 def _copy(value: Any) -> Any:

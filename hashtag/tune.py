@@ -265,11 +265,14 @@ class TrialSettings:
     env: dict[str, str] = field(default_factory=dict)
 
 
-# Streamed trials choose the decision rule and report per-epoch validation metrics on the first
+# Trials choose the decision rule and report per-epoch validation metrics on the first
 # VAL_SAMPLE validation rows (a random sample: splits are a hash of the post id), so that their
-# memory does not grow with N; the final validation and test scores use every row.
+# memory does not grow with N; the final validation and test scores use every row, SCORE_ROWS
+# at a time (scores, masks and labels of a block: ~12 bytes x SCORE_ROWS x V). Training reads
+# BLOCK_ROWS rows at a time (the span of the streamed per-epoch shuffle).
 VAL_SAMPLE = 10_000
 BLOCK_ROWS = 65_536
+SCORE_ROWS = 8_192
 SPLIT_ARRAYS = ("X", "indptr", "indices")
 
 
@@ -297,14 +300,16 @@ class TrialData:
 
             self.dataset = Dataset.load(data)
 
-    def blocks(self, name: str, order: np.random.Generator | None = None):
-        """(X, labels indptr, indices) blocks of split `name`."""
+    def blocks(self, name: str, order: np.random.Generator | None = None, rows: int = 0):
+        """(X, labels indptr, indices) blocks of split `name`, of `rows` rows: by default
+        BLOCK_ROWS when shuffled (training), SCORE_ROWS in order (scoring)."""
         from hashtag.dataset import array_blocks
 
+        rows = rows or (BLOCK_ROWS if order is not None else SCORE_ROWS)
         if self.dataset is not None:
-            return self.dataset.blocks(name, BLOCK_ROWS, order)
+            return self.dataset.blocks(name, rows, order)
         split = self.arrays[name]
-        return array_blocks(split["X"], split["indptr"], split["indices"], order, BLOCK_ROWS)
+        return array_blocks(split["X"], split["indptr"], split["indices"], order, rows)
 
     def train(self, dim: int, n_tags: int) -> models.Blocks:
         rows = (
@@ -315,18 +320,13 @@ class TrialData:
         return models.Blocks(lambda order: self.blocks("train", order), rows, dim, n_tags)
 
     def validation(self, n_tags: int) -> tuple[np.ndarray, np.ndarray]:
-        """(X, Y dense) for per-epoch validation: every row in memory, VAL_SAMPLE streamed."""
+        """(X, Y dense) of the first VAL_SAMPLE validation rows, for per-epoch validation."""
         from hashtag.dataset import dense_labels
 
-        Xs, Ys, taken = [], [], 0
-        for X, indptr, indices in self.blocks("val"):
-            if self.dataset is not None and taken >= VAL_SAMPLE:
-                break
+        Xs, Ys = [], []
+        for X, indptr, indices in _first_rows(self.blocks("val"), VAL_SAMPLE):
             Xs.append(X)
             Ys.append(dense_labels(indptr, indices, n_tags))
-            taken += len(X)
-        if self.dataset is not None:
-            return np.concatenate(Xs)[:VAL_SAMPLE], np.concatenate(Ys)[:VAL_SAMPLE]
         return np.concatenate(Xs), np.concatenate(Ys)
 
 
@@ -627,10 +627,9 @@ def export_model(
     completion=None,
 ) -> str:
     """Write the self-contained model folder OUT/model/: the model (a knn or a blend keeps its
-    training embeddings and labels), metadata, and co-occurrence of the labels it learnt from (with `completion`'s weights, a
-    CooccurrenceConfig, when given)."""
+    training embeddings and labels), metadata, and co-occurrence of the labels it learnt from
+    (with `completion`'s weights, a CooccurrenceConfig, when given)."""
     from hashtag.completion import Cooccurrence
-    from hashtag.dataset import csr_rows, dense_labels
 
     uri = storage.join(config.out, "model")
     storage.remove(uri)  # no file of an older export may survive beside the new one
@@ -663,16 +662,19 @@ def export_model(
             part.optimizer_state = []
     recommender.save(uri, metadata=metadata)
     # From the labels the model learnt from, a block of posts at a time.
-    indptr, indices = dataset.labels_csr(rows)
-    blocks = (
-        dense_labels(
-            *csr_rows(indptr, indices, np.arange(a, min(a + 8192, len(indptr) - 1))),
-            dataset.vocab_size,
-        )
-        for a in range(0, len(indptr) - 1, 8192)
-    )
+    blocks = label_blocks(dataset, rows)
     Cooccurrence(completion).fit_blocks(blocks).save(storage.join(uri, "cooccurrence"))
     return uri
+
+
+def label_blocks(dataset, rows: np.ndarray, size: int = 8192):
+    """The labels of `rows` as dense bool (b, V) blocks, one in memory at a time."""
+    from hashtag.dataset import csr_rows, dense_labels
+
+    indptr, indices = dataset.labels_csr(rows)
+    for start in range(0, len(indptr) - 1, size):
+        block = np.arange(start, min(start + size, len(indptr) - 1))
+        yield dense_labels(*csr_rows(indptr, indices, block), dataset.vocab_size)
 
 
 def _best_model(config: TuneConfig, results, best: ResultRow):
@@ -915,7 +917,6 @@ def completion_rows(config: TuneConfig, dataset) -> tuple[list[ResultRow], Any]:
         score_suggestions,
     )
 
-    _, Y_train = dataset.part("train")
     parts = {split: held_out(dataset.part(split)[1], config.seed) for split in ("val", "test")}
     for split, (given, _) in parts.items():
         if len(given) == 0:
@@ -923,10 +924,10 @@ def completion_rows(config: TuneConfig, dataset) -> tuple[list[ResultRow], Any]:
                 f"{config.data} has no {split} post with two tags or more: completion is scored "
                 "by hiding half of each post's tags; merge more posts first"
             )
-    frequency = np.asarray(Y_train, bool).mean(axis=0)
     started = time.perf_counter()
-    counts = Cooccurrence(PLAIN).fit(Y_train)
+    counts = Cooccurrence(PLAIN).fit_blocks(label_blocks(dataset, dataset.rows("train")))
     fit_seconds = time.perf_counter() - started
+    frequency = np.diag(counts.counts) / counts.n_posts
 
     def scored(name: str, scores_given, seconds: float, selected: bool = False) -> ResultRow:
         started = time.perf_counter()

@@ -127,9 +127,11 @@ def test_ordinary_mistakes_are_one_line_exit_2(tmp_path, two_runs):
     for argv, message in cases:
         assert_one_line_error(hashtag(*argv), f"hashtag {argv[0]}", 2, message)
     assert not (tmp_path / "s").exists()  # refused before any work
-    # The jobs/ entrypoints say the same, under their own name.
+    # The jobs/ entrypoints say the same.
     done = hashtag("--shards", "/missing", "--out", "x", script="jobs/merge.py")
-    assert_one_line_error(done, "jobs/merge.py", 2, "no finished shards")
+    assert_one_line_error(done, "hashtag merge", 2, "no finished shards")
+    done = hashtag("--data", "x", "--out", "y", "--epochs", "x", script="jobs/tune.py")
+    assert_one_line_error(done, "hashtag tune", 2, "(see jobs/tune.py --help)")
 
 
 def test_verbose_adds_the_traceback_and_runtime_failures_exit_1(capsys):
@@ -139,6 +141,17 @@ def test_verbose_adds_the_traceback_and_runtime_failures_exit_1(capsys):
     assert cli.report_error("hashtag x", RuntimeError("disk on fire\nmore"), False) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == "hashtag x: error: RuntimeError: disk on fire; -v shows the traceback"
+
+
+def markdown_rows(lines: list[str]) -> dict[str, dict[str, str]]:
+    """A printed Markdown table: model -> {header: cell}."""
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in lines
+        if line.startswith("| ")
+    ]
+    header = rows[0]
+    return {row[0]: dict(zip(header, row, strict=True)) for row in rows[1:]}
 
 
 def write_label_only(uri: str):
@@ -157,15 +170,21 @@ def test_label_only_tune_exports_completion_and_batch_recommend_streams(tmp_path
     printed = done.stdout.splitlines()
     assert "completion model" in done.stdout and "--tags" in done.stdout
     assert len(printed) <= 10 and "completion (selected)" in done.stdout
-    table = {row.split("|")[1].strip(): row for row in printed if row.startswith("| ")}
+    table = markdown_rows(printed)
     assert {"popularity", "cooccurrence", "completion (selected)"} <= set(table)
+    # results.md: the deciding columns first, every other metric in a second table.
+    report = (out / "results.md").read_text().split("## Every metric")
+    first = markdown_rows(report[0].splitlines())["completion (selected)"]
+    assert list(first)[0] == "model" and {"test F1@5", "P@5", "R@5", "mAP", "lift F1@5"} <= set(
+        first
+    )
+    assert len(first) <= 10 and "hit@10" in report[1] and "p@1" in report[1]
     model = str(out / "model")
     # evaluate scores the completion model the same way, on the same held-out tags.
     done = hashtag("evaluate", "--model", model, "--data", data)
-    scored = {row.split("|")[1].strip(): row for row in done.stdout.splitlines()[2:]}
+    scored = markdown_rows(done.stdout.splitlines())
     assert done.returncode == 0 and set(scored) == {"popularity", "cooccurrence", "completion"}
-    test_f1 = table["completion (selected)"].split("|")[3]  # model | val F1 | test F1@5
-    assert scored["completion"].split("|")[2] == test_f1
+    assert scored["completion"]["test F1@5"] == table["completion (selected)"]["test F1@5"]
 
     # Batch mode: one output line per post, in order, carrying the id and the image.
     rows = [
@@ -256,3 +275,28 @@ def test_pipeline_config_sections_flags_and_yaml(tmp_path):
     done = hashtag("pipeline", "--config", str(path))
     assert_one_line_error(done, "hashtag pipeline", 2, "shards is set by the pipeline")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_is_quiet_by_default(tmp_path):
+    """A whole small demo run prints progress bars, one summary per stage and the results:
+    no Tune tables or boxes, no tensorboardX name warnings, no checkpoint or Ray notices."""
+    out = tmp_path / "run"
+    small = ["--demo-posts", "40", "--shard-size", "20", "--epochs", "2"]
+    grid = ["--batch-sizes", "16", "--learning-rates", "1e-2", "--examples", "1"]
+    argv = ["pipeline", "--demo", "--out", str(out), *small, *grid]
+    # Bytes, not text: text mode would turn a progress bar's \r into line ends.
+    done = subprocess.run(
+        [sys.executable, "-m", "hashtag.cli", *argv], cwd=REPO, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
+    text = (done.stdout + done.stderr).decode()
+    # What a terminal keeps: lines end at \n, a progress bar redraws itself after \r.
+    lines = [line.rsplit("\r", 1)[-1] for line in text.strip().split("\n")]
+    for noise in ("is illegal", "Configuration for experiment", "Checkpoint", "Traceback"):
+        assert noise not in text, noise
+    assert "Token authentication" not in text and "Started a local Ray" not in text
+    # Besides the results table (a row per candidate model): bars, summaries, recommendations.
+    assert len([line for line in lines if not line.startswith("|")]) <= 18, "\n".join(lines)
+    assert any("(selected)" in line for line in lines)
+    assert any(line.startswith("pipeline done") for line in lines)

@@ -333,3 +333,19 @@ def test_a_tiff_with_giant_tiles_is_refused():
     with pytest.raises(ImageError) as info:
         images.decode(bytes(data))
     assert info.value.reason == "too-many-pixels"
+
+
+def test_a_stalling_resolver_is_bounded_by_the_deadline(monkeypatch):
+    # The system resolver (not our code) stalls, as a slow authoritative server would make it.
+    real = socket.getaddrinfo
+
+    def slow(*args, **kwargs):
+        time.sleep(3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    config = FetchConfig(allow_private=True, retries=3, backoff_s=0.01, fetch_deadline_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(FetchError) as info:
+        Fetcher(config).get("http://slow-dns.example/a.jpg")
+    assert info.value.reason == "timeout" and time.monotonic() - started < 1.5

@@ -1,5 +1,9 @@
 import json
 import os
+import subprocess
+import sys
+import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -260,3 +264,112 @@ def test_empty_shards_are_fine(tmp_path):
     ds = Dataset.load(str(tmp_path / "d"))
     assert ds.ids.tolist() == ["a"] and summary["shards"] == 3 and ds.vocab == []
     assert ds.labels().shape == (1, 0) and summary["unlabeled"] == 1
+
+
+# ---------------------------------------------------------------- merge as tasks = one pass
+
+
+def single_pass(root: str, vocab_size: int = 1000, min_count: int = 2):
+    """Today's rule, written plainly: one pass over the rows in (shard, row) order; a row is
+    kept if it is the first of its post id and the first of its image (rows without an image
+    dedupe by id only). Returns (kept rows, vocabulary)."""
+    seen_ids, seen_images, kept, counts = set(), set(), [], Counter()
+    for index, manifest in sorted(shards.finished_shards(root).items()):
+        for row in shards.read_rows(root, index, manifest):
+            sha = (row.get("image_sha256") or "").lower()
+            new = row["id"] not in seen_ids and not (sha and sha in seen_images)
+            seen_ids.add(row["id"])
+            if sha:
+                seen_images.add(sha)
+            if new:
+                kept.append(row)
+                counts.update({str(t) for t in row["tags"]})
+    ranked = sorted((t for t, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
+    return kept, ranked[:vocab_size]
+
+
+def assert_same_as_single_pass(root: str, out: str, **settings) -> Dataset:
+    kept, vocab = single_pass(root, **settings)
+    ds = Dataset.load(out)
+    ids = [str(r["id"]) for r in kept]
+    assert ds.ids.tolist() == ids and ds.vocab == vocab
+    column = {t: i for i, t in enumerate(vocab)}
+    expected = np.zeros((len(kept), len(vocab)), bool)
+    for i, row in enumerate(kept):
+        expected[i, [column[t] for t in row["tags"] if t in column]] = True
+    np.testing.assert_array_equal(ds.labels(), expected)
+    split = merge.assign_split(ids, seed="hashtag", val_fraction=0.15, test_fraction=0.15)
+    np.testing.assert_array_equal(ds.split, split)
+    return ds
+
+
+def planted(root: str, shards_count: int = 12, rows: int = 20) -> None:
+    """Shards whose ids and images repeat across shards and inside them; some rows unimaged."""
+    rng = np.random.default_rng(5)
+    for index in range(shards_count):
+        ids = rng.integers(0, 150, rows)
+        images = rng.integers(0, 120, rows)
+        posts = [
+            (
+                f"id{i}",
+                [f"t{t}" for t in rng.integers(0, 12, 3)],
+                None if rng.random() < 0.1 else f"{s:064X}",
+            )
+            for i, s in zip(ids.tolist(), images.tolist(), strict=True)
+        ]
+        write(root, index, posts)
+
+
+def test_tasks_equal_one_pass_with_planted_duplicates(tmp_path):
+    root, out = str(tmp_path / "s"), str(tmp_path / "d")
+    planted(root)
+    summary = merge.run(config(root, out, part_rows=30))
+    assert summary["parts"] > 4 and summary["duplicates"]["id"] > 0
+    assert summary["duplicates"]["image"] > 0
+    assert_same_as_single_pass(root, out)
+    # A float16 merge keeps the same rows, at half the embedding bytes.
+    half = merge.run(config(root, str(tmp_path / "h"), dtype="float16"))
+    ds = Dataset.load(str(tmp_path / "h"))
+    assert half["count"] == summary["count"] and ds.parts[0].embeddings.dtype == np.float16
+    np.testing.assert_allclose(ds.embeddings, Dataset.load(out).embeddings, rtol=1e-3)
+
+
+def test_tasks_equal_one_pass_on_the_demo(tmp_path):
+    from hashtag import demo, scrape
+
+    demo.run(demo.DemoConfig(out=str(tmp_path / "posts"), posts=40, seed=7, image_size=64))
+    root = str(tmp_path / "scrape")
+    scrape.run(scrape.ScrapeConfig(source=str(tmp_path / "posts"), out=root, shard_size=8))
+    summary = merge.run(config(root, str(tmp_path / "d"), part_rows=10, min_count=1))
+    assert summary["duplicates"]["image"] >= 1  # the demo's repost
+    assert_same_as_single_pass(root, str(tmp_path / "d"), min_count=1)
+
+
+@pytest.mark.slow
+def test_a_killed_merge_resumes_and_loses_nothing(tmp_path):
+    """SIGKILL the merge's driver once some task outputs exist; the rerun reuses them and gives
+    the dataset a merge that was never killed gives."""
+    root, out = str(tmp_path / "s"), str(tmp_path / "d")
+    planted(root, shards_count=40, rows=50)
+    script = (
+        "import sys\nfrom hashtag import merge\n"
+        "merge.run(merge.MergeConfig(shards=sys.argv[1], out=sys.argv[2], part_rows=100))\n"
+    )
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    child = subprocess.Popen([sys.executable, "-c", script, root, out], env=env)
+    work = tmp_path / "d" / merge.WORK
+    deadline = time.monotonic() + 120
+    while not list(work.glob("*/dupes/*/done.json")) and time.monotonic() < deadline:
+        assert child.poll() is None, "the merge ended before it could be killed"
+        time.sleep(0.05)
+    child.kill()
+    child.wait()
+    assert not (tmp_path / "d" / "manifest.json").exists()
+    assert list(work.glob("*/keys/*/done.json"))  # finished task outputs, kept for the rerun
+    merge.run(config(root, out, part_rows=100))
+    assert_same_as_single_pass(root, out)
+    assert not work.exists()  # removed once the dataset is complete
+    merge.run(config(root, str(tmp_path / "clean"), part_rows=100))
+    a, b = Dataset.load(out), Dataset.load(str(tmp_path / "clean"))
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+    np.testing.assert_array_equal(a.ids, b.ids)

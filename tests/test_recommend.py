@@ -4,6 +4,8 @@ hashtag completion with and without an image."""
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import cv2
 import numpy as np
@@ -122,6 +124,24 @@ def test_completion_alone_suggests_cooccurring_tags(exported, capsys):
     assert suggested[0] in {f"tag{(number + 1) % 8}", f"tag{(number - 1) % 8}"}
 
 
+def test_hostile_images_end_in_one_error_each_in_bounded_time(exported, images, tmp_path):
+    from test_hostile import png_bomb, tiff_bomb
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "tiff.tif").write_bytes(tiff_bomb())
+    (tmp_path / "png.png").write_bytes(png_bomb())
+    hostile = [str(tmp_path / n) for n in ("pipe.jpg", "tiff.tif", "png.png")] + ["/dev/zero"]
+    config = RecommendConfig(model=exported, images=(str(images / "a.jpg"), *hostile), k=3)
+    started = time.monotonic()
+    results = {r["image"]: r for r in recommend.recommend(config)}
+    assert time.monotonic() - started < 10
+    assert results[str(images / "a.jpg")]["hashtags"]
+    assert {image: results[image]["error"] for image in hostile} == {
+        hostile[0]: "not-a-file", hostile[1]: "too-many-pixels",
+        hostile[2]: "too-many-pixels", hostile[3]: "not-a-file",
+    }  # fmt: skip
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="IMAGE"):
         RecommendConfig(model="m")
@@ -156,3 +176,24 @@ def test_model_and_images_on_s3(exported, images, s3_bucket, capsys):
     results = {r["image"]: r for r in _lines(capsys)}
     assert len(results[f"{s3_bucket}/pics/a.jpg"]["hashtags"]) == 5
     assert "error" in results[f"{s3_bucket}/pics/broken.jpg"]
+
+
+def test_manifest_of_images_and_tags_answers_each_post_in_order(exported, images, tmp_path):
+    vocab = models.load(exported).metadata["vocab"]
+    rows = [
+        {"id": "x", "image": str(images / "a.jpg"), "tags": [vocab[0]]},
+        {"id": "y", "image": str(images / "broken.jpg")},
+        {"id": "z", "tags": f"#{vocab[1]}"},
+        {"image": str(images / "b.png")},
+    ]
+    manifest = tmp_path / "posts.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = RecommendConfig(model=exported, manifest=str(manifest), json=True)
+    results = recommend.recommend(config)
+    assert [r["id"] for r in results] == ["x", "y", "z", "4"]
+    assert vocab[0] not in {h["tag"] for h in results[0]["hashtags"]}
+    assert "error" in results[1] and results[1]["image"] == str(images / "broken.jpg")
+    assert results[2]["image"] is None and len(results[2]["hashtags"]) == 5
+    assert len(results[3]["hashtags"]) == 5 and "given" not in results[3]
+    with pytest.raises(ValueError, match="--manifest gives each post"):
+        RecommendConfig(model=exported, manifest=str(manifest), tags="a")

@@ -216,6 +216,42 @@ def test_a_shard_that_keeps_dying_is_retried_a_bounded_number_of_times(local_ray
     assert time.monotonic() - started < 60
 
 
+def test_hostile_rows_are_counted_skips_and_every_good_photo_is_embedded(local_ray, tmp_path):
+    from test_hostile import RawServer, endless_continue, png_bomb, repeated_scan_jpeg, tiff_bomb
+
+    src = tmp_path / "src"
+    manifest = write_manifest(str(src), 6, bad=False)
+    (src / "tiff.tif").write_bytes(tiff_bomb())
+    (src / "png.png").write_bytes(png_bomb())
+    (src / "scans.jpg").write_bytes(repeated_scan_jpeg())
+    os.mkfifo(src / "pipe.jpg")
+    server = RawServer(endless_continue)
+    hostile = {
+        "tiff": "tiff.tif", "png": "png.png", "scans": "scans.jpg", "fifo": "pipe.jpg",
+        "zero": "/dev/zero", "continue": f"{server.url}/a.jpg",
+    }  # fmt: skip
+    rows = [json.dumps({"id": k, "image": v, "tags": ["x"]}) for k, v in hostile.items()]
+    rows += ["[" * 100_000, json.dumps({"id": "i" * 1000, "image": "a.jpg"})]
+    with open(manifest, "a") as f:
+        f.write("\n".join(rows) + "\n")
+    started = time.monotonic()
+    try:
+        summary = scrape(
+            ScrapeConfig(
+                source=manifest, out=str(tmp_path / "out"), shard_size=4,
+                allow_private_addresses=True, fetch_deadline_s=1.0, timeout_s=0.5,
+            )
+        )  # fmt: skip
+    finally:
+        server.close()
+    assert time.monotonic() - started < 60
+    assert summary["failed_shards"] == {} and summary["posts_embedded"] == 6
+    assert summary["skipped"] == {
+        "not-a-file": 2, "timeout": 1, "too-many-pixels": 2, "too-many-scans": 1,
+        "source:bad-row": 1, "source:bad-id": 1,
+    }  # fmt: skip
+
+
 def test_scrape_and_merge_on_s3(local_ray, s3_bucket, tmp_path):
     manifest = write_manifest(s3_bucket + "/source", 12)
     out = s3_bucket + "/run"

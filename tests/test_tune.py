@@ -271,3 +271,27 @@ def test_an_interrupted_experiment_resumes_with_the_same_command(tmp_path, local
     # An interrupt that lands between an epoch's end and its checkpoint retrains that one epoch.
     assert epochs[0] == 1 and sorted(set(epochs)) == list(range(1, 13))
     assert len(epochs) - 13 <= 1, f"more than one epoch retrained after the interrupt: {epochs}"
+
+
+def test_streamed_trial_learns_what_the_in_memory_trial_learns(tmp_path, monkeypatch):
+    """The same grid cell with the splits from the object store's arrays and streamed from the
+    dataset in small blocks (same seed): the same model within noise."""
+    from ray import tune as ray_tune
+
+    data = str(tmp_path / "data")
+    dataset = write_dataset(data, posts=400)
+    finals: list[dict] = []
+    monkeypatch.setattr(ray_tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(ray_tune, "report", lambda metrics, checkpoint=None: finals.append(metrics))
+    grid = {"batch_size": 16, "learning_rate": 1e-2}
+    settings = tune.TrialSettings(
+        data=data, model="mlp", epochs=4, loss="sigmoid", seed=0, cpus=1,
+        dim=dataset.dim, vocab=tuple(dataset.vocab),
+    )  # fmt: skip
+    arrays = {name: tune.split_arrays(dataset, name) for name in ("train", "val", "test")}
+    tune.train_trial(grid, settings, arrays)
+    monkeypatch.setattr(tune, "BLOCK_ROWS", 50)  # several blocks per split
+    monkeypatch.setattr(tune, "VAL_SAMPLE", 60)  # per-epoch validation on a sample
+    tune.train_trial(grid, settings, None)
+    in_memory, streamed = [m for m in finals if m["done"]]
+    assert in_memory["val_f1"] > 0.5 and abs(in_memory["test_f1"] - streamed["test_f1"]) < 0.06
