@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -68,40 +69,38 @@ def embed(posts: list, spec, cache: Path, label: str) -> np.ndarray:
 
 
 class SplitData:
-    """The `Dataset` surface tune's selection reads (part, vocab, embedder, dim), in memory."""
+    """One random split in memory: what tune's selection reads of a dataset (dim, vocab,
+    vocab_size, embedder, rows) and the product's TrialData over its arrays (`data`)."""
 
     def __init__(self, X, tags, split, spec, min_count: int = 2):
+        from hashtag import models, tune
+
         counts: dict[str, int] = {}
         for i in np.flatnonzero(split == 0):
             for tag in tags[i]:
                 counts[tag] = counts.get(tag, 0) + 1
-        self.vocab = sorted(
-            (t for t, c in counts.items() if c >= min_count), key=lambda t: -counts[t]
-        )
-        index = {t: i for i, t in enumerate(self.vocab)}
-        self.Y = np.zeros((len(X), len(self.vocab)), bool)
+        vocab = sorted((t for t, c in counts.items() if c >= min_count), key=lambda t: -counts[t])
+        index = {t: i for i, t in enumerate(vocab)}
+        self.Y = np.zeros((len(X), len(vocab)), bool)
         for row, post_tags in enumerate(tags):
             for tag in post_tags:
                 if tag in index:
                     self.Y[row, index[tag]] = True
-        self.X, self.split, self.embedder, self.dim = X, split, spec.to_json(), X.shape[1]
-        self.vocab_size = len(self.vocab)
+        self.X, self.split, self.vocab, self.vocab_size = X, split, vocab, len(vocab)
+        self.embedder, self.dim = spec.to_json(), X.shape[1]
+        arrays = {}
+        for name in ("train", "val", "test"):
+            X_part, Y_part = self.part(name)
+            indptr, indices = models.csr_of(Y_part)
+            arrays[name] = {"X": X_part, "indptr": indptr, "indices": indices}
+        self.data = tune.TrialData("", arrays)
+
+    def rows(self, name: str) -> np.ndarray:
+        return np.flatnonzero(self.split == ("train", "val", "test").index(name))
 
     def part(self, name: str):
-        rows = self.split == ("train", "val", "test").index(name)
+        rows = self.rows(name)
         return self.X[rows], self.Y[rows]
-
-
-def trial_data(data: SplitData):
-    """tune's TrialData of a SplitData: its splits as arrays with CSR labels."""
-    from hashtag import models, tune
-
-    arrays = {}
-    for name in ("train", "val", "test"):
-        X, Y = data.part(name)
-        indptr, indices = models.csr_of(Y)
-        arrays[name] = {"X": X, "indptr": indptr, "indices": indices}
-    return tune.TrialData("", arrays)
 
 
 def run_split(args, X, spec, tags, X_v2, seed: int) -> list[dict]:
@@ -113,43 +112,41 @@ def run_split(args, X, spec, tags, X_v2, seed: int) -> list[dict]:
     order = rng.permutation(len(X))
     split[order[int(0.70 * len(X)) : int(0.85 * len(X))]] = 1
     split[order[int(0.85 * len(X)) :]] = 2
-    data = SplitData(X, tags, split, spec)
+    ds = SplitData(X, tags, split, spec)
     config = tune.TuneConfig(data="memory", out="memory", references=("knn", "ridge"))
-    X_train, Y_train = data.part("train")
-    X_val, Y_val = data.part("val")
-    X_test, Y_test = data.part("test")
+    X_train, Y_train = ds.part("train")
+    X_val, Y_val = ds.part("val")
 
-    def score(model, X=X_test, Y=Y_test) -> dict:
+    def score(model, X, Y) -> dict:
         return {k: float(v) for k, v in model.score(X, Y).items()}
 
     trials, fitted_trials = [], {}
+    settings = tune.TrialSettings(
+        data="", model="mlp", epochs=args.epochs, loss="sigmoid", seed=0, cpus=2,
+        blocks=spec.blocks,
+    )  # fmt: skip
     for batch_size, learning_rate in args.grid:
-        settings = tune.TrialSettings(
-            data="", model="mlp", epochs=args.epochs, loss="sigmoid", seed=0, cpus=2,
-            blocks=spec.blocks,
-        )  # fmt: skip
-        mlp = models.create("mlp", tune._model_config(
-            {"batch_size": batch_size, "learning_rate": learning_rate}, settings
-        ))  # fmt: skip
-        mlp.fit(X_train, Y_train, X_val, Y_val, vocab=data.vocab)
+        grid = {"batch_size": batch_size, "learning_rate": learning_rate}
+        mlp = models.create("mlp", tune._model_config(grid, settings))
+        mlp.fit(X_train, Y_train, X_val, Y_val, vocab=ds.vocab)
         row = ResultRow(
             model="mlp", batch_size=batch_size, learning_rate=learning_rate,
-            val=score(mlp, X_val, Y_val), test=score(mlp), epochs=mlp.epochs_done,
+            val=score(mlp, X_val, Y_val), test=score(mlp, *ds.part("test")),
+            epochs=mlp.epochs_done,
         )  # fmt: skip
         trials.append(row)
         fitted_trials[row.label] = mlp
-    splits = trial_data(data)
-    references, fitted = tune._references(config, data, splits)
+    references, fitted = tune._references(config, ds, ds.data)
     rows, winner, chosen = tune.compete(
-        config, data, splits, trials, lambda r: fitted_trials[r.label], references, fitted
+        config, ds, ds.data, trials, lambda r: fitted_trials[r.label], references, fitted
     )
-    exported, _, refit_row = tune.refit_winner(config, data, splits, winner, chosen)
+    exported, _, refit_row = tune.refit_winner(config, ds, ds.data, winner, chosen)
 
     # The reference: uncentred MobileNetV2, 20 neighbours, exp(10 x similarity), no prior.
     plain = models.ModelConfig(knn_neighbours=20, knn_temperature=10.0, prior_weight=0.0)
     v2 = SplitData(X_v2, tags, split, spec)
-    both = tune._training_rows(trial_data(v2), ("train", "val"), len(v2.vocab))
-    reference = models.create("knn", plain).fit(*both)
+    train_val = [np.concatenate(a) for a in zip(v2.part("train"), v2.part("val"), strict=True)]
+    reference = models.create("knn", plain).fit(*train_val)
     reference_train = models.create("knn", plain).fit(*v2.part("train"))
     out = [
         {"model": "knn reference (train+val)", "test": score(reference, *v2.part("test"))},
@@ -160,15 +157,18 @@ def run_split(args, X, spec, tags, X_v2, seed: int) -> list[dict]:
     return [dict(r, seed=seed) for r in out]
 
 
+def _kind(label: str) -> str:
+    """A row's model without the blend weights: "blend: ridge + knn"."""
+    return re.sub(r"\b[01]\.\d ", "", label)
+
+
 def summarise(name: str, rows: list[dict], splits: int) -> list[str]:
     lines = [f"\n{name}: {splits} splits (mean +- sd over splits; ratio = per-split mean)"]
     by_model: dict[str, list[dict]] = {}
     for r in rows:
-        by_model.setdefault(
-            r["model"].split(":")[0] if r["model"].startswith("blend") else r["model"], []
-        ).append(r)
+        by_model.setdefault(_kind(r["model"]), []).append(r)
     reference = {r["seed"]: r for r in by_model["knn reference (train+val)"]}
-    header = f"{'model':34} " + " ".join(f"{'F1@' + str(k):>15} {'x ref':>6}" for k in KS)
+    header = f"{'model':44} " + " ".join(f"{'F1@' + str(k):>15} {'x ref':>6}" for k in KS)
     lines += [header, "-" * len(header)]
     for model, mine in by_model.items():
         cells = []
@@ -178,7 +178,7 @@ def summarise(name: str, rows: list[dict], splits: int) -> list[str]:
                 [r["test"][f"f1@{k}"] / reference[r["seed"]]["test"][f"f1@{k}"] for r in mine]
             )
             cells.append(f"{values.mean():.4f} +- {values.std():.4f} {ratios.mean():6.3f}")
-        lines.append(f"{model[:34]:34} " + " ".join(cells))
+        lines.append(f"{model[:44]:44} " + " ".join(cells))
     exported = by_model["exported"]
     wins = {
         k: sum(r["test"][f"f1@{k}"] > reference[r["seed"]]["test"][f"f1@{k}"] for r in exported)
@@ -186,7 +186,7 @@ def summarise(name: str, rows: list[dict], splits: int) -> list[str]:
     }
     winners: dict[str, int] = {}
     for r in exported:
-        kind = r["winner"].split(":")[0].split(" bs=")[0]
+        kind = _kind(r["winner"])
         winners[kind] = winners.get(kind, 0) + 1
     lines.append(
         f"exported above the reference on {wins[5]}/{len(exported)} splits (F1@5), {wins[10]}/{len(exported)} (F1@10); winners: {winners}"

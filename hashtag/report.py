@@ -168,6 +168,9 @@ def decision_table(table: list[dict]) -> list[dict]:
             row["model"] = f"{row['model']}{SELECTED_MARK}"
         if record.get("status", "ok") != "ok":
             row["model"] = f"{row['model']} ({record['status'][:60]})"
+        seconds = row["seconds"]
+        if isinstance(seconds, float) and math.isfinite(seconds):
+            row["seconds"] = f"{seconds:.1f}"  # tenths are enough to compare costs
         out.append(row)
     return drop_empty_columns(out)
 

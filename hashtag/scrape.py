@@ -245,12 +245,12 @@ def run(config: ScrapeConfig) -> ScrapeResult:
     from hashtag import raycluster
 
     start = time.perf_counter()
-    try:
+    try:  # an unknown kind, pickled files without --trust-pickle, a manifest that is not JSON
         source = open_source(config.source, trust_pickle=config.trust_pickle)
-    except ValueError as error:  # an unknown kind, pickled files without --trust-pickle
+        posts = iter(source.posts())
+        first = next(posts, None)
+    except ValueError as error:
         raise UserError(str(error)) from error
-    posts = iter(source.posts())
-    first = next(posts, None)
     if first is None:
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(source.skipped.items()))
         raise UserError(
