@@ -99,8 +99,10 @@ def check_outputs(out: Path, *, grid_points: int) -> None:
     rows = (out / "tune" / "results.csv").read_text().splitlines()
     header = rows[0].split(",")
     models = [row.split(",")[header.index("model")] for row in rows[1:]]
-    assert len(models) - models.count("popularity") - models.count("knn") == grid_points
-    assert {"popularity", "knn"} <= set(models)
+    assert models.count("mlp") == grid_points
+    assert {"popularity", "knn", "ridge"} <= set(models)
+    assert any(m.startswith("blend: ") for m in models)  # candidates beside the grid
+    assert sum(m.startswith("exported: ") for m in models) == 1  # the refit winner's row
     assert {"batch_size", "learning_rate"} <= set(header)
     assert read_json(out / "tune" / "model" / "manifest.json")
     assert (out / "tune" / "tune.json").exists() and (out / "pipeline.json").exists()
