@@ -11,6 +11,9 @@ Peak RSS is VmHWM of /proc/self/status (the high-water mark of the child's own a
 and, for comparison, getrusage's ru_maxrss: Linux carries ru_maxrss across fork and exec, so a
 child started by a big parent inherits the parent's RSS as a floor. The shards are therefore
 generated in a child too, which keeps this parent small.
+
+The merge now runs as Ray tasks (the child starts a local Ray): the child's RSS is the driver's
+alone. bench_scale.py measures every process of the run, workers included.
 """
 
 from __future__ import annotations

@@ -220,7 +220,7 @@ def main() -> None:
     args.grid = [(int(b), float(lr)) for b, lr in (c.split(":") for c in args.grid.split(",") if c)]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     names = args.embedders.split(",")
-    specs = {n: EmbedderSpec.parse(f"tflite:{args.models / MODELS[n]}") for n in ("v2", *names)}
+    specs = {n: EmbedderSpec.parse(f"tflite:{args.models / MODELS[n]}") for n in ("v2", "v1")}
     lines, everything = [], []
     for name in args.sets.split(","):
         posts = list(open_source(str(args.data / name / "posts.jsonl")).posts())
