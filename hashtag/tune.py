@@ -740,7 +740,7 @@ def refit_winner(config: TuneConfig, dataset, data: TrialData, winner: ResultRow
     trained_on = ("train", "val")
     recommender = _refit_on(config, dataset, data, recommender, trained_on)
     row = ResultRow(
-        model=f"exported: {winner.label}, refit on train+val",
+        model=f"exported: {winner.label} (refit on train+val)",
         test=_score_blocks(recommender, data.blocks("test")),
         epochs=recommender.epochs_done if recommender.trainable else None,
         seconds=time.perf_counter() - started,

@@ -99,10 +99,11 @@ def check_outputs(out: Path, *, grid_points: int) -> None:
     # One row per grid point, plus the reference models; an exported model.
     rows = (out / "tune" / "results.csv").read_text().splitlines()
     header = rows[0].split(",")
-    cells = [row.split(",") for row in rows[1:]]
-    models = [cell[header.index("model")] for cell in cells]
+    models = [row.split(",")[header.index("model")] for row in rows[1:]]
     assert models.count("mlp") == grid_points
-    assert {"popularity", "knn"} <= set(models)
+    assert {"popularity", "knn", "ridge"} <= set(models)
+    assert any(m.startswith("blend: ") for m in models)  # candidates beside the grid
+    assert sum(m.startswith("exported: ") for m in models) == 1  # the refit winner's row
     assert {"batch_size", "learning_rate"} <= set(header)
     assert read_json(out / "tune" / "model" / "manifest.json")
     assert (out / "tune" / "tune.json").exists() and (out / "pipeline.json").exists()

@@ -6,6 +6,7 @@ functions `tune.run` calls after the grid."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from test_tune import write_dataset
 from hashtag import embedders, merge, models, recommend, tune
 from hashtag.dataset import Dataset, DatasetWriter, csr_from_lists
 from hashtag.embedders import EmbedderSpec
-from hashtag.errors import UserError
+from hashtag.errors import ArtifactError, UserError
 from hashtag.models import ModelConfig
 from hashtag.recommend import RecommendConfig
 from hashtag.report import ResultRow
@@ -108,6 +109,9 @@ def test_blend_of_ensemble_features_round_trips(tmp_path, dataset):
     X, Y = (np.concatenate(a) for a in zip(dataset.part("train"), dataset.part("val"), strict=True))
     refit = models.refit(loaded, X, Y)
     assert len(refit.parts[1].train_labels) == len(X)
+    shutil.rmtree(tmp_path / "blend" / "part-1")  # a blend with a part missing is refused
+    with pytest.raises(ArtifactError, match="2 blend weights for 1 parts"):
+        models.load(str(tmp_path / "blend"))
     with pytest.raises(ValueError, match="blocks"):
         models.create("knn", ModelConfig(centre=True, blocks=(10, 5))).fit(*dataset.part("train"))
 
