@@ -775,6 +775,11 @@ class Blend(Recommender):
             value = metric_value(Y_val, sum(w * s for w, s in zip(weights, scores, strict=True)))
             if value > best:
                 best, blend.weights = value, weights
+        # A part weighted 0 adds nothing but size: drop it. Fewer than two parts left means
+        # the best "blend" is one of the parts (the caller already has that candidate).
+        kept = blend.weights > 0
+        blend.parts = [p for p, k in zip(blend.parts, kept, strict=True) if k]
+        blend.weights = blend.weights[kept]
         blend._end_epoch(0, {}, X_val, Y_val, [])  # the decision rule, on validation
         return blend
 

@@ -566,6 +566,8 @@ def _blends(config: TuneConfig, dataset, data: TrialData, candidates: dict[str, 
             [candidates[n] for n in names], X_val, Y_val, metric=config.select_metric
         )
         label = f"blend: {blend.label}"
+        if len(blend.parts) < 2 or label in fitted:  # one part won, or a blend seen already
+            continue
         rows.append(_candidate_row(label, blend, data, started))
         fitted[label] = blend
     return rows, fitted
