@@ -62,6 +62,7 @@ TRAINABLE = {"seed", "mlp"}
 # blend's weights when the caller names none.
 RIDGE_LAMBDAS = (0.3, 1.0, 3.0, 10.0)
 SELECT_METRIC = "f1@5"
+_MAX_PARTS = 16  # models in one blend, at most
 LOSSES = ("sigmoid", "softmax")
 THREADS_ENV = "HASHTAG_TF_THREADS"
 # Similarity blocks: queries x training images float32 of at most 2**26 cells (256 MB).
@@ -774,6 +775,11 @@ class Blend(Recommender):
             value = metric_value(Y_val, sum(w * s for w, s in zip(weights, scores, strict=True)))
             if value > best:
                 best, blend.weights = value, weights
+        # A part weighted 0 adds nothing but size: drop it. Fewer than two parts left means
+        # the best "blend" is one of the parts (the caller already has that candidate).
+        kept = blend.weights > 0
+        blend.parts = [p for p, k in zip(blend.parts, kept, strict=True) if k]
+        blend.weights = blend.weights[kept]
         blend._end_epoch(0, {}, X_val, Y_val, [])  # the decision rule, on validation
         return blend
 
@@ -790,14 +796,24 @@ class Blend(Recommender):
 
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
         self.weights = arrays["weights"].astype(np.float32)
+        self._restore_check()
 
     def _save_parts(self, uri: str) -> None:
         for i, part in enumerate(self.parts):
             part.save(storage.join(uri, f"part-{i}"), metadata={})
 
     def _load_parts(self, uri: str) -> None:
-        count = len(storage.load_npy(storage.join(uri, "weights.npy")))
-        self.parts = [load(storage.join(uri, f"part-{i}")) for i in range(count)]
+        # part-0, part-1...: each a verified model artifact of its own (at most _MAX_PARTS).
+        self.parts = []
+        while len(self.parts) < _MAX_PARTS:
+            part = storage.join(uri, f"part-{len(self.parts)}")
+            if not storage.exists(storage.join(part, "manifest.json")):
+                break
+            self.parts.append(load(part))
+
+    def _restore_check(self) -> None:
+        if len(self.parts) < 2 or len(self.weights) != len(self.parts):
+            raise ValueError(f"{len(self.weights)} blend weights for {len(self.parts)} parts")
 
     @property
     def label(self) -> str:

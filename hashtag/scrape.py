@@ -75,7 +75,10 @@ class ScrapeConfig:
     )
     memory_per_task_mb: int = field(
         default=1024,
-        metadata={"help": "memory each embed task declares to Ray (MB), so Ray packs them"},
+        metadata={
+            "help": "memory each embed task declares to Ray (MB), so Ray packs them; 0 declares "
+            "none (for node types that do not advertise memory)"
+        },
     )
     trust_pickle: bool = field(
         default=False,
@@ -107,8 +110,8 @@ class ScrapeConfig:
             raise ValueError("--cpus-per-task must be > 0 and --gpus-per-task >= 0")
         if not self.fetch_deadline_s > 0:
             raise ValueError(f"--fetch-deadline-s must be > 0, got {self.fetch_deadline_s}")
-        if self.memory_per_task_mb < 1:
-            raise ValueError(f"--memory-per-task-mb must be >= 1, got {self.memory_per_task_mb}")
+        if self.memory_per_task_mb < 0:
+            raise ValueError(f"--memory-per-task-mb must be >= 0, got {self.memory_per_task_mb}")
         if self.max_retries < 0 or self.max_in_flight < 0:
             raise ValueError("--max-retries and --max-in-flight must be >= 0")
         names = (self.embedder,) if isinstance(self.embedder, str) else tuple(self.embedder)
@@ -272,7 +275,7 @@ def run(config: ScrapeConfig) -> ScrapeResult:
         name="embed_shard",
         num_cpus=config.cpus_per_task,
         num_gpus=config.gpus_per_task,
-        memory=config.memory_per_task_mb * 2**20,
+        memory=config.memory_per_task_mb * 2**20 or None,
         max_retries=0,
         retry_exceptions=False,
         runtime_env=raycluster.worker_env() or None,

@@ -566,6 +566,8 @@ def _blends(config: TuneConfig, dataset, data: TrialData, candidates: dict[str, 
             [candidates[n] for n in names], X_val, Y_val, metric=config.select_metric
         )
         label = f"blend: {blend.label}"
+        if len(blend.parts) < 2 or label in fitted:  # one part won, or a blend seen already
+            continue
         rows.append(_candidate_row(label, blend, data, started))
         fitted[label] = blend
     return rows, fitted
@@ -740,7 +742,7 @@ def refit_winner(config: TuneConfig, dataset, data: TrialData, winner: ResultRow
     trained_on = ("train", "val")
     recommender = _refit_on(config, dataset, data, recommender, trained_on)
     row = ResultRow(
-        model=f"exported: {winner.label}, refit on train+val",
+        model=f"exported: {winner.label} (refit on train+val)",
         test=_score_blocks(recommender, data.blocks("test")),
         epochs=recommender.epochs_done if recommender.trainable else None,
         seconds=time.perf_counter() - started,
