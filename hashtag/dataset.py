@@ -2,7 +2,8 @@
 
     OUT/
       embeddings.npy      float32 (N, dim), row = global id 0..N-1
-      ids.npy             unicode (N,): the source post ids
+      ids_utf8.npy        uint8: the source post ids, UTF-8, one after the other
+      ids_offsets.npy     int64 (N+1,)  where id i is: ids_utf8[offsets[i]:offsets[i+1]]
       labels_indptr.npy   int64 (N+1,)  CSR rows over the vocabulary
       labels_indices.npy  int32 (nnz,)  sorted within each row
       split.npy           uint8 (N,): 0 train, 1 validation, 2 test
@@ -13,7 +14,7 @@ A large dataset (what `hashtag merge` writes: one part per group of shards, writ
 Ray tasks) is the same thing split into parts, each a complete folder of the layout above:
 
     OUT/
-      parts/part-00000/   embeddings.npy, ids.npy, ... , manifest.json (rows 0..n0-1)
+      parts/part-00000/   embeddings.npy, ids_utf8.npy, ... , manifest.json (rows 0..n0-1)
       parts/part-00001/   rows n0..n0+n1-1, and so on
       vocab.json
       manifest.json       version 2: lists the parts in row order with their counts; LAST
@@ -30,7 +31,8 @@ old dataset, no dataset, or the whole new one. A reader that memory-mapped the o
 keeps reading them: a rename does not touch an open file.
 
 `Dataset.load(uri)` reads it back, memory-mapped when local; every file loads with
-allow_pickle=False.
+allow_pickle=False. Datasets written with the older fixed-width `ids.npy` (unicode (N,)) still
+load.
 """
 
 from __future__ import annotations
@@ -65,10 +67,12 @@ MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"validation": "val", "valid": "val"}
-# name -> (dtype, shape of one row); the ids dtype is "<U{id_length}", set per dataset.
+# name -> (dtype, shape of one row). Ids are UTF-8 bytes with CSR-like offsets: one long id
+# must not widen every row, as a fixed-width "<U{longest}" array would.
 _ARRAYS = {
     "embeddings": ("<f4", None),
-    "ids": (None, ()),
+    "ids_utf8": ("u1", ()),
+    "ids_offsets": ("<i8", ()),
     "split": ("u1", ()),
     "labels_indptr": ("<i8", ()),
     "labels_indices": ("<i4", ()),
@@ -184,13 +188,14 @@ class DatasetWriter:
         self._folder, self._suffix = folder, suffix
         self._streams: dict[str, _NpyStream] = {}
         for name, (dtype, row_shape) in _ARRAYS.items():
-            dtype = dtype or f"<U{self.id_length}"
             dtype = EMBEDDING_DTYPES[self.dtype] if name == "embeddings" else dtype
             row_shape = (self.dim,) if row_shape is None else row_shape
             path = os.path.join(folder, f"{name}.npy{suffix}")
             self._streams[name] = _NpyStream(path, dtype, row_shape)
         self._streams["labels_indptr"].append(np.zeros(1, np.int64))
+        self._streams["ids_offsets"].append(np.zeros(1, np.int64))
         self.count = 0
+        self.id_bytes = 0
         self.nnz = 0
         self.unlabeled = 0
         self.max_label = -1
@@ -229,15 +234,21 @@ class DatasetWriter:
             )
         if len(label_indices) and label_indices.min() < 0:
             raise ValueError("label indices must be >= 0")
-        ids_array = np.asarray(list(ids), dtype=str).reshape(n)
-        longest = int(np.char.str_len(ids_array).max()) if n else 0
+        ids = [str(i) for i in ids]
+        if len(ids) != n:
+            raise ValueError(f"{len(ids)} ids for {n} rows")
+        longest = max(map(len, ids), default=0)
         if longest > self.id_length:
             raise ValueError(
                 f"an id has {longest} characters, more than id_length={self.id_length}"
             )
+        encoded = [i.encode("utf-8") for i in ids]
+        lengths = np.fromiter(map(len, encoded), np.int64, count=n)
         streams = self._streams
         streams["embeddings"].append(embeddings)
-        streams["ids"].append(ids_array)
+        streams["ids_utf8"].append(np.frombuffer(b"".join(encoded), np.uint8))
+        streams["ids_offsets"].append(np.cumsum(lengths) + self.id_bytes)
+        self.id_bytes += int(lengths.sum())
         streams["split"].append(split)
         streams["labels_indptr"].append(label_indptr[1:] + self.nnz)
         streams["labels_indices"].append(label_indices)
@@ -368,6 +379,10 @@ class Dataset:
         self.tag_counts = tag_counts
 
     def _array(self, name: str) -> np.ndarray:
+        if name == "ids" and self.parts[0] is self:  # a one-folder dataset
+            if "ids" not in self._arrays:  # UTF-8 + offsets, decoded once (older: ids.npy)
+                self._arrays["ids"] = _decode_ids(self)
+            return self._arrays["ids"]
         if self._arrays is None:  # a parted dataset, asked for a whole array: concatenate once
             self._arrays = {}
         if name not in self._arrays and len(self.parts) == 1:  # one part: its own (mapped) array
@@ -394,7 +409,10 @@ class Dataset:
         )
         if artifact.manifest["version"] == PARTED_VERSION:
             return cls._load_parts(artifact, mmap)
-        arrays = {name: artifact.load_array(f"{name}.npy", mmap=mmap) for name in _ARRAYS}
+        names = list(_ARRAYS)
+        if "ids.npy" in artifact.files:  # written before ids were stored as UTF-8 + offsets
+            names = [n for n in names if not n.startswith("ids_")] + ["ids"]
+        arrays = {name: artifact.load_array(f"{name}.npy", mmap=mmap) for name in names}
         vocab, tag_counts = _read_vocab(artifact)
         _check(artifact, arrays, vocab, tag_counts)
         return cls(artifact.uri, artifact.manifest, arrays, vocab, tag_counts)
@@ -502,11 +520,12 @@ class Dataset:
 
     def _reopen(self) -> dict[str, np.ndarray]:
         """This part's arrays again: fresh memory maps when local (see `blocks`)."""
+        names = ("embeddings", "split", "labels_indptr", "labels_indices")  # what a block needs
         if self._arrays is None or storage.is_remote(self.uri):
-            return {name: self._array(name) for name in _ARRAYS}
+            return {name: self._array(name) for name in names}
         return {
             name: storage.load_npy(storage.join(self.uri, f"{name}.npy"), mmap=True)
-            for name in _ARRAYS
+            for name in names
         }
 
 
@@ -614,7 +633,15 @@ def _check(
     vocab_size = artifact.int_field("vocab_size", high=MAX_VOCAB)
     indptr = arrays["labels_indptr"]
     artifact.check_array("embeddings.npy", arrays["embeddings"], shape=(count, dim), kinds="f")
-    artifact.check_array("ids.npy", arrays["ids"], shape=(count,), kinds="U")
+    if "ids" in arrays:  # the fixed-width layout of older datasets
+        artifact.check_array("ids.npy", arrays["ids"], shape=(count,), kinds="U")
+    else:
+        utf8, offsets = arrays["ids_utf8"], arrays["ids_offsets"]
+        artifact.check_array("ids_utf8.npy", utf8, shape=(len(utf8),), kinds="u")
+        artifact.check_array("ids_offsets.npy", offsets, shape=(count + 1,), kinds="i")
+        artifact.check_csr("ids_offsets.npy", offsets, len(utf8))
+        if count and int(np.diff(offsets).max()) > 4 * MAX_ID_LENGTH:
+            raise artifact.error(f"an id is longer than {MAX_ID_LENGTH} characters")
     artifact.check_array("split.npy", arrays["split"], shape=(count,), kinds="u")
     artifact.check_array("labels_indptr.npy", indptr, shape=(count + 1,), kinds="i")
     indices = arrays["labels_indices"]
@@ -627,3 +654,16 @@ def _check(
             f"{VOCAB} has {len(vocab)} tags and {len(tag_counts)} counts, the manifest says "
             f"vocab_size {vocab_size}"
         )
+
+
+def _decode_ids(dataset: Dataset) -> np.ndarray:
+    """The ids of a one-folder dataset as a variable-width string array (StringDType)."""
+    data = np.asarray(dataset._arrays["ids_utf8"]).tobytes()
+    offsets = np.asarray(dataset._arrays["ids_offsets"]).tolist()
+    try:
+        ids = [data[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    except UnicodeDecodeError as error:
+        raise artifacts.ArtifactError(
+            f"dataset {dataset.uri}: ids_utf8.npy is not UTF-8 ({error}); rerun `hashtag merge`"
+        ) from None
+    return np.array(ids, dtype=np.dtypes.StringDType())

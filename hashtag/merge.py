@@ -571,7 +571,15 @@ def _remove_stale(out: str, parts: set[str]) -> None:
         if name not in parts:
             storage.remove(storage.join(out, PARTS, name))
     storage.remove(storage.join(out, WORK))
-    for name in ("embeddings", "ids", "split", "labels_indptr", "labels_indices"):
+    for name in (
+        "embeddings",
+        "ids",
+        "ids_utf8",
+        "ids_offsets",
+        "split",
+        "labels_indptr",
+        "labels_indices",
+    ):
         storage.remove(storage.join(out, f"{name}.npy"))
     storage.remove(storage.join(out, VOCAB))
     if not storage.is_remote(out):

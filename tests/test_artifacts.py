@@ -172,3 +172,35 @@ def test_a_full_disk_keeps_the_previous_dataset(tmp_path):
     assert "no space left" in result.stdout and "Traceback" not in result.stderr
     assert sorted(os.listdir(out)) == before  # no temporaries left
     assert len(Dataset.load(str(out))) == 12  # the previous dataset still loads
+
+
+def test_one_long_id_costs_only_its_own_bytes(tmp_path):
+    """Ids are UTF-8 + offsets: a 256-character id does not widen the other rows' storage."""
+    n = 1000
+    ids = [f"p{i}" for i in range(n - 2)] + ["x" * 256, "é" * 256]
+    indptr, indices = csr_from_lists([[0]] * n)
+    with DatasetWriter(str(tmp_path / "d"), dim=1, id_length=256) as writer:
+        writer.append(np.zeros((n, 1), np.float32), ids, np.zeros(n, np.uint8), indptr, indices)
+        writer.finish(vocab=["cat"], tag_counts=[n], embedder=SPEC)
+    stored = sum(os.path.getsize(tmp_path / "d" / f) for f in ("ids_utf8.npy", "ids_offsets.npy"))
+    assert stored < 20_000  # a fixed-width <U256 array would be 1 MB
+    assert Dataset.load(str(tmp_path / "d")).ids.tolist() == ids
+
+
+def test_ids_of_a_tampered_or_older_dataset(tmp_path):
+    out = make_dataset(tmp_path)
+    offsets = np.load(out / "ids_offsets.npy")
+    offsets[3] = 10**9  # an offset past the end of the bytes
+    np.save(out / "ids_offsets.npy", offsets)
+    with pytest.raises(ArtifactError):
+        Dataset.load(str(out))
+    # A dataset written before ids were UTF-8 + offsets (one fixed-width ids.npy) still loads.
+    old = make_dataset(tmp_path, "old")
+    manifest = json.loads((old / "manifest.json").read_text())
+    for name in ("ids_utf8.npy", "ids_offsets.npy"):
+        os.remove(old / name)
+        del manifest["files"][name]
+    np.save(old / "ids.npy", np.array([f"p{i}" for i in range(12)]))
+    manifest["files"]["ids.npy"] = artifacts.file_entry(str(old / "ids.npy"))
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert Dataset.load(str(old)).ids.tolist() == [f"p{i}" for i in range(12)]
