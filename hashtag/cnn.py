@@ -41,11 +41,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from hashtag import storage
+from hashtag import storage, tfimport
 from hashtag.embedders import Embedder, EmbedderSpec, l2_normalize, register
-
-# Hide TensorFlow's C++ INFO/WARNING lines (errors still show); callers may override it.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # flatbuffer BuiltinOperator codes (tensorflow/lite/schema/schema.fbs)
 _ADD, _AVERAGE_POOL_2D, _CONCATENATION, _CONV_2D, _DEPTHWISE_CONV_2D = 0, 1, 2, 3, 4
@@ -195,9 +192,7 @@ def _new_interpreter(model: bytes, num_threads: int):
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
-        import tensorflow as tf
-
-        Interpreter = tf.lite.Interpreter
+        Interpreter = tfimport.tensorflow().lite.Interpreter
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
         return Interpreter(model_content=model, num_threads=num_threads)
@@ -567,8 +562,7 @@ class KerasConfig:
 @functools.lru_cache(maxsize=1)
 def _gpus() -> tuple[str, ...]:
     """Visible GPUs, with memory growth on so that several workers can share one."""
-    import tensorflow as tf
-
+    tf = tfimport.tensorflow()
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         with contextlib.suppress(RuntimeError):  # already initialised: keep its setting
@@ -640,8 +634,8 @@ class KerasEmbedder(Embedder):
     """A keras.applications backbone, optionally cut at an inner layer, pooled."""
 
     def __init__(self, config: KerasConfig) -> None:
+        tf = tfimport.tensorflow()
         import keras
-        import tensorflow as tf
 
         self.config = config
         self.backbone_info = backbone = BACKBONES[config.name]
@@ -681,7 +675,7 @@ class KerasEmbedder(Embedder):
         return resize_and_crop(rgb, size, size)
 
     def embed_batch(self, batch: np.ndarray) -> np.ndarray:
-        import tensorflow as tf
+        tf = tfimport.tensorflow()
 
         batch = np.asarray(batch)
         size = self.backbone_info.size

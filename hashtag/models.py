@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from hashtag import artifacts, metrics, storage
+from hashtag import artifacts, metrics, storage, tfimport
 from hashtag.dataset import array_blocks, csr_rows, dense_labels
 from hashtag.embedders import l2_normalize
 
@@ -288,9 +288,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 def _tensorflow(threads: int = 0):
     """Import TensorFlow, with `threads` (or $HASHTAG_TF_THREADS) intra/inter-op threads."""
     threads = threads or int(os.environ.get(THREADS_ENV, "0") or 0)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
+    tf = tfimport.tensorflow()
     if threads:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(threads)

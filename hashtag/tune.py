@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from hashtag import models, storage
+from hashtag import models, storage, tfimport
 from hashtag.errors import UserError
 from hashtag.report import ResultRow, decision_markdown, trial_line, write_report
 from hashtag.results import StageResult
@@ -231,9 +231,7 @@ def dataset_fingerprint(dataset) -> dict[str, Any]:
 def _configure_tensorflow(cpus: float) -> None:
     """Bound TensorFlow's thread pools by the trial's CPUs, and let GPU memory grow (so that
     trials with fractional GPUs can share one). Must run before TensorFlow builds anything."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
+    tf = tfimport.tensorflow()
     threads = max(1, int(cpus))
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
