@@ -458,17 +458,6 @@ def train_trial(
     )
 
 
-def _jsonable(value: Any) -> Any:
-    """NaN and infinities (a metric of a failed trial) as null: strict JSON readers choke on NaN."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 # ---------------------------------------------------------------- the driver
 
 
@@ -990,7 +979,7 @@ def _run_completion(config: TuneConfig, dataset, started: float) -> TuneResult:
         "outputs": paths,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    storage.write_json(storage.join(config.out, "tune.json"), _jsonable(summary))
+    storage.write_json(storage.join(config.out, "tune.json"), storage.json_safe(summary))
     return TuneResult(summary, model_uri, has_images=False)
 
 
@@ -1061,5 +1050,5 @@ def run(config: TuneConfig) -> TuneResult:
         "outputs": paths,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    storage.write_json(storage.join(config.out, "tune.json"), _jsonable(summary))
+    storage.write_json(storage.join(config.out, "tune.json"), storage.json_safe(summary))
     return TuneResult(summary, model_uri, failed)
