@@ -113,7 +113,7 @@ def run_split(args, X, spec, tags, X_v2, seed: int) -> list[dict]:
     split[order[int(0.70 * len(X)) : int(0.85 * len(X))]] = 1
     split[order[int(0.85 * len(X)) :]] = 2
     ds = SplitData(X, tags, split, spec)
-    config = tune.TuneConfig(data="memory", out="memory", references=("knn", "ridge"))
+    config = tune.TuneConfig(data="memory", out="memory", references=("knn", "ridge", "kernel"))
     X_train, Y_train = ds.part("train")
     X_val, Y_val = ds.part("val")
 

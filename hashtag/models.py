@@ -39,6 +39,7 @@ optimizer's state restored.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import warnings
@@ -61,6 +62,7 @@ TRAINABLE = {"seed", "mlp"}
 # Ridge penalties tried on validation (ridge_lambda=0), and the metric that picks them and a
 # blend's weights when the caller names none.
 RIDGE_LAMBDAS = (0.3, 1.0, 3.0, 10.0)
+KERNEL_LAMBDAS = (0.03, 0.1, 0.3, 1.0)
 SELECT_METRIC = "f1@5"
 _MAX_PARTS = 16  # models in one blend, at most
 LOSSES = ("sigmoid", "softmax")
@@ -98,6 +100,17 @@ class ModelConfig:
         default=0.0,
         metadata=_help(f"ridge: L2 penalty; 0: the best of {RIDGE_LAMBDAS} on validation"),
     )
+    kernel_temperature: float = field(
+        default=2.0, metadata=_help("kernel: the kernel exp(t x (cosine similarity - 1))")
+    )
+    kernel_lambda: float = field(
+        default=0.0,
+        metadata=_help(f"kernel: L2 penalty; 0: the best of {KERNEL_LAMBDAS} on validation"),
+    )
+    kernel_landmarks: int = field(
+        default=4096,
+        metadata=_help("kernel: training rows the kernel is taken on (Nystroem beyond them)"),
+    )
     centre: bool = field(
         default=False,
         metadata=_help("subtract the training mean of each embedding block, then L2-normalise it"),
@@ -126,8 +139,14 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = default), got {self.threads}")
-        if self.knn_temperature < 0 or self.ridge_lambda < 0:
-            raise ValueError("knn_temperature and ridge_lambda must be >= 0")
+        if min(self.knn_temperature, self.ridge_lambda, self.kernel_lambda) < 0:
+            raise ValueError("knn_temperature, ridge_lambda and kernel_lambda must be >= 0")
+        if not (np.isfinite(self.kernel_temperature) and 0 < self.kernel_temperature <= 100):
+            raise ValueError(
+                f"kernel_temperature must be in (0, 100], got {self.kernel_temperature}"
+            )
+        if self.kernel_landmarks < 1:
+            raise ValueError(f"kernel_landmarks must be >= 1, got {self.kernel_landmarks}")
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))  # JSON: a list
         if any(b < 1 for b in self.blocks):
             raise ValueError(f"blocks must be positive dims, got {self.blocks}")
@@ -449,6 +468,10 @@ class Recommender:
 
     # -- prediction
 
+    def _refit_config(self) -> ModelConfig:
+        """The settings a refit trains with: what was chosen on validation stays chosen."""
+        return self.config
+
     def _check_fitted(self) -> None:
         if self.n_tags is None:
             raise RuntimeError(f"this {self.name} model is not fitted: call fit(...) or load(uri)")
@@ -519,11 +542,11 @@ class Recommender:
         arrays = dict(state["arrays"])
         if self.config.centre:
             self.feature_mean = arrays.pop("feature_mean").astype(np.float32)
+        self.n_tags, self.dim = int(state["n_tags"]), int(state["dim"])  # _restore checks them
         self._restore(arrays)
         self.epochs_done = int(state["epochs_done"])
         self.decision = Decision(**state["decision"])
         self.history = {key: list(values) for key, values in state["history"].items()}
-        self.n_tags, self.dim = int(state["n_tags"]), int(state["dim"])
         return self
 
     def save(self, uri: str, metadata: dict[str, Any] | None = None) -> None:
@@ -692,6 +715,28 @@ class Knn(Recommender):
         self.frequency = arrays["frequency"].astype(np.float32)
 
 
+def _choose_penalty(
+    solve: Callable[[float], np.ndarray],
+    fixed: float,
+    grid: Sequence[float],
+    default: float,
+    Y_val: np.ndarray | None,
+    predict: Callable[[np.ndarray], np.ndarray],
+) -> tuple[float, np.ndarray]:
+    """(penalty, solve(penalty)): `fixed` when set (> 0), `default` without validation labels,
+    else the best of `grid` by `metric_value` of predict(solution) on validation (one
+    decomposition behind `solve` serves every penalty)."""
+    if fixed or Y_val is None:
+        return fixed or default, solve(fixed or default)
+    best = None
+    for penalty in grid:
+        solution = solve(penalty)
+        value = metric_value(Y_val, predict(solution))
+        if best is None or value > best[0]:
+            best = (value, penalty, solution)
+    return best[1], best[2]
+
+
 @register
 class Ridge(Recommender):
     """Closed-form multi-output ridge regression of the 0/1 labels on the features (a linear
@@ -714,18 +759,12 @@ class Ridge(Recommender):
             coefficients = vectors @ (projected / (values + penalty)[:, None])
             return (X64.T @ coefficients if dual else coefficients).astype(np.float32)
 
-        penalties = [self.config.ridge_lambda] if self.config.ridge_lambda else RIDGE_LAMBDAS
-        if len(penalties) == 1 or X_val is None:
-            self.penalty = penalties[0] if len(penalties) == 1 else 1.0
-            self.weights = solve(self.penalty)
-            return
-        features = self.features(_as_features(X_val, "X_val", self.dim))
-        best = -np.inf
-        for penalty in penalties:
-            weights = solve(penalty)
-            value = metric_value(Y_val, features @ weights + self.bias.astype(np.float32))
-            if value > best:
-                best, self.penalty, self.weights = value, penalty, weights
+        def predict(weights: np.ndarray) -> np.ndarray:
+            return self.features(X_val) @ weights + self.bias.astype(np.float32)
+
+        self.penalty, self.weights = _choose_penalty(
+            solve, self.config.ridge_lambda, RIDGE_LAMBDAS, 1.0, Y_val, predict
+        )
 
     def _scores(self, X: np.ndarray) -> np.ndarray:
         return X @ self.weights + self.bias.astype(np.float32)
@@ -737,6 +776,97 @@ class Ridge(Recommender):
         self.weights = arrays["weights"].astype(np.float32)
         self.bias = arrays["bias"].astype(np.float64)
         self.penalty = float(arrays["penalty"])
+
+    def _refit_config(self) -> ModelConfig:
+        return replace(self.config, ridge_lambda=self.penalty)
+
+
+@register
+class Kernel(Recommender):
+    """Kernel ridge regression of the 0/1 labels with the kernel exp(t (x.y - 1)) on the unit
+    features (a Gaussian kernel on the sphere, t = `kernel_temperature`): a smooth, learnt
+    version of the kNN vote; on real photos it beats both kNN and the linear ridge. Up to
+    `kernel_landmarks` training rows it is exact, alpha = (K + lambda I)^-1 (Y - mean); beyond, the
+    Nystroem approximation on that many random rows L (the landmarks):
+    alpha = (K_LX K_XL + lambda K_LL)^-1 K_LX (Y - mean), which is the exact one when L is every
+    row. A new image scores k(x, L) alpha + mean. Saved: the landmarks (m x dim) and alpha
+    (m x V). With `kernel_lambda=0` the penalty is the best of KERNEL_LAMBDAS on validation."""
+
+    name = "kernel"
+
+    def _kernel(self, X: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
+        similarity = l2_normalize(X[rows]) @ self.landmarks.T
+        return np.exp(self.config.kernel_temperature * (similarity - 1.0))
+
+    def _blocks(self, n: int) -> Iterator[slice]:
+        rows = max(1, _SIMILARITY_CELLS // max(1, len(self.landmarks)))
+        return (slice(start, start + rows) for start in range(0, n, rows))
+
+    def _fit(self, X, Y, X_val, Y_val, callbacks) -> None:
+        m = min(len(X), self.config.kernel_landmarks)
+        rng = np.random.default_rng(self.config.seed)
+        chosen = np.sort(rng.choice(len(X), m, replace=False)) if m < len(X) else slice(None)
+        self.landmarks = l2_normalize(X[chosen])
+        self.bias = Y.mean(axis=0, dtype=np.float64)
+        gram = np.zeros((m, m), np.float64)  # K_LX K_XL, a block of rows at a time
+        right = np.zeros((m, Y.shape[1]), np.float64)  # K_LX (Y - mean)
+        for rows in self._blocks(len(X)):
+            K = self._kernel(X, rows)
+            gram += K.T @ K
+            right += K.T @ (Y[rows] - self.bias)
+        values, vectors = np.linalg.eigh(self._kernel(self.landmarks).astype(np.float64))
+        kept = values > values[-1] * 1e-9  # K_LL's numerically null directions carry nothing
+        whiten = vectors[:, kept] / np.sqrt(values[kept])  # W' K_LL W = I
+        spectrum, rotation = np.linalg.eigh(whiten.T @ gram @ whiten)
+        basis = whiten @ rotation  # alpha(lambda) = basis diag(1 / (spectrum + lambda)) projected
+        projected = basis.T @ right
+
+        def solve(penalty: float) -> np.ndarray:
+            scale = 1.0 / np.maximum(spectrum + penalty, 1e-12)
+            return (basis @ (projected * scale[:, None])).astype(np.float32)
+
+        @functools.cache
+        def val_kernel() -> np.ndarray:  # once for every penalty
+            features = self.features(X_val)
+            return np.concatenate([self._kernel(features, r) for r in self._blocks(len(features))])
+
+        def predict(alpha: np.ndarray) -> np.ndarray:
+            return val_kernel() @ alpha + self.bias.astype(np.float32)
+
+        self.penalty, self.alpha = _choose_penalty(
+            solve, self.config.kernel_lambda, KERNEL_LAMBDAS, 0.1, Y_val, predict
+        )
+
+    def _refit_config(self) -> ModelConfig:
+        return replace(self.config, kernel_lambda=self.penalty)
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        scores = np.empty((len(X), self.n_tags), np.float32)
+        for rows in self._blocks(len(X)):
+            scores[rows] = self._kernel(X, rows) @ self.alpha + self.bias.astype(np.float32)
+        return scores
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "landmarks": self.landmarks,
+            "alpha": self.alpha,
+            "bias": self.bias,
+            "penalty": np.float64(self.penalty),
+        }
+
+    def _restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self.landmarks = arrays["landmarks"].astype(np.float32)
+        self.alpha = arrays["alpha"].astype(np.float32)
+        self.bias = arrays["bias"].astype(np.float64)
+        self.penalty = float(arrays["penalty"])
+        if (
+            self.landmarks.shape != (len(self.alpha), self.dim)
+            or self.alpha.shape[1] != self.n_tags
+        ):
+            raise ValueError(
+                f"landmarks {self.landmarks.shape} and alpha {self.alpha.shape} do not fit "
+                f"dim {self.dim} and {self.n_tags} tags"
+            )
 
 
 @register
@@ -863,7 +993,7 @@ def refit(model: Recommender, X: np.ndarray, Y: np.ndarray, metric: str = SELECT
         fresh = Blend(model.config)
         fresh.parts, fresh.weights = model.parts, model.weights
     else:
-        config = model.config
+        config = model._refit_config()
         if model.trainable:
             config = replace(config, epochs=best_epoch(model, metric))
         fresh = create(model.name, config)

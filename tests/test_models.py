@@ -57,7 +57,7 @@ class Recorder:
 
 
 def test_registry_and_config_validation():
-    assert models.available() == ["blend", "knn", "mlp", "popularity", "ridge", "seed"]
+    assert models.available() == ["blend", "kernel", "knn", "mlp", "popularity", "ridge", "seed"]
     assert models.TRAINABLE == {"seed", "mlp"}
     assert {n for n in models.available() if models.create(n).trainable} == models.TRAINABLE
     with pytest.raises(ValueError, match="available"):
@@ -128,7 +128,33 @@ def test_seed_model_trains_with_fixed_threshold(data, popularity_score, bug):
     assert model.score(*data["test"])["f1"] > popularity_score["f1"]
 
 
-@pytest.mark.parametrize("name", ["popularity", "knn", "mlp", "seed"])
+def test_kernel_ridge_is_exact_up_to_its_landmarks_then_nystroem(data, popularity_score):
+    """Up to `kernel_landmarks` rows: (K + lambda I)^-1 (Y - mean), solved directly here. With
+    fewer landmarks (Nystroem) it still learns; refit keeps the penalty chosen on validation."""
+    X, Y = data["train"]
+    X, Y = X[:400], Y[:400]
+    model = models.create("kernel", ModelConfig(kernel_lambda=0.3)).fit(X, Y)
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    t = model.config.kernel_temperature
+    K = np.exp(t * (unit @ unit.T - 1))
+    alpha = np.linalg.solve(K + 0.3 * np.eye(len(K)), Y - Y.mean(0))
+    X_test = data["test"][0]
+    test_unit = X_test / np.linalg.norm(X_test, axis=1, keepdims=True)
+    expected = np.exp(t * (test_unit @ unit.T - 1)) @ alpha + Y.mean(0)
+    np.testing.assert_allclose(model.predict_scores(X_test), expected, rtol=1e-3, atol=1e-3)
+
+    chosen = models.create("kernel", ModelConfig(kernel_landmarks=200)).fit(
+        *data["train"], *data["val"]
+    )
+    assert len(chosen.landmarks) == 200 and chosen.penalty in models.KERNEL_LAMBDAS
+    assert chosen.score(*data["test"])["f1@5"] > popularity_score["f1@5"]
+    refit = models.refit(chosen, *data["val"])
+    assert refit.penalty == chosen.penalty and refit.config.kernel_lambda == chosen.penalty
+    with pytest.raises(ValueError, match="kernel_temperature"):
+        ModelConfig(kernel_temperature=0)
+
+
+@pytest.mark.parametrize("name", ["popularity", "knn", "kernel", "mlp", "seed"])
 def test_save_load_roundtrip_without_pickle(tmp_path, data, name):
     X, Y = data["train"]
     vocab = [f"tag{i}" for i in range(Y.shape[1])]

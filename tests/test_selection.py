@@ -53,7 +53,7 @@ def test_selection_exports_a_better_non_mlp_winner(tmp_path, dataset, weak_trial
         config, dataset, data, [row], lambda r: mlp, references, fitted
     )
     labels = [r.label for r in rows]
-    assert {"popularity", "knn", "ridge"} <= set(labels)
+    assert {"popularity", "knn", "ridge", "kernel"} <= set(labels)
     # A blend whose best weights leave one part is that part's row already: not repeated.
     assert 1 <= sum(label.startswith("blend: ") for label in labels) <= len(tune.BLENDS)
     assert winner.val["f1@5"] == max(r.val["f1@5"] for r in [row, *rows])  # on validation
@@ -66,7 +66,7 @@ def test_selection_exports_a_better_non_mlp_winner(tmp_path, dataset, weak_trial
     assert exported.recommender.score(X_test, Y_test)["f1@5"] == pytest.approx(winner.test["f1@5"])
 
 
-@pytest.mark.parametrize("name", ["knn", "ridge", "mlp"])
+@pytest.mark.parametrize("name", ["knn", "ridge", "kernel", "mlp"])
 def test_refit_learns_from_train_and_validation(tmp_path, dataset, weak_trial, name):
     sizes = {n: len(dataset.part(n)[0]) for n in ("train", "val", "test")}
     if name == "mlp":
@@ -84,6 +84,8 @@ def test_refit_learns_from_train_and_validation(tmp_path, dataset, weak_trial, n
         assert set(refit_row.test) >= {"f1@5", "f1@10"} and refit_row.label.startswith("exported")
         if name == "knn":  # the vote stores the rows it learnt from
             assert len(refit.train_labels) == sum(sizes[n] for n in seen)
+        if name in ("ridge", "kernel"):  # the penalty chosen on validation stays
+            assert refit.penalty == model.penalty
         if name == "mlp":  # epochs picked on validation; no validation data in the refit
             assert refit.epochs_done == models.best_epoch(model) and "val_f1" not in refit.history
     none = tune.TuneConfig(data=dataset.uri, out=str(tmp_path / "none"), refit="none")
@@ -91,7 +93,7 @@ def test_refit_learns_from_train_and_validation(tmp_path, dataset, weak_trial, n
 
 
 def test_blend_of_ensemble_features_round_trips(tmp_path, dataset):
-    """A blend of centred kNN and ridge on two embedders' blocks: save, load, refit."""
+    """A blend of centred ridge and kNN on two embedders' blocks: save, load, refit."""
     blocks = (10, 6)  # as if two embedders of dims 10 and 6 made the 16-d features
     parts = []
     for name in ("ridge", "knn"):
