@@ -63,6 +63,7 @@ TRAINABLE = {"seed", "mlp"}
 # blend's weights when the caller names none.
 RIDGE_LAMBDAS = (0.3, 1.0, 3.0, 10.0)
 KERNEL_LAMBDAS = (0.03, 0.1, 0.3, 1.0)
+MAX_LANDMARKS = 16_384  # the kernel's m x m float64 matrices: 2 GB each at this size
 SELECT_METRIC = "f1@5"
 _MAX_PARTS = 16  # models in one blend, at most
 LOSSES = ("sigmoid", "softmax")
@@ -145,8 +146,11 @@ class ModelConfig:
             raise ValueError(
                 f"kernel_temperature must be in (0, 100], got {self.kernel_temperature}"
             )
-        if self.kernel_landmarks < 1:
-            raise ValueError(f"kernel_landmarks must be >= 1, got {self.kernel_landmarks}")
+        if not 1 <= self.kernel_landmarks <= MAX_LANDMARKS:
+            raise ValueError(
+                f"kernel_landmarks must be in 1..{MAX_LANDMARKS} (its square, in float64, is "
+                f"the kernel's memory), got {self.kernel_landmarks}"
+            )
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))  # JSON: a list
         if any(b < 1 for b in self.blocks):
             raise ValueError(f"blocks must be positive dims, got {self.blocks}")

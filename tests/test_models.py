@@ -152,6 +152,8 @@ def test_kernel_ridge_is_exact_up_to_its_landmarks_then_nystroem(data, popularit
     assert refit.penalty == chosen.penalty and refit.config.kernel_lambda == chosen.penalty
     with pytest.raises(ValueError, match="kernel_temperature"):
         ModelConfig(kernel_temperature=0)
+    with pytest.raises(ValueError, match="kernel_landmarks must be in"):
+        ModelConfig(kernel_landmarks=100_000)
 
 
 @pytest.mark.parametrize("name", ["popularity", "knn", "kernel", "mlp", "seed"])
