@@ -10,7 +10,7 @@ MobileNetV2 and the MobileNetV1 extractor of ../shared/models, through hashtag.i
 in /tmp across runs (never in the repository). Then, over `--splits` random 70/15/15 splits
 (vocabulary: tags on >= 2 training posts), it does what `hashtag tune` does, with the product's
 own functions: an MLP grid (`--grid`, trained in this process, no Ray), the references (knn,
-ridge), the blends, selection on validation by F1@5 (`tune.compete`), the refit of the winner on
+ridge, kernel), the blends, selection on validation by F1@5 (`tune.compete`), the refit of the winner on
 train + validation (`tune.refit_winner`); and scores the exported model on the test split.
 
 The reference is the plain cosine kNN vote of the data READMEs: 20 neighbours, weights
