@@ -57,8 +57,10 @@ def test_same_seed_same_bytes(tmp_path):
     demo.run(DemoConfig(out=str(tmp_path / "b"), **config))
     demo.run(DemoConfig(out=str(tmp_path / "c"), **{**config, "seed": 4}))
     a, b, c = (_files(tmp_path / name) for name in "abc")
+    demo.run(DemoConfig(out=str(tmp_path / "a"), **config))  # a rerun into the same folder
+    assert _files(tmp_path / "a") == a  # every byte the same, the summary too: one source
     for files in (a, b, c):
-        files.pop(demo.SUMMARY_NAME)  # holds the folder and the seconds taken
+        files.pop(demo.SUMMARY_NAME)  # names its folder
     assert a == b
     assert a.keys() != c.keys()  # another seed: other dates, other photos
 
