@@ -70,6 +70,7 @@ _CSV_EXTENSIONS = (".csv", ".tsv")
 _SEED_SUFFIX = "_csvs.npy"
 MAX_ROW_BYTES = 1 << 20
 MAX_ID_CHARS = 256
+LOGGED_PER_REASON = 3  # skips and warnings logged one by one per reason; the rest are counted
 MAX_METADATA_BYTES = 16 << 20
 MAX_JSON_ARRAY_BYTES = 256 << 20
 
@@ -119,19 +120,24 @@ class Source:
 
     def _skip(self, post_id: str, reason: str, detail: str = "") -> None:
         self.skipped[reason] += 1
-        log.warning(
-            "%s: skipping post %s: %s%s",
-            self.name,
-            post_id,
-            reason,
-            f" ({detail})" if detail else "",
-        )
+        self._log(self.skipped[reason], "skipping post", post_id, reason, detail)
 
     def _warn(self, post_id: str, reason: str, detail: str = "") -> None:
         self.warnings[reason] += 1
-        log.warning(
-            "%s: post %s: %s%s", self.name, post_id, reason, f" ({detail})" if detail else ""
-        )
+        self._log(self.warnings[reason], "post", post_id, reason, detail)
+
+    def _log(self, count: int, what: str, post_id: str, reason: str, detail: str) -> None:
+        """The first LOGGED_PER_REASON of each reason, then one line saying the rest are only
+        counted: a source of a million bad rows must not write a million log lines."""
+        if count <= LOGGED_PER_REASON:
+            suffix = f" ({detail})" if detail else ""
+            log.warning("%s: %s %s: %s%s", self.name, what, post_id, reason, suffix)
+        elif count == LOGGED_PER_REASON + 1:
+            log.warning(
+                "%s: more posts with %s: counted in the summary, not logged one by one",
+                self.name,
+                reason,
+            )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"

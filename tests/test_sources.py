@@ -9,7 +9,13 @@ import pytest
 
 from hashtag import storage
 from hashtag.fetch import Fetcher
-from hashtag.sources import InstaloaderSource, ManifestSource, SeedSource, open_source
+from hashtag.sources import (
+    LOGGED_PER_REASON,
+    InstaloaderSource,
+    ManifestSource,
+    SeedSource,
+    open_source,
+)
 
 
 def write_lines(path, rows):
@@ -86,8 +92,22 @@ def test_jsonl_with_broken_rows(tmp_path, caplog):
     assert posts["16"].image == "/abs/j.jpg"
     assert list(posts) == ["1", "9", "10", "custom-7", "12", "14", "15", "16"]
     messages = " ".join(r.getMessage() for r in caplog.records)
-    for post_id in ("2", "4", "5", "6", "7", "8", "custom-7", "17"):
+    # Each reason's first LOGGED_PER_REASON posts are named; then one line, the rest counted.
+    assert LOGGED_PER_REASON == 3
+    for post_id in ("2", "4", "7", "5", "6", "custom-7"):
         assert f"post {post_id}:" in messages
+    assert "post 8:" not in messages and "post 17:" not in messages
+    assert messages.count("more posts with bad-row") == 1
+
+
+def test_100k_bad_rows_cost_four_log_lines(tmp_path, caplog):
+    manifest = tmp_path / "posts.jsonl"
+    manifest.write_text("{broken\n" * 100_000 + json.dumps({"image": "a.jpg"}) + "\n")
+    caplog.set_level(logging.WARNING, logger="hashtag.sources")
+    source = open_source(str(manifest))
+    assert [p.image for p in source.posts()] == [str(tmp_path / "a.jpg")]
+    assert source.skipped == {"bad-row": 100_000}
+    assert len(caplog.records) == LOGGED_PER_REASON + 1
 
 
 def test_json_array_manifest(tmp_path):
