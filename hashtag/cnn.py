@@ -193,9 +193,18 @@ def _new_interpreter(model: bytes, num_threads: int):
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         Interpreter = tfimport.tensorflow().lite.Interpreter
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), tfimport.quiet_native():
         warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
         return Interpreter(model_content=model, num_threads=num_threads)
+
+
+def _flatbuffer_utils():
+    """TFLite's flatbuffer reader; TensorFlow imported through tfimport first, quietly (the
+    submodule's own import would start TensorFlow with its C++ start-up lines on stderr)."""
+    tfimport.tensorflow()
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    return flatbuffer_utils
 
 
 def _expose_tensor(model: bytes, tensor: str | None) -> tuple[bytes, str | None]:
@@ -205,8 +214,7 @@ def _expose_tensor(model: bytes, tensor: str | None) -> tuple[bytes, str | None]
     Returns the model bytes (unchanged when the embedding is the output) and the tensor name
     (None when the model's own output is used).
     """
-    from tensorflow.lite.tools import flatbuffer_utils
-
+    flatbuffer_utils = _flatbuffer_utils()
     if tensor == "output":
         return model, None
     flat = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
@@ -272,8 +280,7 @@ def _requantize_int8(model: bytes) -> bytes | None:
     channel, exact where they fit in [-127, 127] and rescaled where they do not, and its int32
     bias is rescaled to match. XNNPACK has VNNI/AVX-512 kernels for signed int8 and slower ones for uint8.
     """
-    from tensorflow.lite.tools import flatbuffer_utils
-
+    flatbuffer_utils = _flatbuffer_utils()
     flat = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
     graph = flat.subgraphs[0]
     codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in flat.operatorCodes]
@@ -357,7 +364,8 @@ class _Runner:
 
     def __init__(self, model: bytes, num_threads: int) -> None:
         self.interpreter = _new_interpreter(model, num_threads)
-        self.interpreter.allocate_tensors()
+        with tfimport.quiet_native():  # where TF Lite announces its XNNPACK delegate
+            self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.batch = int(self.input["shape"][0])

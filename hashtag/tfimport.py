@@ -12,21 +12,38 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from types import ModuleType
+
+# File descriptor 2 is the process's: two threads swapping it at once could each restore the
+# other's /dev/null. One (re-entrant) lock makes the swaps take turns.
+_STDERR_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
 def _native_stderr_silenced() -> Iterator[None]:
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
+    with _STDERR_LOCK:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@contextlib.contextmanager
+def quiet_native() -> Iterator[None]:
+    """Native (C++) lines to stderr hidden inside the block unless debug logging is on: TF Lite
+    announces "Created TensorFlow Lite XNNPACK delegate" on every interpreter."""
+    if logging.getLogger("hashtag").isEnabledFor(logging.DEBUG):
         yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    else:
+        with _native_stderr_silenced():
+            yield
 
 
 def tensorflow() -> ModuleType:
@@ -34,11 +51,7 @@ def tensorflow() -> ModuleType:
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if logging.getLogger("hashtag").isEnabledFor(logging.DEBUG):
-        import tensorflow as tf
-
-        return tf
-    with _native_stderr_silenced():
+    with quiet_native():
         import tensorflow as tf
 
         tf.config.list_physical_devices("GPU")  # cuInit's complaint comes on first use

@@ -391,3 +391,31 @@ def test_keras_bad_names_and_options():
 
 def test_cpu_count_respects_affinity():
     assert 1 <= cnn.available_cpus() <= (os.cpu_count() or 1)
+
+
+def test_a_tflite_embedder_is_quiet_on_stderr_unless_debug(models_dir, tmp_path):
+    """TensorFlow's and TF Lite's C++ start-up lines (absl, oneDNN, cuda, XNNPACK) reach the
+    process's stderr only with debug logging on (`-v`): a fresh process embeds one photo."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, sys, numpy as np\n"
+        "from hashtag import embedders\n"
+        "if sys.argv[2] == 'debug': logging.getLogger('hashtag').setLevel(logging.DEBUG)\n"
+        "e = embedders.create('tflite:' + sys.argv[1])\n"
+        "print(e.embed([np.zeros((50, 60, 3), np.uint8)]).shape)\n"
+    )
+    runs = {
+        mode: subprocess.run(
+            [sys.executable, "-c", script, str(models_dir / V1), mode],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": ""},
+        )  # fmt: skip
+        for mode in ("quiet", "debug")
+    }
+    assert runs["quiet"].returncode == 0 and runs["quiet"].stdout.strip() == "(1, 1024)"
+    assert runs["quiet"].stderr == ""
+    assert "XNNPACK" in runs["debug"].stderr
