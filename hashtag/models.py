@@ -763,8 +763,12 @@ class Ridge(Recommender):
             coefficients = vectors @ (projected / (values + penalty)[:, None])
             return (X64.T @ coefficients if dual else coefficients).astype(np.float32)
 
+        @functools.cache
+        def val_features() -> np.ndarray:  # once for every penalty
+            return self.features(X_val)
+
         def predict(weights: np.ndarray) -> np.ndarray:
-            return self.features(X_val) @ weights + self.bias.astype(np.float32)
+            return val_features() @ weights + self.bias.astype(np.float32)
 
         self.penalty, self.weights = _choose_penalty(
             solve, self.config.ridge_lambda, RIDGE_LAMBDAS, 1.0, Y_val, predict

@@ -22,7 +22,12 @@ _STDERR_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
+def quiet_native() -> Iterator[None]:
+    """Native (C++) lines to stderr hidden inside the block unless debug logging is on: TF Lite
+    announces "Created TensorFlow Lite XNNPACK delegate" on every interpreter."""
+    if logging.getLogger("hashtag").isEnabledFor(logging.DEBUG):
+        yield
+        return
     with _STDERR_LOCK:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -33,17 +38,6 @@ def _native_stderr_silenced() -> Iterator[None]:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-
-
-@contextlib.contextmanager
-def quiet_native() -> Iterator[None]:
-    """Native (C++) lines to stderr hidden inside the block unless debug logging is on: TF Lite
-    announces "Created TensorFlow Lite XNNPACK delegate" on every interpreter."""
-    if logging.getLogger("hashtag").isEnabledFor(logging.DEBUG):
-        yield
-    else:
-        with _native_stderr_silenced():
-            yield
 
 
 def tensorflow() -> ModuleType:
