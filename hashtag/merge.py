@@ -90,6 +90,20 @@ class MergeConfig:
         default=262144,
         metadata={"help": "rows per dataset part (and per merge task); memory per task ~ this"},
     )
+    memory_per_task_mb: int = field(
+        default=1024,
+        metadata={
+            "help": "memory each merge task declares to Ray (MB), so Ray packs them; 0 declares "
+            "none (for node types that do not advertise memory)"
+        },
+    )
+    max_retries: int = field(
+        default=3,
+        metadata={
+            "help": "retries of a merge task that failed or whose worker died; then the merge "
+            "stops naming it (a rerun resumes from the tasks that finished)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.shards or not self.out:
@@ -104,6 +118,11 @@ class MergeConfig:
             )
         if self.part_rows < 1:
             raise ValueError(f"part_rows must be >= 1, got {self.part_rows}")
+        if self.memory_per_task_mb < 0 or self.max_retries < 0:
+            raise ValueError(
+                "memory_per_task_mb and max_retries must be >= 0, got "
+                f"{self.memory_per_task_mb} and {self.max_retries}"
+            )
         if self.min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {self.min_count}")
         for name in ("val_fraction", "test_fraction"):
@@ -385,13 +404,13 @@ def write_task(
 # ---------------------------------------------------------------- the driver
 
 
-def _groups(manifests: dict[int, dict], part_rows: int, at_least: int) -> list[list[int]]:
-    """Consecutive shard indices cut into groups of ~equal rows: ceil(rows / part_rows) groups,
-    but at least `at_least` (so every CPU has a task) and at most one per shard."""
+def _groups(manifests: dict[int, dict], part_rows: int) -> list[list[int]]:
+    """Consecutive shard indices cut into ceil(rows / part_rows) groups of ~equal rows (at most
+    one per shard): from the data alone, so the parts are the same on any cluster."""
     indices = sorted(manifests)
     counts = np.array([int(manifests[i]["count"]) for i in indices], np.int64)
     total = int(counts.sum())
-    n = min(len(indices), max(at_least, -(-total // part_rows), 1))
+    n = min(len(indices), max(-(-total // part_rows), 1))
     # Cut where the running row count crosses each multiple of total / n.
     ends = np.cumsum(counts)
     cuts = np.searchsorted(ends, np.arange(1, n) * total / n, side="left") + 1
@@ -399,37 +418,72 @@ def _groups(manifests: dict[int, dict], part_rows: int, at_least: int) -> list[l
     return groups
 
 
+# Rows of one dedupe partition: its task holds ~24 B a row of hashes (~24 MB).
+PARTITION_ROWS = 2**20
+
+
 def _fingerprint(config: MergeConfig, manifests: dict[int, dict], partitions: int) -> str:
     """Same value for the same shards (their manifests) and the same settings: what a rerun
     may resume from."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("shards", "out")}
+    # Not the task resources: a rerun with more memory per task resumes.
+    ignored = ("shards", "out", "memory_per_task_mb", "max_retries")
+    settings = {k: v for k, v in asdict(config).items() if k not in ignored}
     shards = {str(i): m for i, m in sorted(manifests.items())}
     text = json.dumps([settings, shards, partitions], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _run_stage(desc: str, task, calls: list[tuple]) -> list[Any]:
-    """Run `task` on each argument tuple as Ray tasks (one CPU each), in order of `calls`."""
+def _run_stage(
+    config: MergeConfig, desc: str, task, calls: list[tuple], labels: list[str]
+) -> list[Any]:
+    """Run `task` on each argument tuple as Ray tasks, all submitted at once (queued tasks are
+    the demand the autoscaler launches workers for); results in the order of `calls`.
+
+    Each task declares one CPU and --memory-per-task-mb. Ray's own retries are off
+    (max_retries=0 also bounds memory kills, which Ray otherwise retries forever): the driver
+    resubmits a failed task at most --max-retries times, then stops the merge naming it (the
+    finished tasks' outputs stay: a rerun redoes only the others)."""
     import ray
 
     from hashtag import raycluster
 
-    remote = ray.remote(task).options(num_cpus=1, runtime_env=raycluster.worker_env() or None)
-    refs = [remote.remote(*args) for args in calls]
-    results = {}
-    pending = {ref: i for i, ref in enumerate(refs)}
-    with tqdm(total=len(refs), desc=desc, unit="task") as bar:
+    remote = ray.remote(task).options(
+        name=f"merge_{task.__name__.removesuffix('_task')}",
+        num_cpus=1,
+        memory=config.memory_per_task_mb * 2**20 or None,
+        max_retries=0,
+        retry_exceptions=False,
+        runtime_env=raycluster.worker_env() or None,
+    )
+    pending = {remote.remote(*args): i for i, args in enumerate(calls)}
+    results: dict[int, Any] = {}
+    attempts: Counter[int] = Counter()
+    with tqdm(total=len(calls), desc=desc, unit="task") as bar:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
+                i = pending.pop(ref)
                 try:
-                    results[pending.pop(ref)] = ray.get(ref)
-                except ray.exceptions.RayTaskError as error:
-                    if isinstance(error.cause, UserError):  # a full disk: one clear line
-                        raise error.cause from None
-                    raise
+                    results[i] = ray.get(ref)
+                except Exception as error:  # the task raised, or its worker or node died
+                    cause = getattr(error, "cause", None)
+                    if isinstance(cause, UserError):  # a full disk, a damaged shard: one line
+                        raise cause from None
+                    reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                    attempts[i] += 1
+                    if attempts[i] > config.max_retries:
+                        raise RuntimeError(
+                            f"merge task '{labels[i]}' failed {attempts[i]} times, last with "
+                            f"{reason}; rerun the same merge to resume from the tasks that "
+                            "finished (if its worker was killed for memory, raise "
+                            "--memory-per-task-mb or lower --part-rows)"
+                        ) from None
+                    log.warning("merge task '%s' failed (%s); retry %d", labels[i], reason,
+                                attempts[i])  # fmt: skip
+                    pending[remote.remote(*calls[i])] = i
+                    continue
                 bar.update()
-    return [results[i] for i in range(len(refs))]
+    return [results[i] for i in range(len(calls))]
 
 
 @dataclass(frozen=True)
@@ -442,8 +496,6 @@ class MergeResult(StageResult):
 def run(config: MergeConfig) -> MergeResult:
     """Merge the finished shards under config.shards into a dataset at config.out; return the
     summary (also written as OUT/merge.json)."""
-    import ray
-
     from hashtag import raycluster
 
     started = time.monotonic()
@@ -461,26 +513,35 @@ def run(config: MergeConfig) -> MergeResult:
         log.warning("shards %s are not finished; merging the %d others", missing, len(indices))
 
     raycluster.connect()
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    groups = _groups(manifests, config.part_rows, 2 * cpus)
+    # From the data, not from the CPUs present (none yet on an autoscaling cluster's head).
+    groups = _groups(manifests, config.part_rows)
     posts_total = sum(int(m["count"]) for m in manifests.values())
-    # Each dedupe task holds ~1/P of the hashes (24 B a row): ~24 MB per million rows.
-    partitions = max(cpus, -(-posts_total // 2**20))
+    partitions = max(1, -(-posts_total // PARTITION_ROWS))
     fingerprint = _fingerprint(config, manifests, partitions)
     work = storage.join(config.out, WORK, fingerprint)
 
+    shards_of = [f"shards {g[0]}-{g[-1]}" for g in groups]
     keys = _run_stage(
+        config,
         "merge 1/4: keys",
         keys_task,
         [(config.shards, g, {i: manifests[i] for i in g}, partitions, work) for g in groups],
+        [f"keys of {name}" for name in shards_of],
     )
+    dedupes = [(kind, p) for kind in ("id", "image") for p in range(partitions)]
     _run_stage(
+        config,
         "merge 2/4: dedupe",
         dedupe_task,
-        [(kind, p, groups, work) for kind in ("id", "image") for p in range(partitions)],
+        [(kind, p, groups, work) for kind, p in dedupes],
+        [f"dedupe of {kind} partition {p}" for kind, p in dedupes],
     )
     counts = _run_stage(
-        "merge 3/4: count tags", count_task, [(g, partitions, work) for g in groups]
+        config,
+        "merge 3/4: count tags",
+        count_task,
+        [(g, partitions, work) for g in groups],
+        [f"tag counts of {name}" for name in shards_of],
     )
     tag_counts: Counter[str] = Counter()
     for count in counts:
@@ -508,12 +569,14 @@ def run(config: MergeConfig) -> MergeResult:
         written = [(groups[0], f"{fingerprint}-00000")]
     counts_in_vocab = [tag_counts[t] for t in vocab]
     parts = _run_stage(
+        config,
         "merge 4/4: write parts",
         write_task,
         [
             (config, g, {i: manifests[i] for i in g}, vocab, counts_in_vocab, id_length, name, work)
             for g, name in written
         ],
+        [f"part {name} of shards {g[0]}-{g[-1]}" for g, name in written],
     )
     posts_in = sum(c["posts_in"] for c in counts)
     duplicates = {k: sum(c["duplicates"][k] for c in counts) for k in ("id", "image")}

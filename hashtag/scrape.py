@@ -64,7 +64,18 @@ class ScrapeConfig:
         default=0.0, metadata={"help": "GPUs each embed task asks for (Keras embedders use it)"}
     )
     max_in_flight: int = field(
-        default=0, metadata={"help": "shard tasks in flight at once (0: twice the cluster's CPUs)"}
+        default=0,
+        metadata={
+            "help": "a fixed number of shard tasks in flight (0: the larger of --min-in-flight "
+            "and twice the task slots the cluster has now, recomputed as nodes join or leave)"
+        },
+    )
+    min_in_flight: int = field(
+        default=64,
+        metadata={
+            "help": "shard tasks kept in flight however few CPUs the cluster has now: their "
+            "queued demand is what makes the autoscaler launch workers (0 CPUs on the head)"
+        },
     )
     max_retries: int = field(
         default=3,
@@ -114,6 +125,8 @@ class ScrapeConfig:
             raise ValueError(f"--memory-per-task-mb must be >= 0, got {self.memory_per_task_mb}")
         if self.max_retries < 0 or self.max_in_flight < 0:
             raise ValueError("--max-retries and --max-in-flight must be >= 0")
+        if self.min_in_flight < 1:
+            raise ValueError(f"--min-in-flight must be at least 1, got {self.min_in_flight}")
         names = (self.embedder,) if isinstance(self.embedder, str) else tuple(self.embedder)
         object.__setattr__(self, "embedder", names)
         if not names or len(set(names)) != len(names):
@@ -199,6 +212,44 @@ def embed_shard(
     )
 
 
+# The most the chunks of the tasks in flight may hold (driver's memory, object store), whatever
+# the window: a source's rows are capped at 1 MB each, so 64 chunks of 256 such rows would be
+# 16 GB; past this bound the driver waits for a task to finish before it submits the next.
+PENDING_BYTES = 256 * 2**20
+# How often the window follows the cluster's resources (a GCS call), at most.
+WINDOW_REFRESH_S = 1.0
+
+
+def window(config: ScrapeConfig, resources: dict[str, float]) -> int:
+    """How many shard tasks to keep in flight, given the cluster's resources now.
+
+    Queued tasks are the demand the autoscaler launches workers for: a window sized once from
+    the CPUs present at start (none on a head with CPU 0) would never ask for more than a node
+    or two. So it is twice the task slots the cluster has now (one running and one queued per
+    slot), at least --min-in-flight, and recomputed as nodes join; --max-in-flight fixes it.
+    It grows with the cluster, which the autoscaler's max_workers bounds."""
+    if config.max_in_flight:
+        return config.max_in_flight
+    slots = resources.get("CPU", 0.0) / config.cpus_per_task
+    if config.gpus_per_task:
+        slots = min(slots, resources.get("GPU", 0.0) / config.gpus_per_task)
+    return max(config.min_in_flight, 2 * int(slots))
+
+
+def _approx_bytes(chunk: list[Post]) -> int:
+    """About what a chunk weighs once serialised (cheaper than serialising it)."""
+    return sum(
+        len(p.id)
+        + len(p.image or "")
+        + len(p.caption)
+        + sum(map(len, p.tags))
+        + (len(repr(p.metadata)) if p.metadata else 0)
+        + 8 * len(p.embedding or ())
+        + 64
+        for p in chunk
+    )
+
+
 def _chunks(posts: Iterator[Post], size: int) -> Iterator[tuple[int, list[Post]]]:
     for index in itertools.count():
         chunk = list(itertools.islice(posts, size))
@@ -267,8 +318,6 @@ def run(config: ScrapeConfig) -> ScrapeResult:
     identity = sources.identity(config.source)
     finished = _resumable(config, identity)
     raycluster.connect()
-    cluster_cpus = int(ray.cluster_resources().get("CPU", 0))
-    max_in_flight = config.max_in_flight or max(4, 2 * cluster_cpus)
     # Ray's own retries are off (max_retries=0 also turns off its OOM retries, which are
     # otherwise unbounded): the driver resubmits a failed shard at most config.max_retries times.
     task = ray.remote(embed_shard).options(
@@ -284,17 +333,28 @@ def run(config: ScrapeConfig) -> ScrapeResult:
     skipped: Counter = Counter()
     failed: dict[int, str] = {}
     attempts: Counter = Counter()
-    in_flight: dict = {}
+    in_flight: dict = {}  # ref -> (shard index, its posts, their approximate bytes)
     config_ref = ray.put(config)
     progress = tqdm(desc="scrape", unit="post", dynamic_ncols=True)
+    limit = {"tasks": window(config, ray.cluster_resources()), "at": time.monotonic()}
 
-    def submit(index: int, chunk: list[Post]) -> None:
+    def submit(index: int, chunk: list[Post], size: int) -> None:
         ref = task.remote(config_ref, index, chunk, label_only, identity)
-        in_flight[ref] = (index, chunk)
+        in_flight[ref] = (index, chunk, size)
+        totals["peak_in_flight"] = max(totals["peak_in_flight"], len(in_flight))
+
+    def full(size: int) -> bool:
+        """Whether a chunk of `size` bytes must wait for a task to finish."""
+        if time.monotonic() - limit["at"] >= WINDOW_REFRESH_S:
+            limit.update(tasks=window(config, ray.cluster_resources()), at=time.monotonic())
+        pending = sum(s for _, _, s in in_flight.values())
+        return bool(in_flight) and (
+            len(in_flight) >= limit["tasks"] or pending + size > PENDING_BYTES
+        )
 
     def collect(ready: list) -> None:
         for ref in ready:
-            index, chunk = in_flight.pop(ref)
+            index, chunk, size = in_flight.pop(ref)
             try:
                 manifest = ray.get(ref)
             except Exception as error:  # reported, the other shards go on; a rerun retries it
@@ -303,7 +363,7 @@ def run(config: ScrapeConfig) -> ScrapeResult:
                 if attempts[index] <= config.max_retries:
                     log.warning("shard %d failed (%s); retry %d", index, reason, attempts[index])
                     totals["task_retries"] += 1
-                    submit(index, chunk)
+                    submit(index, chunk, size)
                     continue
                 log.error("shard %d failed after %d retries: %s", index, config.max_retries, reason)
                 failed[index] = reason
@@ -330,10 +390,11 @@ def run(config: ScrapeConfig) -> ScrapeResult:
         if index in finished:
             record(finished[index], written=False)
             continue
-        while len(in_flight) >= max_in_flight:
+        size = _approx_bytes(chunk)
+        while full(size):
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             collect(ready)
-        submit(index, chunk)
+        submit(index, chunk, size)
     while in_flight:
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         collect(ready)

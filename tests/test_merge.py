@@ -189,7 +189,7 @@ def test_missing_and_damaged_shards(tmp_path, caplog):
 
 def test_every_file_loads_without_pickle(tmp_path):
     make(str(tmp_path / "s"))
-    merge.run(config(str(tmp_path / "s"), str(tmp_path / "d")))
+    merge.run(config(str(tmp_path / "s"), str(tmp_path / "d"), part_rows=3))  # 3 parts
     for path in (tmp_path / "d").rglob("*"):
         if path.suffix == ".npy":
             np.load(path, allow_pickle=False)
@@ -197,6 +197,24 @@ def test_every_file_loads_without_pickle(tmp_path):
             json.loads(path.read_text())
     ds = Dataset.load(str(tmp_path / "d"), mmap=True)
     assert len(ds.parts) > 1 and all(isinstance(p.embeddings, np.memmap) for p in ds.parts)
+
+
+def test_groups_and_partitions_come_from_the_data_not_the_cpus():
+    manifests = {i: {"count": 100} for i in range(10)}
+    assert merge._groups(manifests, part_rows=1000) == [list(range(10))]
+    assert merge._groups(manifests, part_rows=250) == [[0, 1, 2], [3, 4], [5, 6, 7], [8, 9]]
+    assert len(merge._groups(manifests, part_rows=1)) == 10  # at most one group per shard
+
+
+def test_a_task_that_keeps_failing_is_retried_a_bounded_number_of_times(tmp_path, caplog):
+    make(str(tmp_path / "s"))
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / merge.WORK).write_text("a file where the work folder goes: every keys task fails")
+    with pytest.raises(RuntimeError, match="merge task 'keys of shards 0-2' failed 3 times"):
+        merge.run(config(str(tmp_path / "s"), str(out), max_retries=2))
+    retries = [r.message for r in caplog.records if "retry" in r.message]
+    assert len(retries) == 2 and "keys of shards 0-2" in retries[0]
 
 
 def test_load_refuses_unfinished_or_other_versions(tmp_path):

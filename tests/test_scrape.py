@@ -271,6 +271,21 @@ def test_config_errors_say_what_to_do():
         ScrapeConfig(source="x", out="y", embedder="nope")
 
 
+def test_the_window_follows_the_cluster_so_the_autoscaler_sees_demand():
+    from hashtag.scrape import window
+
+    config = ScrapeConfig(source="x", out="y")
+    # A head with CPU 0 and no worker yet: the queued tasks are the autoscaler's only signal.
+    assert window(config, {"CPU": 0.0}) == config.min_in_flight == 64
+    assert window(config, {"CPU": 96.0}) == 192  # one running and one queued per task slot
+    assert window(dataclasses.replace(config, cpus_per_task=2), {"CPU": 96.0}) == 96
+    gpu = dataclasses.replace(config, gpus_per_task=1, min_in_flight=1)
+    assert window(gpu, {"CPU": 96.0, "GPU": 2.0}) == 4
+    assert window(dataclasses.replace(config, max_in_flight=3), {"CPU": 96.0}) == 3  # fixed
+    with pytest.raises(ValueError, match="min-in-flight"):
+        ScrapeConfig(source="x", out="y", min_in_flight=0)
+
+
 def test_tflite_interpreters_get_the_task_cpus_not_the_node_cpus(tmp_path):
     tflite = ScrapeConfig(source="m.jsonl", out=str(tmp_path), embedder="tflite:m.tflite")
     assert tflite.embedder == ("tflite:m.tflite",)
