@@ -18,6 +18,7 @@ types that mirror cluster.yaml.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import shutil
@@ -26,10 +27,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -440,6 +443,23 @@ class RayCluster:
                 raise TimeoutError(f"{len(alive)} of {count} nodes alive after {timeout} s")
             time.sleep(0.5)
 
+    def watch_workers(self, job: str, done: Path, timeout: float = 300) -> dict:
+        """Poll until `job` ends: its status, the most worker nodes alive at once, whether the job
+        was still at work (`done` not yet written) when that many were first alive, and when."""
+        peak = {"alive": 0, "while_working": False, "peak_at_s": None}
+        start = time.monotonic()
+        while (status := self.status(job)) not in TERMINAL:
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"job {job} still {status}:\n{self.logs(job)[-4000:]}")
+            nodes = self.list_nodes()
+            alive = sum(n["state"] == "ALIVE" and not n["is_head_node"] for n in nodes)
+            if alive > peak["alive"]:
+                working = not done.exists() and self.status(job) == "RUNNING"
+                peak.update(alive=alive, while_working=working)
+                peak["peak_at_s"] = round(time.monotonic() - start, 1)
+            time.sleep(0.5)
+        return {"status": status, **peak, "job_s": round(time.monotonic() - start, 1)}
+
     def list_tasks(self, name: str) -> list[dict]:
         """Ray's state API: tasks called `name` (state, node_id...)."""
         code, body = self.http(
@@ -457,3 +477,49 @@ class RayCluster:
         its rotations and monitor.out/.err, where some Ray versions print the same events."""
         paths = sorted(self.session_logs().glob("monitor*"))
         return "\n".join(p.read_text(errors="replace") for p in paths if p.is_file())
+
+
+# --- a fetch-bound source ---------------------------------------------------------------------
+
+
+class _SlowFiles(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder, each answer after `delay_s` (a remote server's latency)."""
+
+    delay_s = 0.1
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        time.sleep(self.delay_s)
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def slow_image_source(root: Path, posts: int, delay_s: float = 0.1) -> Iterator[Path]:
+    """A JSONL manifest of `posts` small demo posts (hashtag.demo) whose images an HTTP server on
+    127.0.0.1 serves, each after `delay_s`: a scrape bound by fetching, as from a remote CDN,
+    whose work a 2-core machine can spread over many one-CPU "nodes". Scrape it with
+    `--allow-private-addresses`."""
+    from hashtag import demo
+    from hashtag.sources import open_source
+
+    folder = root / "demo"
+    demo.run(demo.DemoConfig(out=str(folder), posts=posts, image_size=64))
+    handler = type("Handler", (_SlowFiles,), {"delay_s": delay_s})
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a, **k: handler(*a, directory=str(folder), **k)
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    manifest = root / "posts.jsonl"
+    with manifest.open("w") as rows:
+        for post in open_source(str(folder)).posts():
+            image = f"{base}/{Path(post.image).relative_to(folder).as_posix()}"
+            row = {"id": post.id, "image": image, "tags": list(post.tags), "caption": post.caption}
+            rows.write(json.dumps(row) + "\n")
+    try:
+        yield manifest
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -6,7 +6,8 @@
   (or with a wrong) token;
 - a simulated autoscaling cluster (Ray's fake_multinode provider, cluster.yaml's node types)
   starts CPU workers for the embed tasks and a GPU worker for the Tune trials, and removes them
-  when idle;
+  when idle; a fetch-bound scrape makes it launch every worker it may while shards are left,
+  and the merge's tasks run on several of them;
 - faults: a worker node's raylet killed during scrape (the job succeeds, every post lands in
   the dataset exactly once); the whole cluster stopped during Tune, restarted, the job
   resubmitted (finished trials are not rerun).
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster_util import REPO, RayCluster, fake_autoscaling_config
+from cluster_util import REPO, RayCluster, fake_autoscaling_config, slow_image_source
 
 from hashtag.dataset import Dataset
 
@@ -166,7 +167,8 @@ def test_autoscaler_adds_cpu_and_gpu_workers_then_removes_them(out):
         # Ray's fake provider cannot advertise `memory` on a node type (RayParams refuses it in
         # resources), so a task that declares memory would look infeasible here; on AWS the
         # node provider fills memory in from the instance type.
-        job = pipeline(out, INSTALLED_SCRIPT, gpus_per_trial="1", memory_per_task_mb="0")
+        no_memory = {"scrape.memory_per_task_mb": "0", "merge.memory_per_task_mb": "0"}
+        job = pipeline(out, INSTALLED_SCRIPT, gpus_per_trial="1", **no_memory)
         seconds = run_job(cluster, job, 400, **INSTALLED)
         record_time(out, "simulated autoscaling cluster, 60 posts, 2x1 grid", seconds)
         check_outputs(out, grid_points=2)
@@ -195,6 +197,49 @@ def test_autoscaler_adds_cpu_and_gpu_workers_then_removes_them(out):
             assert time.monotonic() < deadline, f"workers still alive: {workers(cluster)}"
             time.sleep(2)
         assert "Terminating the node" in cluster.autoscaler_log()
+
+
+MERGE_TASKS = ("merge_keys", "merge_dedupe", "merge_count", "merge_write")
+
+
+def test_scrape_and_merge_keep_the_autoscaler_fed(out, tmp_path):
+    """Head at CPU 0, up to 6 one-CPU workers: a fetch-bound scrape of 120 shards makes the
+    autoscaler launch all 6 while shards are left, and the merge's tasks spread over several."""
+    max_workers = 6
+    config = lambda gcs_port: fake_autoscaling_config(  # noqa: E731
+        gcs_port, cpu_workers=max_workers, gpu_workers=0, idle_timeout_minutes=0.5
+    )
+    with (
+        slow_image_source(tmp_path, posts=1200, delay_s=0.1) as manifest,
+        RayCluster.start(num_cpus=0, autoscaling=config) as cluster,
+    ):
+        scrape = [
+            "python", str(REPO / "jobs" / "scrape_embed.py"), "--source", str(manifest),
+            "--out", str(out), "--embedder", "classic", "--shard-size", "10",
+            "--allow-private-addresses", "--memory-per-task-mb", "0",
+        ]  # fmt: skip
+        job = cluster.submit(scrape, **INSTALLED)
+        peak = cluster.watch_workers(job, out / "scrape.json")
+        assert peak["status"] == "SUCCEEDED", cluster.logs(job)[-6000:]
+        summary = read_json(out / "scrape.json")
+        print(f"\n[autoscale] scrape: {peak}, peak in flight {summary['peak_in_flight']}")
+        assert summary["failed_shards"] == {} and summary["shards"] >= 100
+        assert peak["alive"] == max_workers and peak["while_working"], peak
+        embed_nodes = {t["node_id"] for t in cluster.list_tasks("embed_shard")}
+        assert len(embed_nodes) >= max_workers - 1, "the workers launched had shards to embed"
+
+        merge = [
+            "python", str(REPO / "jobs" / "merge.py"), "--shards", str(out),
+            "--out", str(out / "dataset"), "--part-rows", "200", "--memory-per-task-mb", "0",
+        ]  # fmt: skip
+        seconds = run_job(cluster, merge, 240, **INSTALLED)
+        merged = read_json(out / "dataset" / "merge.json")
+        merge_nodes = {t["node_id"] for name in MERGE_TASKS for t in cluster.list_tasks(name)}
+        print(f"[autoscale] merge: {seconds:.1f} s, {merged['tasks_per_step']}, "
+              f"tasks on {len(merge_nodes)} nodes")  # fmt: skip
+        assert merged["count"] == Dataset.load(str(out / "dataset")).embeddings.shape[0] > 1000
+        assert merged["tasks_per_step"]["groups"] >= 5  # from the rows, not the CPUs at start
+        assert len(merge_nodes) > 1, "the merge's tasks ran on more than one worker"
 
 
 # --- faults -----------------------------------------------------------------------------------
