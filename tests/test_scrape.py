@@ -286,6 +286,17 @@ def test_the_window_follows_the_cluster_so_the_autoscaler_sees_demand():
         ScrapeConfig(source="x", out="y", min_in_flight=0)
 
 
+def test_pending_posts_are_bounded_in_bytes_whatever_the_window(local_ray, tmp_path, monkeypatch):
+    from hashtag import scrape as stage
+
+    manifest = write_manifest(str(tmp_path / "src"), 12, bad=False)
+    config = ScrapeConfig(source=manifest, out=str(tmp_path / "out"), shard_size=3)
+    assert scrape(config)["peak_in_flight"] == 4  # every shard at once: the window is 64
+    monkeypatch.setattr(stage, "PENDING_BYTES", 1)  # room for one chunk at a time
+    summary = scrape(dataclasses.replace(config, out=str(tmp_path / "out2")))
+    assert summary["peak_in_flight"] == 1 and summary["posts_embedded"] == 12
+
+
 def test_tflite_interpreters_get_the_task_cpus_not_the_node_cpus(tmp_path):
     tflite = ScrapeConfig(source="m.jsonl", out=str(tmp_path), embedder="tflite:m.tflite")
     assert tflite.embedder == ("tflite:m.tflite",)
