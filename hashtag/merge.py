@@ -2,7 +2,9 @@
 
 The merge runs as Ray tasks (the same command locally, where it starts a Ray, and on a cluster);
 no process ever holds the whole dataset or its dedupe state. Shards are cut into G groups of
-consecutive shards (one dataset part each) and post keys into P partitions by hash:
+consecutive shards (one dataset part each) and post keys into P partitions by hash, both from
+the data (G = rows / --part-rows, P = rows / 2^20), so a merge writes the same parts on any
+cluster; each step submits all its tasks at once, which is what the autoscaler scales for:
 
 1. keys (G tasks): read posts.jsonl of a group; write each row's order key (shard << 32 | row),
    id hash and image hash, sorted by partition, and the row's tags as a compact CSR.
@@ -478,8 +480,7 @@ def _run_stage(
                             "finished (if its worker was killed for memory, raise "
                             "--memory-per-task-mb or lower --part-rows)"
                         ) from None
-                    log.warning("merge task '%s' failed (%s); retry %d", labels[i], reason,
-                                attempts[i])  # fmt: skip
+                    log.warning("merge task '%s' failed (%s); retry", labels[i], reason)
                     pending[remote.remote(*calls[i])] = i
                     continue
                 bar.update()
