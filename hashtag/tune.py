@@ -463,6 +463,7 @@ def train_trial(
     for name, value in settings.env.items():
         os.environ.setdefault(name, value)
     _configure_tensorflow(settings.cpus)
+    read_before = storage.remote_bytes_read()
     data = TrialData(settings.data, arrays)
     # The driver names the vocabulary and dim; a streamed trial can read them itself.
     vocab = list(settings.vocab) if settings.vocab else data.dataset.vocab
@@ -510,6 +511,8 @@ def train_trial(
             settings.metric: state["val"].get(_metric_key(settings.metric), math.nan),
             "test_f1": state["test"].get("f1", math.nan),
             "seconds": state["seconds"],
+            # Bytes this trial read from remote storage (S3): what a streamed epoch costs.
+            "remote_bytes_read": storage.remote_bytes_read() - read_before,
         },
     )
 
@@ -1163,9 +1166,7 @@ def run(config: TuneConfig) -> TuneResult:
     results, experiment = _run_grid(grid_config, dataset, arrays)
     states = [_trial_state(result) for result in results]
     stopped = [
-        i
-        for i in _stopped_early(results)
-        if states[i] is not None and not states[i].get("done")
+        i for i in _stopped_early(results) if states[i] is not None and not states[i].get("done")
     ]
     if stopped:  # ASHA stopped them: they count, scored from their last checkpoint
         scores = tune_tasks.score_checkpoints(

@@ -61,7 +61,9 @@ def put_splits(config: tune.TuneConfig, dataset) -> dict[str, list] | None:
         return None
     tune.log.info("the splits (%.2f GB) fit the budget: in the object store", needed / 2**30)
     task = ray.remote(_split_pieces).options(num_returns="streaming", **options(config))
-    generators = {name: task.remote(tune.data_uri(config), name, tune.BLOCK_ROWS) for name in SPLITS}
+    generators = {
+        name: task.remote(tune.data_uri(config), name, tune.BLOCK_ROWS) for name in SPLITS
+    }
     return {name: list(generator) for name, generator in generators.items()}
 
 
