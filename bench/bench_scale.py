@@ -298,12 +298,12 @@ def main() -> None:
 
 def _start_s3():
     """moto's S3 server on 127.0.0.1 with a bucket `bench`; children inherit the endpoint."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
     from hashtag import storage
-
-    import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
