@@ -435,17 +435,21 @@ class Dataset:
         ):
             raise artifact.error("its manifest's 'parts' is not a list of {name, count}")
         folder = storage.join(artifact.uri, PARTS)
-        parts = [
-            cls.load(storage.join(folder, artifacts.check_name(folder, p.get("name"), _FIX)), mmap)
-            for p in listed
-        ]
+        parts = []
+        for p in listed:
+            part = cls.load(
+                storage.join(folder, artifacts.check_name(folder, p.get("name"), _FIX)), mmap
+            )
+            if parts and part.vocab != parts[0].vocab:
+                raise artifact.error("its parts do not share the manifest's vocabulary")
+            if parts:  # one vocabulary in memory, not one per part (hundreds at 100M posts)
+                part.vocab, part.tag_counts = parts[0].vocab, parts[0].tag_counts
+            parts.append(part)
         counts = [len(part) for part in parts]
         if counts != [p["count"] for p in listed] or sum(counts) != artifact.int_field("count"):
             raise artifact.error(f"its parts hold {counts} rows, its manifest says otherwise")
         vocab = parts[0].vocab
-        if any(part.vocab != vocab for part in parts) or len(vocab) != artifact.int_field(
-            "vocab_size", high=MAX_VOCAB
-        ):
+        if len(vocab) != artifact.int_field("vocab_size", high=MAX_VOCAB):
             raise artifact.error("its parts do not share the manifest's vocabulary")
         return cls(artifact.uri, artifact.manifest, None, vocab, parts[0].tag_counts, parts)
 
