@@ -1,6 +1,7 @@
 """Scale benchmark: does a process's memory stay flat when the number of posts grows 16x?
 
-    python bench/bench_scale.py --small 65536 --factor 16 --dim 256 --memory-budget 0.5
+    python bench/bench_scale.py --small 65536 --factor 16 --dim 256       # default budget
+    python bench/bench_scale.py --small 65536 --factor 8 --s3 --memory-budget 0.05 --repeats 0
 
 Writes synthetic shards in the real shard format (bench_merge.write_synthetic_shards: Zipf tags,
 1% reposts) at two sizes `factor` apart, then, for each size, in a child process that starts its
@@ -13,6 +14,12 @@ own local Ray (so every Ray process of the run is a descendant of it):
 - one Tune trial, 1 epoch (`hashtag tune --epochs 1 --batch-sizes 256 --learning-rates 1e-3
   --references popularity`), with `--memory-budget` GB: a split set under it goes through the
   object store, over it the trial streams the dataset's parts.
+
+With `--s3` the shards, the dataset and Tune's output live on an S3 API server on 127.0.0.1
+(moto's, in this process: not one of the measured processes): merge reads shards and writes
+parts through S3, tune streams them by byte ranges. The trial reports the bytes it read from
+S3 (`remote_bytes_read`), and the child measures one shuffled pass over the training split
+(what a streamed epoch reads) against the split's own bytes.
 
 Peak RSS is sampled every 0.1 s from /proc: the high-water mark (VmHWM) of every descendant
 process, so short peaks between samples are still seen as long as the process lives until the
@@ -108,13 +115,14 @@ def run_child(argv: list[str]) -> tuple[dict, dict]:
     child = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), *argv],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         env=env,
     )
     sampler = PeakSampler(child.pid)
-    out, _ = child.communicate()
+    out, err = child.communicate()
     peaks = sampler.stop()
     if child.returncode:
+        print(err.decode(errors="replace")[-4000:], file=sys.stderr)
         raise SystemExit(f"child {argv} failed ({child.returncode})")
     return json.loads(out.decode().strip().splitlines()[-1]), peaks
 
@@ -148,11 +156,26 @@ def child_main(args: argparse.Namespace) -> None:
         started = time.monotonic()
         summary = tune.run(config)
         trial = summary["trials"][0]
+        dataset = _load(data)
+        from hashtag.dataset import SPLITS
+
+        needed = sum(dataset.split_bytes(s) for s in SPLITS)
         result = {
             "seconds": round(time.monotonic() - started, 1),
             "test_f1": trial["test"].get("f1"),
-            "streamed": tune._trial_data(config, _load(data)).arrays is None,
+            "streamed": needed > tune.memory_budget_bytes(config),
+            "train_split_bytes": dataset.split_count("train") * dataset.dim * 4,
         }
+        if data.startswith("s3://"):
+            import numpy as np
+
+            from hashtag import storage
+
+            result["trial_remote_bytes_read"] = _trial_remote_bytes(summary["experiment"])
+            before = storage.remote_bytes_read()
+            for _ in dataset.blocks("train", tune.BLOCK_ROWS, np.random.default_rng(0)):
+                pass
+            result["epoch_remote_bytes_read"] = storage.remote_bytes_read() - before
     ray.shutdown()
     print(json.dumps(result))
 
@@ -177,6 +200,18 @@ def throughput(shards_root: str, folder: str, repeats: int) -> dict:
     }
 
 
+def _trial_remote_bytes(experiment: str) -> int | None:
+    """`remote_bytes_read` of the (one) trial's last report, from Tune's result.json on S3."""
+    from hashtag import storage
+
+    for name in storage.listdir("s3://" + experiment.removeprefix("s3://")):
+        if name.startswith("train_trial"):
+            uri = storage.join("s3://" + experiment.removeprefix("s3://"), name, "result.json")
+            lines = storage.read_text(uri).strip().splitlines()
+            return json.loads(lines[-1]).get("remote_bytes_read")
+    return None
+
+
 def _load(uri: str):
     from hashtag.dataset import Dataset
 
@@ -189,7 +224,10 @@ def main() -> None:
     parser.add_argument("--factor", type=int, default=16, help="large size = small x factor")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--shard-size", type=int, default=8192)
-    parser.add_argument("--memory-budget", type=float, default=0.5, help="GB, as tune's flag")
+    parser.add_argument(
+        "--memory-budget", type=float, default=0.0, help="GB, as tune's flag (0: its default)"
+    )
+    parser.add_argument("--s3", action="store_true", help="shards, dataset, output on moto S3")
     parser.add_argument("--workdir", help="default: a temporary folder, removed at the end")
     parser.add_argument("--skip-tune", action="store_true", help="merge figures only")
     parser.add_argument("--repeats", type=int, default=2, help="1- and 2-CPU merges, alternated")
@@ -204,10 +242,11 @@ def main() -> None:
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-scale-")
     rows = {"small": args.small, "large": args.small * args.factor}
     figures: dict[str, dict] = {}
+    server = _start_s3() if args.s3 else None
     try:
         for size, n in rows.items():
-            folder = os.path.join(workdir, size)
-            shards_root, data = os.path.join(folder, "scrape"), os.path.join(folder, "dataset")
+            folder = os.path.join(workdir, size) if not args.s3 else f"s3://bench/{size}"
+            shards_root, data = f"{folder}/scrape", f"{folder}/dataset"
             started = time.monotonic()
             write_synthetic_shards(shards_root, n, args.dim, args.shard_size, 0.01)
             print(f"{size}: wrote {n:,} posts x {args.dim} in {time.monotonic() - started:.0f} s")
@@ -217,7 +256,7 @@ def main() -> None:
                 ({}, {"peak_rss_mb": float("nan")})
                 if args.skip_tune
                 else run_child(
-                    ["--tune-only", data, os.path.join(folder, "tune"), "--cpus", "2"]
+                    ["--tune-only", data, f"{folder}/tune", "--cpus", "2"]
                     + ["--memory-budget", str(args.memory_budget)]
                 )
             )
@@ -231,7 +270,7 @@ def main() -> None:
                 "trial": trial,
                 "trial_peak": trial_peak,
             }
-            if size == "large":
+            if size == "large" and args.repeats:
                 figures["throughput"] = throughput(shards_root, folder, args.repeats)
         small, large = figures["small"], figures["large"]
         figures["ratios"] = {
@@ -241,12 +280,41 @@ def main() -> None:
             "trial_peak_large_over_small": round(
                 large["trial_peak"]["peak_rss_mb"] / small["trial_peak"]["peak_rss_mb"], 2
             ),
-            "merge_2cpu_over_1cpu": figures["throughput"]["ratio"],
+            "merge_2cpu_over_1cpu": figures.get("throughput", {}).get("ratio"),
+            "merge_peak_large_minus_small_mb": round(
+                large["merge_peak"]["peak_rss_mb"] - small["merge_peak"]["peak_rss_mb"], 1
+            ),
+            "trial_peak_large_minus_small_mb": round(
+                large["trial_peak"]["peak_rss_mb"] - small["trial_peak"]["peak_rss_mb"], 1
+            ),
         }
         print(json.dumps(figures, indent=2))
     finally:
+        if server is not None:
+            server.stop()
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _start_s3():
+    """moto's S3 server on 127.0.0.1 with a bucket `bench`; children inherit the endpoint."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from hashtag import storage
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
+    )
+    storage.set_s3_endpoint(f"http://{host}:{port}")
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="bench")
+    return server
 
 
 if __name__ == "__main__":

@@ -141,17 +141,58 @@ class Artifact:
         return data
 
     def load_array(self, name: str, *, mmap: bool = False, verify: bool = False) -> np.ndarray:
-        """Data file `name` as an array (allow_pickle=False; memory-mapped if local and `mmap`)."""
+        """Data file `name` as an array (allow_pickle=False; memory-mapped if local and `mmap`).
+        Otherwise read in chunks straight into the array (hashed on the way with `verify`):
+        one copy in memory, never the file's bytes and the array side by side."""
         uri = self.path(name)
         try:
             if mmap and not storage.is_remote(uri) and not verify:
                 self.check_size(name)
                 return storage.load_npy(uri, mmap=True)
-            return np.load(io.BytesIO(self.read_bytes(name, verify=verify)), allow_pickle=False)
+            return self._read_array(name, verify)
         except ArtifactError:
             raise
         except (OSError, ValueError, EOFError) as error:
             raise self.error(f"{name} is not a readable .npy file ({error})") from None
+
+    def open_array(self, name: str) -> np.ndarray | NpyRanges:
+        """Data file `name` without reading it: a memory map when local, an `NpyRanges` (rows
+        fetched by byte range on demand) when remote. Sizes checked, contents not."""
+        uri = self.path(name)
+        try:
+            if not storage.is_remote(uri):
+                self.check_size(name)
+                return storage.load_npy(uri, mmap=True)
+            return NpyRanges(uri, self.files[name]["bytes"])
+        except ArtifactError:
+            raise
+        except (OSError, ValueError, EOFError) as error:
+            raise self.error(f"{name} is not a readable .npy file ({error})") from None
+
+    def _read_array(self, name: str, verify: bool) -> np.ndarray:
+        expected = self.files[name]
+        header = NpyRanges(self.path(name), expected["bytes"])
+        array = np.empty(header.shape, header.dtype)
+        flat = array.reshape(-1).view(np.uint8)
+        digest, position = hashlib.sha256(), 0
+        for chunk in storage.iter_chunks(self.path(name), _HASH_CHUNK):
+            if verify:
+                digest.update(chunk)
+            # The part of this chunk past the header, into the array's bytes.
+            lo, hi = max(position, header.offset), position + len(chunk)
+            if hi > lo:
+                end = hi - header.offset
+                if end > len(flat):
+                    raise self.error(f"{name} is longer than its header says")
+                flat[lo - header.offset : end] = np.frombuffer(chunk, np.uint8)[lo - position :]
+            position = hi
+        if expected["bytes"] is not None and position != expected["bytes"]:
+            raise self.error(f"{name} has {position} bytes, its manifest says {expected['bytes']}")
+        if position != header.offset + len(flat):
+            raise self.error(f"{name} is shorter than its header says")
+        if verify and expected["sha256"] and digest.hexdigest() != expected["sha256"]:
+            raise self.error(f"{name} does not match its manifest's sha256 (damaged)")
+        return array
 
     def verify(self, names: Iterable[str] | None = None) -> None:
         """Check the sizes and content hashes of the data files (all of them by default)."""
@@ -217,6 +258,86 @@ class Artifact:
             raise self.error(
                 f"{name} is not a valid CSR row index (from 0, growing, to {n_indices})"
             )
+
+
+class NpyRanges:
+    """A .npy file read by byte ranges (the one bounded reader of remote arrays): its header
+    gives dtype, shape and where the rows start; `a[i:j]`, `a[rows]` fetch only those rows'
+    bytes (one ranged GET on S3). `np.asarray(a)` reads it all, in chunks."""
+
+    MAX_HEADER = 1 << 16
+
+    def __init__(self, uri: str, size: int | None = None):
+        self.uri = uri
+        head = storage.read_range(uri, 0, min(4096, size) if size else 4096)
+        if len(head) >= 10 and head[:6] == b"\x93NUMPY" and head[6] in (1, 2):
+            length_bytes = 2 if head[6] == 1 else 4
+            header_len = int.from_bytes(head[8 : 8 + length_bytes], "little")
+            if header_len > self.MAX_HEADER:
+                raise ValueError(f"a .npy header of {header_len} bytes")
+            need = 8 + length_bytes + header_len
+            if need > len(head):
+                head = storage.read_range(uri, 0, need)
+        stream = io.BytesIO(head)
+        version = np.lib.format.read_magic(stream)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f".npy format version {version} is not read here")
+        shape, fortran, dtype = read_header(stream, max_header_size=self.MAX_HEADER)
+        if dtype.hasobject or fortran:
+            raise ValueError("an object or Fortran-ordered array (refused: it would need pickle)")
+        self.shape, self.dtype, self.offset = tuple(shape), dtype, stream.tell()
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * dtype.itemsize
+        expected = self.offset + self.row_bytes * (self.shape[0] if self.shape else 1)
+        if size is not None and size != expected:
+            raise ValueError(f"{size} bytes, its header says {expected}")
+
+    ndim = property(lambda self: len(self.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) (clipped to the array), read-only."""
+        start, stop = max(0, int(start)), min(len(self), int(stop))
+        stop = max(start, stop)
+        data = storage.read_range(
+            self.uri, self.offset + start * self.row_bytes, self.offset + stop * self.row_bytes
+        )
+        if len(data) != (stop - start) * self.row_bytes:
+            raise ValueError(f"{self.uri} is shorter than its header says")
+        return np.frombuffer(data, self.dtype).reshape((stop - start, *self.shape[1:]))
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            rows = self.rows(start, max(start, stop) if step > 0 else start)
+            return rows if step == 1 else np.asarray(self)[key]
+        if isinstance(key, (int, np.integer)):
+            index = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= index < len(self):
+                raise IndexError(f"index {key} out of range for {len(self)} rows")
+            return self.rows(index, index + 1)[0]
+        index = np.asarray(key)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        index = index.astype(np.int64, copy=False)
+        if index.size == 0:
+            return np.empty((0, *self.shape[1:]), self.dtype)
+        lo, hi = int(index.min()), int(index.max()) + 1
+        if lo < 0 or hi > len(self):
+            raise IndexError(f"row indices outside [0, {len(self)})")
+        return self.rows(lo, hi)[index - lo]  # one ranged read spanning the rows
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = np.empty(self.shape, self.dtype)
+        step = max(1, _HASH_CHUNK // max(1, self.row_bytes))
+        for start in range(0, len(self), step):
+            array[start : start + step] = self.rows(start, start + step)
+        return array if dtype is None else array.astype(dtype)
 
 
 def read(

@@ -412,9 +412,15 @@ class Dataset:
         names = list(_ARRAYS)
         if "ids.npy" in artifact.files:  # written before ids were stored as UTF-8 + offsets
             names = [n for n in names if not n.startswith("ids_")] + ["ids"]
-        arrays = {name: artifact.load_array(f"{name}.npy", mmap=mmap) for name in names}
+        # Remote and lazy: every array is read by byte ranges when its rows are asked for, so
+        # loading costs the manifest and the vocabulary; the contents are checked per block.
+        lazy = mmap and storage.is_remote(artifact.uri)
+        if lazy:
+            arrays = {name: artifact.open_array(f"{name}.npy") for name in names}
+        else:
+            arrays = {name: artifact.load_array(f"{name}.npy", mmap=mmap) for name in names}
         vocab, tag_counts = _read_vocab(artifact)
-        _check(artifact, arrays, vocab, tag_counts)
+        _check(artifact, arrays, vocab, tag_counts, contents=not lazy)
         return cls(artifact.uri, artifact.manifest, arrays, vocab, tag_counts)
 
     @classmethod
@@ -429,17 +435,21 @@ class Dataset:
         ):
             raise artifact.error("its manifest's 'parts' is not a list of {name, count}")
         folder = storage.join(artifact.uri, PARTS)
-        parts = [
-            cls.load(storage.join(folder, artifacts.check_name(folder, p.get("name"), _FIX)), mmap)
-            for p in listed
-        ]
+        parts = []
+        for p in listed:
+            part = cls.load(
+                storage.join(folder, artifacts.check_name(folder, p.get("name"), _FIX)), mmap
+            )
+            if parts and part.vocab != parts[0].vocab:
+                raise artifact.error("its parts do not share the manifest's vocabulary")
+            if parts:  # one vocabulary in memory, not one per part (hundreds at 100M posts)
+                part.vocab, part.tag_counts = parts[0].vocab, parts[0].tag_counts
+            parts.append(part)
         counts = [len(part) for part in parts]
         if counts != [p["count"] for p in listed] or sum(counts) != artifact.int_field("count"):
             raise artifact.error(f"its parts hold {counts} rows, its manifest says otherwise")
         vocab = parts[0].vocab
-        if any(part.vocab != vocab for part in parts) or len(vocab) != artifact.int_field(
-            "vocab_size", high=MAX_VOCAB
-        ):
+        if len(vocab) != artifact.int_field("vocab_size", high=MAX_VOCAB):
             raise artifact.error("its parts do not share the manifest's vocabulary")
         return cls(artifact.uri, artifact.manifest, None, vocab, parts[0].tag_counts, parts)
 
@@ -491,13 +501,20 @@ class Dataset:
         return int(share * (len(self) * (self.dim * 4 + 8) + nnz * 4))
 
     def blocks(
-        self, name: str, block_rows: int = 65536, order: np.random.Generator | None = None
+        self,
+        name: str,
+        block_rows: int = 65536,
+        order: np.random.Generator | None = None,
+        *,
+        embeddings: bool = True,
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(X float32 (b, dim), labels indptr (b+1,), indices) of split `name`, block by block,
         each block at most `block_rows` rows of one part. With `order` (a Generator) blocks come
         in a random order and rows are shuffled within each block (a per-epoch shuffle that
         never holds more than one block). Every block re-opens its memory maps, so the pages it
-        touched leave this process with it: memory stays at one block, whatever N."""
+        touched leave this process with it: memory stays at one block, whatever N. A remote
+        part is read by byte ranges: a block costs its rows' bytes, never the whole part.
+        `embeddings=False`: labels only (X is (b, 0); no embedding is read)."""
         code = split_code(name)
         spans = []
         for part in self.parts:
@@ -507,19 +524,47 @@ class Dataset:
             spans = [spans[i] for i in order.permutation(len(spans))]
         for part, start, stop in spans:
             arrays = part._reopen()
-            rows = start + np.flatnonzero(np.asarray(arrays["split"][start:stop]) == code)
+            codes = np.asarray(arrays["split"][start:stop])
+            indptr = np.asarray(arrays["labels_indptr"][start : stop + 1], np.int64)
+            part._check_block(codes, indptr, len(arrays["labels_indices"]))
+            rows = np.flatnonzero(codes == code)
             if order is not None:
                 rows = order.permutation(rows)
             if len(rows) == 0:
                 continue
-            lo = int(rows.min()) if order is not None else start
-            X = np.asarray(arrays["embeddings"][lo : int(rows.max()) + 1][rows - lo], np.float32)
-            indptr, indices = csr_rows(arrays["labels_indptr"], arrays["labels_indices"], rows)
+            if embeddings:
+                lo = int(rows.min()) if order is not None else int(rows[0])
+                span = arrays["embeddings"][start + lo : start + int(rows.max()) + 1]
+                X = np.asarray(span[rows - lo], np.float32)
+                del span
+            else:
+                X = np.zeros((len(rows), 0), np.float32)
+            first = int(indptr[0])
+            labels = np.asarray(arrays["labels_indices"][first : int(indptr[-1])], np.int32)
+            if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.vocab_size):
+                raise artifacts.ArtifactError(
+                    f"dataset {part.uri}: labels_indices.npy holds a tag index outside the "
+                    f"vocabulary of {self.vocab_size}; {_FIX}"
+                )
+            block_indptr, indices = csr_rows(indptr - first, labels, rows)
             del arrays
-            yield X, indptr, indices
+            yield X, block_indptr, indices
+
+    def _check_block(self, codes: np.ndarray, indptr: np.ndarray, nnz: int) -> None:
+        """The rows a block read are well formed (a remote part is not checked whole at load)."""
+        if (
+            (len(codes) and int(codes.max()) >= len(SPLITS))
+            or len(indptr) != len(codes) + 1
+            or (len(indptr) and (int(indptr[0]) < 0 or int(indptr[-1]) > nnz))
+            or bool(np.any(np.diff(indptr) < 0))
+        ):
+            raise artifacts.ArtifactError(
+                f"dataset {self.uri}: split.npy or labels_indptr.npy is malformed; {_FIX}"
+            )
 
     def _reopen(self) -> dict[str, np.ndarray]:
-        """This part's arrays again: fresh memory maps when local (see `blocks`)."""
+        """This part's arrays again: fresh memory maps when local (see `blocks`); remote, the
+        range readers themselves (they hold no data)."""
         names = ("embeddings", "split", "labels_indptr", "labels_indices")  # what a block needs
         if self._arrays is None or storage.is_remote(self.uri):
             return {name: self._array(name) for name in names}
@@ -527,6 +572,10 @@ class Dataset:
             name: storage.load_npy(storage.join(self.uri, f"{name}.npy"), mmap=True)
             for name in names
         }
+
+    def split_count(self, name: str) -> int:
+        """Rows of split `name`, from the manifest (nothing read)."""
+        return int(self.manifest["splits"][split_code_name(name)])
 
 
 def array_blocks(
@@ -543,6 +592,44 @@ def array_blocks(
     for start in range(0, len(rows), block_rows):
         block = rows[start : start + block_rows]
         yield (np.asarray(X[block], np.float32), *csr_rows(indptr, indices, block))
+
+
+def piece_blocks(
+    pieces: Sequence[dict[str, np.ndarray]],
+    order: np.random.Generator | None = None,
+    block_rows: int = 65536,
+    *,
+    embeddings: bool = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`array_blocks` over a split held as consecutive pieces ({"X", "indptr", "indices"} each,
+    e.g. read-only views of the object store, one object per piece): blocks of at most
+    `block_rows` rows copied one at a time; with `order`, the rows of all pieces are one random
+    permutation. `embeddings=False`: labels only (X is (b, 0))."""
+    sizes = [len(p["indptr"]) - 1 for p in pieces]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    dim = pieces[0]["X"].shape[1] if pieces else 0
+    rows = order.permutation(int(starts[-1])) if order is not None else np.arange(starts[-1])
+    for first in range(0, len(rows), block_rows):
+        block = rows[first : first + block_rows]
+        which = np.searchsorted(starts, block, side="right") - 1
+        X = np.empty((len(block), dim if embeddings else 0), np.float32)
+        lengths = np.zeros(len(block), np.int64)
+        gathered = []
+        for k in np.unique(which):
+            mine = np.flatnonzero(which == k)
+            local = block[mine] - starts[k]
+            if embeddings:
+                X[mine] = pieces[k]["X"][local]
+            indptr, indices = csr_rows(pieces[k]["indptr"], pieces[k]["indices"], local)
+            lengths[mine] = np.diff(indptr)
+            gathered.append((mine, indptr, indices))
+        indptr = np.zeros(len(block) + 1, np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        indices = np.empty(int(indptr[-1]), np.int32)
+        for mine, local_indptr, local_indices in gathered:  # back in the block's row order
+            where = np.repeat(indptr[mine] - local_indptr[:-1], np.diff(local_indptr))
+            indices[where + np.arange(len(local_indices))] = local_indices
+        yield X, indptr, indices
 
 
 def split_code_name(name: str) -> str:
@@ -626,8 +713,11 @@ def _check(
     arrays: dict[str, np.ndarray],
     vocab: list[str],
     tag_counts: np.ndarray,
+    contents: bool = True,
 ) -> None:
-    """Shapes, dtypes and index ranges: a tampered dataset is an ArtifactError, not a crash."""
+    """Shapes, dtypes and index ranges: a tampered dataset is an ArtifactError, not a crash.
+    Without `contents` (arrays read by ranges) only what the headers say: `blocks` checks the
+    rows it reads (`_check_block`)."""
     count = artifact.int_field("count")
     dim = artifact.int_field("dim", high=MAX_DIM)
     vocab_size = artifact.int_field("vocab_size", high=MAX_VOCAB)
@@ -639,16 +729,18 @@ def _check(
         utf8, offsets = arrays["ids_utf8"], arrays["ids_offsets"]
         artifact.check_array("ids_utf8.npy", utf8, shape=(len(utf8),), kinds="u")
         artifact.check_array("ids_offsets.npy", offsets, shape=(count + 1,), kinds="i")
-        artifact.check_csr("ids_offsets.npy", offsets, len(utf8))
-        if count and int(np.diff(offsets).max()) > 4 * MAX_ID_LENGTH:
-            raise artifact.error(f"an id is longer than {MAX_ID_LENGTH} characters")
+        if contents:
+            artifact.check_csr("ids_offsets.npy", offsets, len(utf8))
+            if count and int(np.diff(offsets).max()) > 4 * MAX_ID_LENGTH:
+                raise artifact.error(f"an id is longer than {MAX_ID_LENGTH} characters")
     artifact.check_array("split.npy", arrays["split"], shape=(count,), kinds="u")
     artifact.check_array("labels_indptr.npy", indptr, shape=(count + 1,), kinds="i")
     indices = arrays["labels_indices"]
     artifact.check_array("labels_indices.npy", indices, shape=(len(indices),), kinds="i")
-    artifact.check_csr("labels_indptr.npy", indptr, len(indices))
-    artifact.check_range("labels_indices.npy", indices, 0, vocab_size)
-    artifact.check_range("split.npy", arrays["split"], 0, len(SPLITS))
+    if contents:
+        artifact.check_csr("labels_indptr.npy", indptr, len(indices))
+        artifact.check_range("labels_indices.npy", indices, 0, vocab_size)
+        artifact.check_range("split.npy", arrays["split"], 0, len(SPLITS))
     if len(vocab) != vocab_size or len(tag_counts) != len(vocab):
         raise artifact.error(
             f"{VOCAB} has {len(vocab)} tags and {len(tag_counts)} counts, the manifest says "

@@ -663,8 +663,15 @@ class Popularity(Recommender):
     """Every image gets each hashtag's training frequency as its score."""
 
     name = "popularity"
+    streams = True  # label counts, a block at a time
 
     def _fit(self, X, Y, X_val, Y_val, callbacks) -> None:
+        if isinstance(X, Blocks):
+            counts = np.zeros(X.n_tags, np.float64)
+            for _, _, indices in X.read(None):
+                counts += np.bincount(indices, minlength=X.n_tags)
+            self.frequency = (counts / X.rows).astype(np.float32)
+            return
         self.frequency = Y.mean(axis=0, dtype=np.float64).astype(np.float32)
 
     def _scores(self, X: np.ndarray) -> np.ndarray:

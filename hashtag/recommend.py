@@ -407,6 +407,9 @@ def run(config: RecommendConfig) -> int:
     return 1 if failed else 0
 
 
+SCORE_ROWS = 8192  # posts scored at a time by `evaluate`
+
+
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Score the model and the popularity baseline on the test split; print the decision table.
     A completion model (label-only posts) is scored as tune scores it: on held-out tags."""
@@ -425,14 +428,20 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         raise UserError(
             f"the dataset's embedder {dataset.embedder} is not the model's {exported.embedder_spec}"
         )
-    X_train, Y_train = dataset.part("train")
-    X_val, Y_val = dataset.part("val")
-    X_test, Y_test = dataset.part("test")
-    if len(X_test) == 0:
+    test_posts = dataset.split_count("test")
+    if test_posts == 0:
         raise UserError(f"{config.data} has no test posts")
     if exported.has_images:
+        # Streamed, SCORE_ROWS posts at a time (a remote dataset by ranged reads): memory does
+        # not grow with the dataset. Popularity counts the training labels only.
         popularity = models.create("popularity", models.ModelConfig())
-        popularity.fit(X_train, Y_train, X_val, Y_val)
+        train_labels = models.Blocks(
+            lambda order: dataset.blocks("train", SCORE_ROWS, order, embeddings=False),
+            dataset.split_count("train"),
+            dataset.dim,
+            dataset.vocab_size,
+        )
+        popularity.fit(train_labels, None)
         meta = exported.metadata
         rows = [
             ResultRow(
@@ -440,15 +449,18 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                 batch_size=meta.get("batch_size"),
                 learning_rate=meta.get("learning_rate"),
                 epochs=meta.get("epochs"),
-                test=exported.recommender.score(X_test, Y_test),
+                test=exported.recommender.score_blocks(dataset.blocks("test", SCORE_ROWS)),
             ),
-            ResultRow(model="popularity", test=popularity.score(X_test, Y_test)),
+            ResultRow(
+                model="popularity",
+                test=popularity.score_blocks(dataset.blocks("test", SCORE_ROWS)),
+            ),
         ]
     else:
-        rows = _completion_rows(exported, Y_train, Y_test)
+        rows = _completion_rows(exported, dataset.part("train")[1], dataset.part("test")[1])
     print(decision_markdown(rows), end="")
     table = results_table(rows)
-    return {"model": config.model, "data": config.data, "test_posts": len(X_test), "table": table}
+    return {"model": config.model, "data": config.data, "test_posts": test_posts, "table": table}
 
 
 def _completion_rows(exported: ExportedModel, Y_train, Y_test) -> list:

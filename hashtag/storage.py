@@ -20,6 +20,7 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -29,6 +30,20 @@ import numpy as np
 from fsspec.core import url_to_fs
 
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+# Bytes this process read from remote objects (benchmarks and tests report them).
+_remote_bytes = [0]
+_remote_bytes_lock = threading.Lock()
+
+
+def remote_bytes_read() -> int:
+    """Bytes this process has read from remote (s3://...) objects so far."""
+    return _remote_bytes[0]
+
+
+def _count_remote(uri: str, n: int) -> None:
+    if is_remote(str(uri)):
+        with _remote_bytes_lock:
+            _remote_bytes[0] += n
 
 
 def set_s3_endpoint(url: str | None) -> None:
@@ -114,7 +129,36 @@ def read_bytes(uri: str, limit: int | None = None) -> bytes:
                 raise NotRegularFile(f"{uri} is not a regular file (device, FIFO or folder)")
             return _read_capped(f, uri, limit)
     with fs.open(path, "rb") as f:
-        return _read_capped(f, uri, limit)
+        data = _read_capped(f, uri, limit)
+    _count_remote(uri, len(data))
+    return data
+
+
+def read_range(uri: str, start: int, stop: int) -> bytes:
+    """Bytes [start, stop) of the object: one ranged GET on S3, a seek and a read locally, so
+    that a reader of a few rows never fetches the whole object. Short when the object is."""
+    start, stop = int(start), int(stop)
+    if start < 0 or stop < start:
+        raise ValueError(f"bad byte range [{start}, {stop}) of {uri}")
+    if stop == start:
+        return b""
+    fs, path = filesystem(uri)
+    if not is_remote(str(uri)):
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(stop - start)
+    data = fs.cat_file(path, start=start, end=stop)
+    _count_remote(uri, len(data))
+    return data
+
+
+def iter_chunks(uri: str, chunk: int = 4 * 2**20) -> Iterator[bytes]:
+    """The object's bytes, `chunk` at a time (bounded memory, whatever its size)."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        while data := f.read(chunk):
+            _count_remote(uri, len(data))
+            yield data
 
 
 def _read_capped(f: Any, uri: str, limit: int | None) -> bytes:
@@ -221,4 +265,5 @@ def local_file(uri: str) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="hashtag-") as tmp:
         local = os.path.join(tmp, os.path.basename(path) or "object")
         fs.get_file(path, local)
+        _count_remote(uri, os.path.getsize(local))
         yield local

@@ -67,6 +67,11 @@ COMPLETION_GRID = {
     "prior_weight": (0.01, 0.1),
 }
 UNFINISHED = "unfinished"
+SCHEDULERS = ("fifo", "asha")
+# ASHA: a trial may stop after GRACE epochs, then at every rung GRACE x REDUCTION^k epochs,
+# unless its validation metric is in the best 1 / REDUCTION of the trials that reached the rung.
+ASHA_GRACE_EPOCHS = 1
+ASHA_REDUCTION = 3
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,21 @@ class TuneConfig:
         default=True,
         metadata={"help": "score blends of the best trial, knn and kernel compete too"},
     )
+    scheduler: str = field(
+        default="fifo",
+        metadata={
+            "help": "fifo: every trial runs all its epochs; asha: trials whose validation "
+            "metric trails at a rung (1, 3, 9... epochs) stop early and count with the scores "
+            "of their last checkpoint"
+        },
+    )
+    task_memory_mb: int = field(
+        default=2048,
+        metadata={
+            "help": "memory the references', selection/refit and export tasks declare to Ray "
+            "(MB); 0 declares none (for node types that do not advertise memory)"
+        },
+    )
     memory_budget: float = field(
         default=0.0,
         metadata={
@@ -158,6 +178,12 @@ class TuneConfig:
             )
         if self.max_failures < 0:
             raise ValueError(f"--max-failures must be >= 0, got {self.max_failures}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(
+                f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"
+            )
+        if self.task_memory_mb < 0:
+            raise ValueError(f"--task-memory-mb must be >= 0, got {self.task_memory_mb}")
         references = sorted(set(models.available()) - models.TRAINABLE - {"blend"})
         unknown = set(self.references) - set(references)
         if unknown:
@@ -263,6 +289,9 @@ class TrialSettings:
     blocks: tuple[int, ...] = ()  # the dims of the embedders the features concatenate
     # Storage settings of the driver (the S3 endpoint override) that the trial's process needs.
     env: dict[str, str] = field(default_factory=dict)
+    # The per-epoch validation metric the scheduler compares (also in the final report).
+    metric: str = "val_f1"
+    select_metric: str = "f1"
 
 
 # Trials choose the decision rule and report per-epoch validation metrics on the first
@@ -288,36 +317,46 @@ def split_arrays(dataset, name: str) -> dict[str, np.ndarray]:
 
 
 class TrialData:
-    """Where a trial's rows come from: `arrays` ({split: split_arrays}, read-only views of Ray's
-    object store, shared by every trial on a node: no copy per trial), or, when the dataset is
-    over the memory budget, the dataset itself, streamed block by block from its parts."""
+    """Where a process's rows come from: `arrays` ({split: pieces}, each piece a split_arrays
+    dict or the ObjectRef of one: read-only views of Ray's object store, shared by every process
+    on a node, no copy per trial), or, when the dataset is over the memory budget, the dataset
+    itself, streamed block by block from its parts (by byte ranges when remote)."""
 
-    def __init__(self, data: str, arrays: dict[str, dict[str, np.ndarray]] | None):
-        self.arrays = arrays
+    def __init__(self, data: str, arrays: dict[str, Any] | None):
+        self.arrays = None if arrays is None else {k: _resolve(v) for k, v in arrays.items()}
         self.dataset = None
         if arrays is None:
             from hashtag.dataset import Dataset
 
             self.dataset = Dataset.load(data)
 
-    def blocks(self, name: str, order: np.random.Generator | None = None, rows: int = 0):
+    def blocks(
+        self,
+        name: str,
+        order: np.random.Generator | None = None,
+        rows: int = 0,
+        *,
+        embeddings: bool = True,
+    ):
         """(X, labels indptr, indices) blocks of split `name`, of `rows` rows: by default
-        BLOCK_ROWS when shuffled (training), SCORE_ROWS in order (scoring)."""
-        from hashtag.dataset import array_blocks
+        BLOCK_ROWS when shuffled (training), SCORE_ROWS in order (scoring); `embeddings=False`:
+        the labels only."""
+        from hashtag.dataset import piece_blocks
 
         rows = rows or (BLOCK_ROWS if order is not None else SCORE_ROWS)
         if self.dataset is not None:
-            return self.dataset.blocks(name, rows, order)
-        split = self.arrays[name]
-        return array_blocks(split["X"], split["indptr"], split["indices"], order, rows)
+            return self.dataset.blocks(name, rows, order, embeddings=embeddings)
+        return piece_blocks(self.arrays[name], order, rows, embeddings=embeddings)
+
+    def count(self, name: str) -> int:
+        if self.dataset is not None:
+            return self.dataset.split_count(name)
+        return sum(len(piece["indptr"]) - 1 for piece in self.arrays[name])
 
     def train(self, dim: int, n_tags: int) -> models.Blocks:
-        rows = (
-            int(self.dataset.manifest["splits"]["train"])
-            if self.dataset is not None
-            else len(self.arrays["train"]["X"])
+        return models.Blocks(
+            lambda order: self.blocks("train", order), self.count("train"), dim, n_tags
         )
-        return models.Blocks(lambda order: self.blocks("train", order), rows, dim, n_tags)
 
     def validation(self, n_tags: int) -> tuple[np.ndarray, np.ndarray]:
         """(X, Y dense) of the first VAL_SAMPLE validation rows, for per-epoch validation."""
@@ -328,6 +367,19 @@ class TrialData:
             Xs.append(X)
             Ys.append(dense_labels(indptr, indices, n_tags))
         return np.concatenate(Xs), np.concatenate(Ys)
+
+
+def _resolve(split: Any) -> list[dict[str, np.ndarray]]:
+    """A split's pieces as arrays: one split_arrays dict, or a list of them or of ObjectRefs
+    (fetched from the object store as read-only views: no copy)."""
+    if isinstance(split, dict):
+        return [split]
+    pieces = list(split)
+    if pieces and not isinstance(pieces[0], dict):
+        import ray
+
+        pieces = ray.get(pieces)
+    return pieces
 
 
 def _model_config(grid: dict[str, Any], settings: TrialSettings):
@@ -411,6 +463,7 @@ def train_trial(
     for name, value in settings.env.items():
         os.environ.setdefault(name, value)
     _configure_tensorflow(settings.cpus)
+    read_before = storage.remote_bytes_read()
     data = TrialData(settings.data, arrays)
     # The driver names the vocabulary and dim; a streamed trial can read them itself.
     vocab = list(settings.vocab) if settings.vocab else data.dataset.vocab
@@ -455,8 +508,11 @@ def train_trial(
             "epoch": recommender.epochs_done,
             "done": True,
             "val_f1": state["val"].get("f1", math.nan),
+            settings.metric: state["val"].get(_metric_key(settings.metric), math.nan),
             "test_f1": state["test"].get("f1", math.nan),
             "seconds": state["seconds"],
+            # Bytes this trial read from remote storage (S3): what a streamed epoch costs.
+            "remote_bytes_read": storage.remote_bytes_read() - read_before,
         },
     )
 
@@ -528,19 +584,36 @@ def _candidate_row(label: str, recommender, data: TrialData, started: float) -> 
 
 
 def _references(config: TuneConfig, dataset, data: TrialData) -> tuple[list[ResultRow], dict]:
-    """Popularity, kNN, ridge and kernel ridge, fitted in the driver: their rows and the fitted models
-    (candidates for the export and parts of the blends). Over the memory budget they train on
-    the first REFERENCE_ROWS training rows; kNN holds them all in memory."""
-    X_train, Y_train = _training_rows(data, ("train",), dataset.vocab_size)
-    X_val, Y_val = data.validation(dataset.vocab_size)
+    """Popularity, kNN, ridge and kernel ridge in this process: their rows and the fitted models
+    (candidates for the export and parts of the blends). `run` fits each in a Ray task instead
+    (tune_tasks.py), with `fit_reference`."""
     rows, fitted = [], {}
     for name in config.references:
-        started = time.perf_counter()
-        recommender = models.create(name, reference_config(name, config.seed, blocks_of(dataset)))
-        recommender.fit(X_train, Y_train, X_val, Y_val, vocab=dataset.vocab)
-        rows.append(_candidate_row(name, recommender, data, started))
-        fitted[name] = recommender
+        row, fitted[name] = fit_reference(config, dataset, data, name)
+        rows.append(row)
     return rows, fitted
+
+
+def fit_reference(config: TuneConfig, dataset, data: TrialData, name: str):
+    """One reference model fitted and scored: (its row, the model). Over the memory budget it
+    trains on the first REFERENCE_ROWS training rows (kNN holds them all in memory); a model
+    that streams (popularity) reads the training labels a block at a time."""
+    started = time.perf_counter()
+    recommender = models.create(name, reference_config(name, config.seed, blocks_of(dataset)))
+    X_val, Y_val = data.validation(dataset.vocab_size)
+    if recommender.streams and not recommender.trainable:
+        train = models.Blocks(
+            lambda order: data.blocks("train", order, embeddings=False),
+            data.count("train"),
+            dataset.dim,
+            dataset.vocab_size,
+        )
+        recommender.fit(train, None, X_val, Y_val, vocab=dataset.vocab)
+    else:
+        X_train, Y_train = _training_rows(data, ("train",), dataset.vocab_size)
+        recommender.fit(X_train, Y_train, X_val, Y_val, vocab=dataset.vocab)
+        del X_train, Y_train
+    return _candidate_row(name, recommender, data, started), recommender
 
 
 def _blends(config: TuneConfig, dataset, data: TrialData, candidates: dict[str, Any]):
@@ -583,6 +656,16 @@ def _trial_state(result) -> dict[str, Any] | None:
     return state
 
 
+def _stopped_early(results) -> list[int]:
+    """Indices of the trials Tune ended (TERMINATED, no error): with ASHA a trial that ended
+    before its last epoch was stopped by the scheduler, not interrupted."""
+    try:
+        trials = results._experiment_analysis.trials  # the grid's Trial objects, in order
+    except AttributeError:  # Tune's internals moved: no trial counts as stopped early
+        return []
+    return [i for i, trial in enumerate(trials) if trial.status == "TERMINATED"]
+
+
 def _trial_row(config: TuneConfig, result, state: dict[str, Any] | None) -> ResultRow:
     params = result.config or {}
     common = dict(
@@ -617,15 +700,21 @@ def export_model(
     trained_on: tuple[str, ...] = ("train",),
     selection: dict[str, Any] | None = None,
     completion=None,
+    data: TrialData | None = None,
 ) -> str:
     """Write the self-contained model folder OUT/model/: the model (a knn or a blend keeps its
     training embeddings and labels), metadata, and co-occurrence of the labels it learnt from
     (with `completion`'s weights, a CooccurrenceConfig, when given)."""
     from hashtag.completion import Cooccurrence
+    from hashtag.dataset import dense_labels
 
     uri = storage.join(config.out, "model")
     storage.remove(uri)  # no file of an older export may survive beside the new one
-    rows = np.sort(np.concatenate([dataset.rows(name) for name in trained_on]))
+    count = (
+        sum(data.count(name) for name in trained_on)
+        if data is not None
+        else sum(len(dataset.rows(name)) for name in trained_on)
+    )
     metadata = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
@@ -644,7 +733,7 @@ def export_model(
         "trained_on": {
             "data": config.data,
             "splits": list(trained_on),
-            "count": len(rows),
+            "count": count,
             "dim": dataset.dim,
         },
     }
@@ -654,7 +743,15 @@ def export_model(
             part.optimizer_state = []
     recommender.save(uri, metadata=metadata)
     # From the labels the model learnt from, a block of posts at a time.
-    blocks = label_blocks(dataset, rows)
+    if data is not None:
+        blocks = (
+            dense_labels(indptr, indices, dataset.vocab_size)
+            for name in trained_on
+            for _, indptr, indices in data.blocks(name, embeddings=False)
+        )
+    else:
+        rows = np.sort(np.concatenate([dataset.rows(name) for name in trained_on]))
+        blocks = label_blocks(dataset, rows)
     Cooccurrence(completion).fit_blocks(blocks).save(storage.join(uri, "cooccurrence"))
     return uri
 
@@ -715,7 +812,7 @@ def _refit_on(config: TuneConfig, dataset, data: TrialData, recommender, names):
     if not recommender.streams:
         X, Y = _training_rows(data, names, dataset.vocab_size)
         return models.refit(recommender, X, Y, config.select_metric)
-    rows = sum(len(dataset.rows(name)) for name in names)
+    rows = sum(data.count(name) for name in names)
     blocks = models.Blocks(
         lambda order: _chained(data, names, order), rows, dataset.dim, dataset.vocab_size
     )
@@ -749,7 +846,8 @@ def _folder_bytes(uri: str) -> int:
 
 
 def _select_and_export(config, dataset, data, finished, results, references, fitted):
-    """compete, refit_winner, export_model. Returns (rows beside the trials, best, model uri)."""
+    """compete, refit_winner, export_model. Returns (rows beside the trials, best, model uri,
+    the line to print). `results`: each trial's `config` and last `checkpoint`."""
     rows, winner, recommender = compete(
         config,
         dataset,
@@ -768,10 +866,10 @@ def _select_and_export(config, dataset, data, finished, results, references, fit
         "candidates": {r.label: r.val.get(metric) for r in [*finished, *rows]},
     }
     model_uri = export_model(
-        config, dataset, recommender, winner, trained_on=trained_on, selection=selection
+        config, dataset, recommender, winner, trained_on=trained_on, selection=selection, data=data
     )
     size = _folder_bytes(model_uri)
-    print(
+    message = (
         f"selected on validation {metric} {_metric(winner, metric):.4f}: {winner.label}; "
         f"exported ({recommender.name}, trained on {'+'.join(trained_on)}, {size / 1e6:.1f} MB"
         f", test {metric} {(refit_row or winner).test.get(metric, math.nan):.4f}) -> {model_uri}"
@@ -787,7 +885,7 @@ def _select_and_export(config, dataset, data, finished, results, references, fit
         "trained_on": list(trained_on),
         "bytes": size,
     }
-    return rows + ([refit_row] if refit_row else []), best, model_uri
+    return rows + ([refit_row] if refit_row else []), best, model_uri, message
 
 
 def _progress_callback(total: int):
@@ -822,15 +920,50 @@ def _progress_callback(total: int):
     return TrialProgress()
 
 
-def _run_grid(config: TuneConfig, dataset, data: TrialData):
+def scheduler_metric(config: TuneConfig) -> str:
+    """The Tune metric trials are compared on while they train: validation `select_metric`
+    when trials report it every epoch, else validation F1."""
+    name = f"val_{config.select_metric}"
+    return tune_metric(name) if name in EPOCH_METRICS else "val_f1"
+
+
+def _metric_key(tune_name: str) -> str:
+    """The scores' key of a Tune metric name: val_f1_at_5 -> f1@5."""
+    return tune_name.removeprefix("val_").replace("_at_", "@")
+
+
+def _scheduler(config: TuneConfig):
+    """None (FIFO: every trial runs every epoch) or ASHA on the epochs (`ASHA_*` rungs)."""
+    if config.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=config.epochs,
+        grace_period=min(ASHA_GRACE_EPOCHS, config.epochs),
+        reduction_factor=ASHA_REDUCTION,
+    )
+
+
+def _absolute(uri: str) -> str:
+    return uri if storage.is_remote(uri) else os.path.abspath(uri)
+
+
+def data_uri(config: TuneConfig) -> str:
+    """The dataset's URI as other processes must see it (Tune runs each trial in its own
+    directory, and Ray workers elsewhere: a relative local path would miss)."""
+    return _absolute(config.data)
+
+
+def _run_grid(config: TuneConfig, dataset, arrays):
     from ray import tune
 
     from hashtag import raycluster
 
     storage_path, filesystem = _storage_target(config.out)
     settings = TrialSettings(
-        # Tune runs each trial in its own directory: a relative local path would miss.
-        data=config.data if storage.is_remote(config.data) else os.path.abspath(config.data),
+        data=data_uri(config),
         model=config.model,
         epochs=config.epochs,
         loss=config.loss,
@@ -840,6 +973,8 @@ def _run_grid(config: TuneConfig, dataset, data: TrialData):
         vocab=tuple(dataset.vocab),
         blocks=blocks_of(dataset),
         env=raycluster.worker_env().get("env_vars", {}),
+        metric=scheduler_metric(config),
+        select_metric=config.select_metric,
     )
     params = {
         "batch_size": tune.grid_search(list(config.batch_sizes)),
@@ -848,7 +983,7 @@ def _run_grid(config: TuneConfig, dataset, data: TrialData):
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
     # with_parameters puts the arrays into the object store once; trials get read-only views.
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, settings=settings, arrays=data.arrays), resources
+        tune.with_parameters(train_trial, settings=settings, arrays=arrays), resources
     )
     name = config.experiment_name(dataset_fingerprint(dataset))
     experiment = f"{storage_path.rstrip('/')}/{name}"
@@ -876,7 +1011,12 @@ def _run_grid(config: TuneConfig, dataset, data: TrialData):
             trainable,
             param_space=params,
             # Reused actors keep TensorFlow imported between trials (seconds per trial).
-            tune_config=tune.TuneConfig(metric="val_f1", mode="max", reuse_actors=True),
+            tune_config=tune.TuneConfig(
+                metric=settings.metric,
+                mode="max",
+                reuse_actors=True,
+                scheduler=_scheduler(config),
+            ),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=storage_path,
@@ -1000,26 +1140,46 @@ def _trial_data(config: TuneConfig, dataset) -> TrialData:
 
 def run(config: TuneConfig) -> TuneResult:
     """Tune the grid, score the references, write the report, export the best model. On
-    label-only posts (no embeddings), fit and export hashtag completion instead."""
-    from hashtag.dataset import Dataset
+    label-only posts (no embeddings), fit and export hashtag completion instead. The heavy
+    work runs as Ray tasks (tune_tasks.py): this process reads the manifest and the vocabulary
+    and coordinates."""
+    import ray
+
+    from hashtag import raycluster, tune_tasks
+    from hashtag.dataset import SPLITS, Dataset
 
     started = time.perf_counter()
     dataset = Dataset.load(config.data)  # a missing dataset says so (FileNotFoundError)
-    for name in ("train", "val", "test"):
-        if len(dataset.rows(name)) == 0:
+    for name in SPLITS:
+        if dataset.split_count(name) == 0:
             raise UserError(
                 f"{config.data} has no {name} posts: the grid needs train, validation and test "
                 "posts; merge more posts (or a different split) first"
             )
     if dataset.dim == 0:
         return _run_completion(config, dataset, started)
-    data = _trial_data(config, dataset)
-    references, fitted = _references(config, dataset, data)
-    results, experiment = _run_grid(config, dataset, data)
+    raycluster.connect()
+    grid_config = config  # the experiment's name keeps the paths as the user gave them
+    config = dataclasses.replace(config, data=data_uri(config), out=_absolute(config.out))
+    arrays = tune_tasks.put_splits(config, dataset)
+    reference_refs = tune_tasks.submit_references(config, arrays)
+    results, experiment = _run_grid(grid_config, dataset, arrays)
+    states = [_trial_state(result) for result in results]
+    stopped = [
+        i for i in _stopped_early(results) if states[i] is not None and not states[i].get("done")
+    ]
+    if stopped:  # ASHA stopped them: they count, scored from their last checkpoint
+        scores = tune_tasks.score_checkpoints(
+            config, arrays, [results[i].checkpoint for i in stopped]
+        )
+        for i, scored in zip(stopped, scores, strict=True):
+            states[i].update(scored, done=True, stopped_early=True)
     trials = sorted(
-        (_trial_row(config, result, _trial_state(result)) for result in results),
+        (_trial_row(config, result, state) for result, state in zip(results, states, strict=True)),
         key=lambda r: (r.batch_size, -r.learning_rate),
     )
+    references = [ray.get(row) for row, _ in reference_refs.values()]
+    fitted_refs = {name: model for name, (_, model) in reference_refs.items()}
     finished = [row for row in trials if row.status == "ok"]
     failed = tuple(row.label for row in trials if row.status != "ok")
     log.debug("\n".join(trial_line(row) for row in trials + references))
@@ -1033,16 +1193,21 @@ def run(config: TuneConfig) -> TuneResult:
             f"every trial of {experiment} failed ({trials[0].status if trials else 'no trials'}); "
             "fix the cause and rerun the same command: failed trials are retried"
         )
-    others, best, model_uri = _select_and_export(
-        config, dataset, data, finished, results, references, fitted
+    checkpoints = [
+        tune_tasks.TrialCheckpoint(dict(result.config or {}), result.checkpoint)
+        for result in results
+    ]
+    others, best, model_uri, message = tune_tasks.select_and_export(
+        config, arrays, finished, checkpoints, references, fitted_refs
     )
+    print(message)
     rows = [dataclasses.replace(r, selected=r.label == best["model"]) for r in trials + others]
-    paths = write_report(rows, config.out)
+    paths = write_report(rows, grid_config.out)
     print(decision_markdown(rows), end="")
     print(f"every metric: {paths['results.md']}")
     summary = {
         "stage": "tune",
-        "config": asdict(config),
+        "config": asdict(grid_config),
         "experiment": experiment,
         "trials": [asdict(r) for r in trials],
         "references": [asdict(r) for r in references],
@@ -1053,5 +1218,5 @@ def run(config: TuneConfig) -> TuneResult:
         "outputs": paths,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    storage.write_json(storage.join(config.out, "tune.json"), storage.json_safe(summary))
+    storage.write_json(storage.join(grid_config.out, "tune.json"), storage.json_safe(summary))
     return TuneResult(summary, model_uri, failed)

@@ -167,7 +167,11 @@ def test_autoscaler_adds_cpu_and_gpu_workers_then_removes_them(out):
         # Ray's fake provider cannot advertise `memory` on a node type (RayParams refuses it in
         # resources), so a task that declares memory would look infeasible here; on AWS the
         # node provider fills memory in from the instance type.
-        no_memory = {"scrape.memory_per_task_mb": "0", "merge.memory_per_task_mb": "0"}
+        no_memory = {
+            "scrape.memory_per_task_mb": "0",
+            "merge.memory_per_task_mb": "0",
+            "task_memory_mb": "0",
+        }
         job = pipeline(out, INSTALLED_SCRIPT, gpus_per_trial="1", **no_memory)
         seconds = run_job(cluster, job, 400, **INSTALLED)
         record_time(out, "simulated autoscaling cluster, 60 posts, 2x1 grid", seconds)

@@ -295,3 +295,38 @@ def test_streamed_trial_learns_what_the_in_memory_trial_learns(tmp_path, monkeyp
     tune.train_trial(grid, settings, None)
     in_memory, streamed = [m for m in finals if m["done"]]
     assert in_memory["val_f1"] > 0.5 and abs(in_memory["test_f1"] - streamed["test_f1"]) < 0.06
+
+
+@pytest.mark.slow
+def test_asha_and_the_work_runs_in_tasks_not_in_the_driver(tmp_path, local_ray, monkeypatch):
+    """--scheduler asha: trials trailing at a rung stop early and still count (scored from
+    their last checkpoint). The driver reads no row: the splits, references, selection, refit
+    and export run as Ray tasks (forbidden here, in the driver's process, they would fail), and
+    give the references' figures this process computes itself."""
+    from hashtag import dataset as dataset_module
+
+    data = str(tmp_path / "data")
+    dataset = write_dataset(data, posts=300)
+    config = tune.TuneConfig(
+        data=data, out=str(tmp_path / "out"), batch_sizes=(16,),
+        learning_rates=(3e-2, 1e-7, 1e-8), epochs=4, cpus_per_trial=2,
+        references=("popularity", "knn"), scheduler="asha",
+    )  # fmt: skip
+    expected, _ = tune._references(config, dataset, tune._trial_data(config, dataset))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the driver read rows of the dataset")
+
+    monkeypatch.setattr(dataset_module.Dataset, "blocks", forbidden)
+    monkeypatch.setattr(dataset_module, "piece_blocks", forbidden)
+    monkeypatch.setattr(models.Recommender, "fit", forbidden)
+    summary = tune.run(config)
+    trials = summary["trials"]
+    assert not summary["failed"] and all(t["status"] == "ok" for t in trials)
+    assert all(t["test"] and t["val"] for t in trials)
+    # Trials run one at a time (2 CPUs each), the best first: the others stop at the first rung.
+    assert sorted(t["epochs"] for t in trials) == [1, 1, 4], trials
+    got = {r["model"]: r for r in summary["references"]}
+    for row in expected:
+        assert got[row.model]["test"] == pytest.approx(row.test)
+    assert (tmp_path / "out" / "model" / "manifest.json").is_file()
