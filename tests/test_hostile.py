@@ -289,7 +289,8 @@ def test_unterminated_csv_quote_is_reported(tmp_path, caplog):
     path = tmp_path / "posts.csv"
     path.write_text('id,image,tags\na,a.jpg,x\nb,"b.jpg,y\nc,c.jpg,z\nd,d.jpg,w\n')
     source = sources.open_source(str(path))
-    assert [p.id for p in source.posts()] == ["a"]
+    # The bad row is its first line alone: parsing starts again on the line after it.
+    assert [p.id for p in source.posts()] == ["a", "c", "d"]
     assert source.skipped == {"bad-row": 1}
     assert "line 3 is never closed" in caplog.text.replace("opened on line", "line")
 
