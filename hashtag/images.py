@@ -30,6 +30,7 @@ Reasons: "empty", "unsupported-format", "truncated", "corrupt", "too-many-pixels
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import cv2
@@ -302,7 +303,8 @@ def _png_header(data: bytes, complete: bool) -> _Header:
         if chunk == b"tRNS":
             has_transparency = True
         elif chunk[:1].islower():  # ancillary: text, ICC profile, EXIF, ...
-            metadata += length
+            body = data[i + 8 : i + 8 + min(length, MAX_PNG_METADATA_BYTES + 1)]
+            metadata += _png_chunk_bytes(chunk, body, MAX_PNG_METADATA_BYTES + 1 - metadata)
             if metadata > MAX_PNG_METADATA_BYTES:
                 raise ImageError(
                     f"PNG with over {MAX_PNG_METADATA_BYTES} bytes of ancillary chunks "
@@ -316,6 +318,25 @@ def _png_header(data: bytes, complete: bool) -> _Header:
     channels = 4 if alpha else 1 if color_type == 0 else 3
     return _Header("png", width, height, needs_unchanged, channels=channels,
                    sample_bytes=2 if bit_depth == 16 else 1)  # fmt: skip
+
+
+def _png_chunk_bytes(chunk: bytes, body: bytes, budget: int) -> int:
+    """What an ancillary chunk costs libpng: its bytes, inflated for the compressed kinds
+    (zTXt, iCCP, compressed iTXt: 5 KB of zlib can inflate to 5 MB), inflating at most
+    `budget` bytes of it here."""
+    try:
+        keyword_end = body.index(b"\0")
+        if chunk in (b"zTXt", b"iCCP"):
+            stream = body[keyword_end + 2 :]
+        elif chunk == b"iTXt" and body[keyword_end + 1] == 1:
+            rest = body[keyword_end + 3 :]
+            stream = rest[rest.index(b"\0") + 1 :]
+            stream = stream[stream.index(b"\0") + 1 :]
+        else:
+            return len(body)
+        return max(len(body), len(zlib.decompressobj().decompress(stream, max(budget, 1))))
+    except (ValueError, IndexError, zlib.error):
+        return len(body)  # broken: libpng refuses it, at the cost of its bytes
 
 
 def _bmp_header(data: bytes) -> _Header:

@@ -53,7 +53,7 @@ import os
 import posixpath
 import re
 import stat
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -316,39 +316,46 @@ def _json_array_rows(f: io.BufferedReader, uri: str) -> Iterator[tuple[int, Any]
     from a window of at most MAX_ROW_BYTES + one chunk, so memory is one element whatever the
     file's size (a 100 MB array of `[],` holds one `[]` at a time)."""
     decoder = json.JSONDecoder()
-    buffer, eof, number = "", False, 0
     reader = io.TextIOWrapper(f, encoding="utf-8", errors="replace")
-    chunk = 1 << 16
+    buffer, pos, eof, number = "", 0, False, 0
+    space = " \t\r\n"
 
     def fill() -> bool:
-        nonlocal buffer, eof
+        """Append a chunk (dropping what was consumed); False at the end of the file."""
+        nonlocal buffer, pos, eof
         if eof:
             return False
-        more = reader.read(chunk)
+        more = reader.read(1 << 16)
         eof = not more
-        buffer += more
+        buffer, pos = buffer[pos:] + more, 0
         return bool(more)
 
-    fill()
-    buffer = buffer.lstrip()
-    if not buffer.startswith("["):
+    def skip_space() -> str:
+        """The next significant character ('' at the end of the file)."""
+        nonlocal pos
+        while True:
+            while pos < len(buffer) and buffer[pos] in space:
+                pos += 1
+            if pos < len(buffer) or not fill():
+                return buffer[pos : pos + 1]
+
+    if skip_space() != "[":
         raise ValueError(f"{uri} is not a JSON array")
-    buffer = buffer[1:]
+    pos += 1
     while True:
-        buffer = buffer.lstrip(" \t\r\n")
-        while not buffer and fill():
-            buffer = buffer.lstrip(" \t\r\n")
-        if not buffer:
+        mark = skip_space()
+        if not mark:
             raise ValueError(f"{uri}: the JSON array is never closed (after element {number})")
-        if buffer[0] == "]":
+        if mark == "]":
             return
-        if number and buffer[0] == ",":
-            buffer = buffer[1:].lstrip(" \t\r\n")
-        elif number:
-            raise ValueError(f"{uri}: expected ',' or ']' after element {number}")
+        if number:
+            if mark != ",":
+                raise ValueError(f"{uri}: expected ',' or ']' after element {number}")
+            pos += 1
+            skip_space()
         while True:
             try:
-                value, end = decoder.raw_decode(buffer)
+                value, end = decoder.raw_decode(buffer, pos)
                 # A number may continue in the next chunk: decode it again with more data.
                 if end < len(buffer) or eof or not isinstance(value, (int, float)):
                     break
@@ -356,7 +363,7 @@ def _json_array_rows(f: io.BufferedReader, uri: str) -> Iterator[tuple[int, Any]
             except RecursionError:
                 raise ValueError(f"{uri}: element {number + 1} is nested too deeply") from None
             except ValueError as e:
-                if len(buffer) > MAX_ROW_BYTES:
+                if len(buffer) - pos > MAX_ROW_BYTES:
                     raise ValueError(
                         f"{uri}: element {number + 1} of the JSON array is over {MAX_ROW_BYTES} "
                         "bytes or broken; write the posts as JSON Lines (one per line) so that "
@@ -365,9 +372,7 @@ def _json_array_rows(f: io.BufferedReader, uri: str) -> Iterator[tuple[int, Any]
                 if not fill():
                     raise ValueError(f"{uri} is not valid JSON: {e}") from None
         number += 1
-        buffer = buffer[end:]
-        if not buffer:
-            fill()
+        pos = end
         try:
             yield number, storage.json_safe(value)
         except RecursionError:
@@ -378,14 +383,14 @@ def _csv_records(f: io.BufferedReader) -> Iterator[tuple[int, list[str] | _Skip]
     """(first line number, the lines of one CSV record) of a binary file, decoded as UTF-8 (a
     leading BOM dropped); a record over MAX_ROW_BYTES is a _Skip for its first line, and the
     lines after that first one are read again as new records (resynchronised)."""
-    pending: list[tuple[int, str]] = []  # lines read ahead, to be parsed again after a bad row
+    pending: deque[tuple[int, str | None]] = deque()  # read ahead, parsed again after a bad row
     source = storage.bounded_lines(f, MAX_ROW_BYTES)
     first_line = True
 
     def next_line() -> tuple[int, str | None] | None:
         nonlocal first_line
         if pending:
-            return pending.pop(0)
+            return pending.popleft()
         found = next(source, None)
         if found is None:
             return None
@@ -407,8 +412,8 @@ def _csv_records(f: io.BufferedReader) -> Iterator[tuple[int, list[str] | _Skip]
             item = next_line()
             if item is None or item[1] is None or size + len(item[1]) > MAX_ROW_BYTES:
                 if item is not None:
-                    pending.insert(0, item)
-                pending[:0] = [(start + k, text) for k, text in enumerate(record[1:], start=1)]
+                    pending.appendleft(item)
+                pending.extendleft(reversed([(start + k, t) for k, t in enumerate(record[1:], 1)]))
                 reason = (
                     "at the end of the file" if item is None else f"within {MAX_ROW_BYTES} bytes"
                 )
