@@ -591,3 +591,75 @@ def test_more_embedded_addresses_are_unwrapped(address, metadata):
         with pytest.raises(FetchError) as info:
             fetcher.get(f"http://[{address}]/latest/meta-data/")
         assert info.value.reason == "metadata-address"
+
+
+def _export_with_embedder(root, embedder_spec: dict, dim: int) -> str:
+    """A kNN model exported the way tune exports it, on a dataset made with `embedder_spec`."""
+    from test_tune import write_dataset
+
+    from hashtag import models, tune
+    from hashtag.report import ResultRow
+
+    data = str(root / "data")
+    dataset = write_dataset(data, posts=120, dim=dim, tags=6, embedder=embedder_spec)
+    X, Y = dataset.part("train")
+    knn = models.create("knn", models.ModelConfig()).fit(X, Y, *dataset.part("val"))
+    config = tune.TuneConfig(data=data, out=str(root / "tune"))
+    return tune.export_model(config, dataset, knn, ResultRow(model="knn"))
+
+
+def test_a_model_folder_cannot_make_recommend_read_or_fetch_a_location(tmp_path, raw_server):
+    from hashtag import artifacts, recommend
+    from hashtag.errors import ArtifactError
+
+    requests = []
+    url = raw_server(lambda conn, stop: requests.append(1))
+    model = _export_with_embedder(tmp_path, {"name": "classic", "version": 1}, dim=340)
+    manifest_path = os.path.join(model, artifacts.MANIFEST)
+    original = json.loads(open(manifest_path).read())
+    huge = tmp_path / "huge.tflite"
+    with open(huge, "wb") as f:
+        f.truncate(3 * 10**9)  # sparse: reading it whole would take 3 GB
+    for spec in (f"tflite:{url}/m.tflite", f"tflite:{huge}", "tflite:s3://elsewhere/m.tflite",
+                 "tflite:../huge.tflite"):  # fmt: skip
+        manifest = json.loads(json.dumps(original))
+        manifest["extra"]["embedder"] = {"name": spec, "sha256": "0" * 64}
+        open(manifest_path, "w").write(json.dumps(manifest))
+        exported = recommend.ExportedModel(model)
+        base_mb = _reset_peak_rss_mb()
+        with pytest.raises(ArtifactError, match=f"{model}.*outside the folder.*re-export"):
+            exported.embedder  # noqa: B018
+        assert _status_mb("VmHWM") - base_mb < 50
+    time.sleep(0.3)
+    assert requests == [], "no request was sent to the location a model folder named"
+
+
+def test_an_export_carries_its_tflite_weights(tmp_path, shared_dir):
+    """The export copies the .tflite into the model folder (sha256 in its manifest); the
+    original can go away, recommend still embeds; a changed copy is refused."""
+    import shutil
+
+    from hashtag import artifacts, embedders, recommend
+    from hashtag.errors import ArtifactError
+
+    source = shared_dir / "models" / "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
+    if not source.is_file():
+        pytest.skip("the TFLite models are not in ../shared/models")
+    weights = tmp_path / "mine.tflite"
+    shutil.copyfile(source, weights)
+    embedder = embedders.create(f"tflite:{weights}", num_threads=1)
+    model = _export_with_embedder(tmp_path, embedder.spec.to_json(), dim=embedder.dim)
+    weights.unlink()  # the model no longer depends on the file it was made with
+    exported = recommend.ExportedModel(model)
+    (name,) = exported.metadata["embedder_files"].values()
+    folder = os.path.join(model, recommend.EMBEDDER_WEIGHTS)
+    listed = artifacts.read(folder, embedders.WEIGHTS_FORMAT, (1,), what="w", fix="")
+    assert listed.files[name]["sha256"] == embedder.spec.get("sha256")
+    image = np.random.default_rng(0).integers(0, 255, (240, 240, 3), np.uint8)
+    vector = exported.embedder.embed([image])
+    np.testing.assert_allclose(vector, embedder.embed([image]), atol=1e-5)
+    with open(os.path.join(folder, name), "r+b") as f:  # tampered copy
+        f.seek(100)
+        f.write(b"\xff")
+    with pytest.raises(ArtifactError, match="damaged"):
+        recommend.ExportedModel(model).embedder  # noqa: B018
