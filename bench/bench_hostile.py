@@ -7,7 +7,14 @@ drawn with OpenCV) and one row of each attack: a 16k x 16k deflate TIFF and PNG 
 bombs), a progressive JPEG whose last scan is repeated 2,000 times (CPU bomb), /dev/zero, a FIFO,
 an HTTP server answering `100 Continue` forever, one dribbling its headers a byte at a time, one
 dribbling its body, a JSON row nested 100,000 deep, a 100,000-character caption and a
-100,000-character id. Every server listens on 127.0.0.1 only.
+100,000-character id; and (issue 19) a TIFF with two ImageWidth tags, a float64 RGBA TIFF and a
+16-bit RGBA PNG of 7071 x 7071 (under the pixel cap, GBs decoded), a PNG of zTXt chunks that
+inflate to 1 GB, an image that is a symbolic link out of the folder, and a row of 95,000 distinct
+tags. Every server listens on 127.0.0.1 only.
+
+Then the readers of untrusted text, in this process (wall time and the growth of a reset peak
+RSS): a CSV whose unclosed quote precedes 5,000 good rows, a JSON-array manifest of `--array-mb`
+MB of `[],`, a `recommend --manifest` line of `--line-mb` MB through a pipe, 50,000 given tags.
 
 Prints the wall time, the peak resident memory of any process of the run (this driver, Ray's
 GCS, raylet and workers: VmHWM from /proc, sampled every 0.2 s), the skip reasons, and whether
@@ -79,6 +86,52 @@ def repeated_scan_jpeg(repeats: int = 2000) -> bytes:
     return data[:last] + data[last:-2] * repeats + b"\xff\xd9"
 
 
+def tiff(entries: list[tuple[int, int, int, int]], tail: bytes = b"") -> bytes:
+    """A little-endian TIFF of one IFD of (tag, type, count, value) entries, as given."""
+    ifd = len(entries).to_bytes(2, "little")
+    for tag, kind, count, value in entries:
+        ifd += tag.to_bytes(2, "little") + kind.to_bytes(2, "little")
+        ifd += count.to_bytes(4, "little") + value.to_bytes(4, "little")
+    return b"II*\x00" + (8).to_bytes(4, "little") + ifd + b"\0\0\0\0" + tail
+
+
+def tiff_two_widths() -> bytes:
+    """Two ImageWidth tags: a check keeping the last sees 64 px; libtiff decodes the first."""
+    strip = _deflate_zeros(200_000 * 3 * 64)
+    return tiff([(256, 4, 1, 200_000), (256, 4, 1, 64), (257, 4, 1, 31_000), (258, 3, 1, 8),
+                 (259, 3, 1, 8), (262, 3, 1, 2), (273, 4, 1, 122), (277, 3, 1, 3),
+                 (279, 4, 1, len(strip))], strip)  # fmt: skip
+
+
+def tiff_float64_rgba(side: int = 7071) -> bytes:
+    strip = _deflate_zeros(side * 64 * 32)
+    return tiff([(256, 4, 1, side), (257, 4, 1, side), (258, 3, 4, 134), (259, 3, 1, 8),
+                 (262, 3, 1, 2), (273, 4, 1, 142), (277, 3, 1, 4), (278, 4, 1, 64),
+                 (279, 4, 1, len(strip)), (339, 3, 1, 3)],
+                (64).to_bytes(2, "little") * 4 + strip)  # fmt: skip
+
+
+def _png(header: bytes, *chunks: tuple[bytes, bytes]) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body).to_bytes(4, "big")
+        return len(body).to_bytes(4, "big") + kind + body + crc
+
+    body = b"".join(chunk(kind, data) for kind, data in chunks)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + body + chunk(b"IEND", b"")
+
+
+def png_rgba16(side: int = 7071) -> bytes:
+    header = side.to_bytes(4, "big") * 2 + bytes([16, 6, 0, 0, 0])
+    return _png(header, (b"IDAT", _deflate_zeros(side * (side * 8 + 1))))
+
+
+def png_ztxt(chunks: int = 200) -> bytes:
+    header = (64).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    text = b"k\0\0" + zlib.compress(b"x" * 5_000_000, 9)
+    pixels = zlib.compress(b"\0" * 64 * (64 * 3 + 1))
+    return _png(header, *[(b"zTXt", text)] * chunks, (b"IDAT", pixels))
+
+
 def serve(behaviour, stop: threading.Event) -> str:
     """A TCP server on 127.0.0.1 running `behaviour(conn)` per connection until `stop`."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -146,7 +199,17 @@ def hostile_rows(folder: Path, stop: threading.Event) -> list[str]:
     (folder / "png-bomb.png").write_bytes(png_bomb())
     (folder / "scans.jpg").write_bytes(repeated_scan_jpeg())
     os.mkfifo(folder / "fifo.jpg")
+    (folder / "two-widths.tif").write_bytes(tiff_two_widths())
+    (folder / "float64.tif").write_bytes(tiff_float64_rgba())
+    (folder / "rgba16.png").write_bytes(png_rgba16())
+    (folder / "ztxt.png").write_bytes(png_ztxt())
+    (folder / "link.jpg").symlink_to("/etc/passwd")
     images = {
+        "tiff-two-widths": str(folder / "two-widths.tif"),
+        "tiff-float64-rgba": str(folder / "float64.tif"),
+        "png-rgba16": str(folder / "rgba16.png"),
+        "png-ztxt": str(folder / "ztxt.png"),
+        "symlink-out": str(folder / "link.jpg"),
         "tiff-bomb": str(folder / "tiff-bomb.tif"),
         "png-bomb": str(folder / "png-bomb.png"),
         "repeated-scans": str(folder / "scans.jpg"),
@@ -162,7 +225,88 @@ def hostile_rows(folder: Path, stop: threading.Event) -> list[str]:
     rows.append("[" * 100_000 + "]" * 100_000)  # nested JSON
     rows.append(json.dumps({"id": "huge-caption", "image": "/dev/null", "caption": "a." * 50_000}))
     rows.append(json.dumps({"id": "i" * 100_000, "image": "/dev/null", "tags": ["x"]}))
+    tags = [f"t{i}" for i in range(95_000)]  # one ~800 KB row; quadratic dedupe took ~45 s
+    rows.append(json.dumps({"id": "95k-tags", "image": "/dev/null", "tags": tags}))
     return rows
+
+
+# -- the readers of untrusted text, in this process ---------------------------------------------
+
+
+def _hwm_reset_mb() -> float:
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return _status_mb("VmRSS")
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def measured(name: str, work) -> None:
+    base = _hwm_reset_mb()
+    start = time.perf_counter()
+    outcome = work()
+    wall = time.perf_counter() - start
+    print(f"  {name:<34} {outcome:<44} {wall:6.2f} s  +{_status_mb('VmHWM') - base:6.1f} MB")
+
+
+def readers(folder: Path, array_mb: int, line_mb: int) -> None:
+    from hashtag import recommend, sources
+
+    print("readers (this process): attack, outcome, wall time, growth of the peak RSS")
+    csv_path = folder / "posts.csv"
+    good = "\n".join(f"p{i},/img/{i}.jpg,food|t{i}" for i in range(5000))
+    csv_path.write_text('id,image,tags\nbad,"/img/x.jpg,never closed\n' + good + "\n")
+
+    def csv_rows() -> str:
+        source = sources.open_source(str(csv_path))
+        kept = sum(1 for _ in source.posts())
+        return f"{kept}/5000 good rows kept, skipped {dict(source.skipped)}"
+
+    measured("CSV quote never closed", csv_rows)
+
+    array_path = folder / "array.json"
+    with open(array_path, "w") as f:
+        f.write("[")
+        f.write("[]," * (array_mb * 2**20 // 3))
+        f.write('{"id": "last", "image": "/x.jpg"}]')
+
+    def array_rows() -> str:
+        source = sources.open_source(str(array_path))
+        kept = [p.id for p in source.posts()]
+        return f"kept {kept}, {source.skipped['bad-row']} bad rows"
+
+    measured(f"JSON array, {array_mb} MB of `[],`", array_rows)
+
+    def long_line() -> str:
+        read, write = os.pipe()
+
+        def writer() -> None:
+            with os.fdopen(write, "wb") as pipe:
+                pipe.write(b'{"image": "')
+                block = b"A" * (1 << 20)
+                for _ in range(line_mb):
+                    pipe.write(block)
+                pipe.write(b'"}\n{"id": "after", "tags": ["x"]}\n')
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        with os.fdopen(read, "rb") as pipe:
+            queries = list(recommend._queries(pipe, "."))
+        thread.join()
+        shown = max(len(repr(q)) for q in queries)
+        return f"{queries[0].error[:28]}; next ok: {queries[1].id}; {shown} chars out"
+
+    measured(f"recommend --manifest {line_mb} MB line", long_line)
+
+    given = ",".join(f"g{i}" for i in range(50_000))
+    measured(
+        "recommend --tags 50,000 tags",
+        lambda: f"{len(recommend.parse_tag_list(given))} tags (quadratic: ~13 s)",
+    )
 
 
 # -- memory of every process of the run ---------------------------------------------------------
@@ -213,6 +357,8 @@ def main() -> None:
     parser.add_argument("--good", type=int, default=24)
     parser.add_argument("--fetch-deadline-s", type=float, default=10.0)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--array-mb", type=int, default=10)
+    parser.add_argument("--line-mb", type=int, default=1536)
     args = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="hashtag-hostile-"))
@@ -251,6 +397,7 @@ def main() -> None:
         print("skipped:", json.dumps(summary["skipped"], sort_keys=True))
         print(f"good photos embedded: {args.good - len(missing)}/{args.good}"
               + (f" (missing: {missing})" if missing else ""))  # fmt: skip
+        readers(folder, args.array_mb, args.line_mb)
     finally:
         stop.set()
         shutil.rmtree(folder, ignore_errors=True)

@@ -103,6 +103,11 @@ class Artifact:
     def __init__(self, uri: str, manifest: dict[str, Any], fix: str):
         self.uri, self.manifest, self.fix = uri, manifest, fix
 
+    @property
+    def _within(self) -> str | None:
+        """Local folders: no data file is read through a link leading out of the folder."""
+        return None if storage.is_remote(self.uri) else storage.filesystem(self.uri)[1]
+
     def error(self, problem: str) -> ArtifactError:
         """An ArtifactError naming this folder and the fix."""
         return ArtifactError(f"{self.uri}: {problem}" + (f"; {self.fix}" if self.fix else ""))
@@ -131,7 +136,7 @@ class Artifact:
         expected = self.files[name]
         limit = expected["bytes"] if expected["bytes"] is not None else None
         try:
-            data = storage.read_bytes(self.path(name), limit=limit)
+            data = storage.read_bytes(self.path(name), limit=limit, within=self._within)
         except (OSError, ValueError) as error:
             raise self.error(f"cannot read {name} ({error})") from None
         if expected["bytes"] is not None and len(data) != expected["bytes"]:
@@ -204,7 +209,11 @@ class Artifact:
             digest, size = hashlib.sha256(), 0
             try:
                 fs, path = storage.filesystem(self.path(name))
-                with fs.open(path, "rb") as f:
+                if self._within is None:
+                    f = fs.open(path, "rb")
+                else:
+                    f = open(storage.open_local(path, within=self._within), "rb")
+                with f:
                     while chunk := f.read(_HASH_CHUNK):
                         digest.update(chunk)
                         size += len(chunk)

@@ -171,8 +171,14 @@ class TFLiteConfig:
 
 def read_model_bytes(uri: str, what: str = "TFLite model") -> bytes:
     """The bytes at `uri`, with an error that says which file is missing and how to pass one."""
+    from hashtag.embedders import MAX_WEIGHTS_BYTES
+
     try:
-        return storage.read_bytes(uri)
+        return storage.read_bytes(uri, limit=MAX_WEIGHTS_BYTES)
+    except storage.TooLarge:
+        raise ValueError(
+            f"{what} {storage.redact(uri)!r} is over {MAX_WEIGHTS_BYTES} bytes: refused"
+        ) from None
     except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
         raise FileNotFoundError(
             f"{what} not found: {uri!r} ({type(err).__name__}). Pass an existing local path or "

@@ -34,7 +34,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from hashtag.errors import UserError
+from hashtag.errors import ArtifactError, UserError
 
 _FACTORIES: dict[str, Callable[..., Embedder]] = {}
 # Registry prefixes whose factories live in modules imported on first use.
@@ -209,6 +209,118 @@ def cached(spec: EmbedderSpec) -> Embedder:
     if spec.parts:
         return EnsembleEmbedder([cached(p) for p in spec.parts])
     return create_from_spec(spec)
+
+
+# --- where weights may come from when an artifact names them ----------------------------------
+
+# Weights shipped inside the package, by name (e.g. the default CNN's): name -> local path.
+# A spec read from an artifact may name these; every other location it names must be a copy
+# inside the artifact's own folder.
+PACKAGED_WEIGHTS: dict[str, str] = {}
+WEIGHTS_FORMAT = "hashtag-weights"
+MAX_WEIGHTS_BYTES = 1 << 30  # a TFLite or Keras weights file; larger is refused, not read
+
+
+def packaged_weights(name: str) -> str | None:
+    """The local path of the weights the package ships under `name`, else None."""
+    return PACKAGED_WEIGHTS.get(name)
+
+
+def weights_locations(spec: EmbedderSpec) -> list[str]:
+    """Every file location a spec loads weights from (a TFLite model, a Keras weights file),
+    leaving out package-shipped names and Keras' own "imagenet"."""
+    return [location for location, _ in _weights(spec)]
+
+
+def _weights(spec: EmbedderSpec) -> list[tuple[str, str | None]]:
+    """(location, expected sha256 or None) of every weights file of `spec`."""
+    spec = EmbedderSpec.from_json(spec)
+    if spec.parts:
+        return [found for part in spec.parts for found in _weights(part)]
+    if spec.kind == "tflite":
+        location = spec.arg.partition("#")[0]
+    elif spec.kind == "keras":
+        location = spec.get("weights")
+    else:
+        return []
+    if not location or location == "imagenet" or packaged_weights(str(location)):
+        return []
+    sha = spec.get("sha256")
+    return [(str(location), sha if isinstance(sha, str) else None)]
+
+
+def export_weights(spec: EmbedderSpec, folder: str) -> dict[str, str]:
+    """Copy every weights file `spec` loads into `folder` (an artifact of format
+    WEIGHTS_FORMAT: each file listed with its sha256) and return {location: file name}, what
+    `confined` needs to load the spec from that folder. The locations come from a dataset's
+    manifest: they are fetched like a post's image (hashtag.fetch: no private addresses, no
+    symbolic links, regular files only, at most MAX_WEIGHTS_BYTES), and a TFLite file must
+    have the sha256 its spec recorded (the model the embeddings were made with)."""
+    import hashlib
+    import posixpath
+    import re
+
+    from hashtag import artifacts, storage
+    from hashtag.fetch import FetchConfig, Fetcher, FetchError
+
+    found = dict(_weights(spec))
+    if not found:
+        return {}
+    fetcher = Fetcher(FetchConfig(max_bytes=MAX_WEIGHTS_BYTES, retries=1))
+    copies, files = {}, {}
+    for number, (location, sha) in enumerate(found.items()):
+        try:
+            data = fetcher.get(location)
+        except FetchError as error:
+            raise UserError(
+                f"cannot copy the embedder's weights {storage.redact(location)} into {folder}: "
+                f"{error}"
+            ) from None
+        if sha and hashlib.sha256(data).hexdigest() != sha:
+            raise UserError(
+                f"{storage.redact(location)} is not the file the embeddings were made with "
+                f"(sha256 differs from the spec's {sha}): restore it or re-embed"
+            )
+        base = re.sub(r"[^A-Za-z0-9._-]", "_", posixpath.basename(location.split("?")[0]))
+        name = f"{number}-{base or 'weights'}"[:200]
+        files[name] = artifacts.write_file(folder, name, data)
+        copies[location] = name
+    artifacts.write_manifest(folder, WEIGHTS_FORMAT, 1, files)
+    return copies
+
+
+def confined(spec: EmbedderSpec, folder: str, copies: dict[str, str]) -> EmbedderSpec:
+    """`spec` as read from the artifact at `folder`, with every weights location replaced by
+    its copy inside the folder (`copies`: location -> file name, listed in the folder's
+    manifest); a location without a copy (an absolute path, s3:// or http(s):// URI) is refused
+    with an ArtifactError naming the folder: loading a model never reads or fetches a location
+    its folder chose."""
+    spec = EmbedderSpec.from_json(spec)
+    if spec.parts:
+        return EmbedderSpec(ENSEMBLE, parts=tuple(confined(p, folder, copies) for p in spec.parts))
+    locations = weights_locations(spec)
+    if not locations:
+        return spec
+    (location,) = locations
+    name = copies.get(location) if isinstance(copies, dict) else None
+    if not isinstance(name, str):
+        raise ArtifactError(
+            f"{folder}: its embedder {spec.name[:200]!r} loads weights from "
+            f"{location[:200]!r}, outside the folder; refused (a model folder must carry its "
+            "embedder's weights): re-export the model with `hashtag tune`, which copies them in"
+        )
+    inside = _join(folder, name)
+    if spec.kind == "tflite":
+        return EmbedderSpec("tflite", inside, spec.options)
+    options = dict(spec.options)
+    options["weights"] = inside
+    return EmbedderSpec(spec.kind, spec.arg, tuple(options.items()))
+
+
+def _join(folder: str, name: str) -> str:
+    from hashtag import artifacts, storage
+
+    return storage.join(folder, artifacts.check_name(folder, name))
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -136,11 +136,13 @@ class Fetcher:
                     "bad-location",
                 )
         except FetchError as error:
-            userinfo = urlsplit(location).netloc.rpartition("@")[0] if scheme else ""
-            if not userinfo:
+            # The message is logged and may be stored: never with a URL's user:password or
+            # its query-string tokens (the location's, or a redirect's).
+            message = str(error).replace(location, storage.redact(location))
+            redacted = storage.redact_text(message)
+            if redacted == str(error):
                 raise
-            # The message is logged and may be stored: never with the URL's user:password.
-            raise FetchError(str(error).replace(userinfo + "@", ""), error.reason) from None
+            raise FetchError(redacted, error.reason) from None
         with self._lock:
             self.bytes_read += len(data)
         return data
@@ -149,11 +151,15 @@ class Fetcher:
 
     def _get_storage(self, uri: str) -> bytes:
         try:
-            data = storage.read_bytes(uri, limit=self.config.max_bytes)
+            # Never through a symbolic link: a post's file is the file itself (a link in an
+            # instaloader folder must not make us read /etc/passwd or ~/.aws/credentials).
+            data = storage.read_bytes(uri, limit=self.config.max_bytes, follow_links=False)
         except storage.TooLarge as e:
             raise FetchError(f"{uri} is over max_bytes={self.config.max_bytes}", "too-large") from e
         except storage.NotRegularFile as e:
             raise FetchError(f"{uri} is not a regular file (device, FIFO)", "not-a-file") from e
+        except storage.LinkRefused as e:
+            raise FetchError(f"{e}", "symlink") from e
         except FileNotFoundError as e:
             raise FetchError(f"{uri} does not exist", "not-found") from e
         except IsADirectoryError as e:
@@ -306,6 +312,9 @@ _METADATA_NETWORKS = (
     ipaddress.ip_network("fd00:ec2::254/128"),
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# RFC 8215's local-use NAT64 prefix: a site picks any length inside it, so the IPv4 address may
+# sit in the last 32 bits (a /96) or in RFC 6052's /48 layout (bits 48-63 and 72-87).
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
 
 
 def _unwrapped(address: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -322,6 +331,12 @@ def _unwrapped(address: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Addre
             found.extend(ip.teredo)
         if ip in _NAT64:
             found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip in _LOCAL_NAT64:
+            packed = ip.packed
+            found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+            found.append(ipaddress.IPv4Address(packed[6:8] + packed[9:11]))
+        if int(ip) >> 32 == 0 and int(ip) > 1:  # IPv4-compatible (deprecated): ::a.b.c.d
+            found.append(ipaddress.IPv4Address(int(ip)))
     return found
 
 
@@ -346,6 +361,7 @@ def is_public_address(address: str) -> bool:
             or ip.is_multicast
             or ip.is_reserved
             or ip.is_unspecified
+            or getattr(ip, "is_site_local", False)  # fec0::/10: deprecated, still internal
         )
         for ip in _unwrapped(address)
     )

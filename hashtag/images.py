@@ -30,6 +30,7 @@ Reasons: "empty", "unsupported-format", "truncated", "corrupt", "too-many-pixels
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import cv2
@@ -37,8 +38,17 @@ import numpy as np
 
 MIN_IMAGE_SIDE = 8
 MAX_JPEG_SCANS = 100
-# TIFF tags read: ImageWidth, ImageLength, SamplesPerPixel, TileWidth, TileLength.
-_TIFF_TAGS = (256, 257, 277, 322, 323)
+# Bytes of decoded pixels per allowed pixel when the caller gives no max_decoded_bytes: an RGBA
+# image of 8 bits at max_pixels, i.e. the pixel cap as it always meant; 16-bit or float images
+# must be that many times smaller.
+DECODED_BYTES_PER_PIXEL = 4
+# PNG ancillary chunks (text, ICC, EXIF...): libpng reads and inflates them all before the first
+# row; real files carry kilobytes. More is refused from the chunk headers, before decoding.
+MAX_PNG_METADATA_BYTES = 1 << 20
+_BAND_PIXELS = 1 << 20  # conversions to RGB8 run on bands of rows of about this many pixels
+# TIFF tags read: ImageWidth, ImageLength, BitsPerSample, Photometric, SamplesPerPixel,
+# TileWidth, TileLength, SampleFormat.
+_TIFF_TAGS = (256, 257, 258, 262, 277, 322, 323, 339)
 # OpenCV >= 4.10 decodes straight to RGB with this flag (None before).
 _COLOR_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 _REDUCED_FLAGS = {
@@ -70,6 +80,9 @@ class _Header:
     # IMREAD_COLOR would drop the alpha onto black and truncate 16 bits.
     needs_unchanged: bool = False
     scan_offset: int = 0  # JPEG: where the first scan starts
+    # What the decoder will return per pixel, at most: channels x bytes per sample.
+    channels: int = 4
+    sample_bytes: int = 1
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
@@ -90,10 +103,13 @@ def decode(
     max_pixels: int = 50_000_000,
     min_side: int | None = None,
     min_image_side: int = MIN_IMAGE_SIDE,
+    max_decoded_bytes: int | None = None,
 ) -> np.ndarray:
     """Decode `data` into an RGB uint8 (H, W, 3) array, or raise ImageError with a reason.
 
     max_pixels:     refuse images with more pixels than this (checked on the header).
+    max_decoded_bytes: refuse images whose decoded buffer (pixels x channels x bytes per sample,
+                    from the header) is larger ("too-many-pixels"); None: 4 x max_pixels.
     min_side:       the shorter side the caller needs; larger JPEGs are decoded at reduced scale,
                     never below it. None: full size.
     min_image_side: refuse images whose shorter side is below this ("too-small").
@@ -108,6 +124,10 @@ def decode(
             "unsupported-format",
         )
     _check_size(header.width, header.height, max_pixels, min_image_side)
+    _check_decoded_bytes(
+        header,
+        DECODED_BYTES_PER_PIXEL * max_pixels if max_decoded_bytes is None else max_decoded_bytes,
+    )
     if header.kind == "jpeg":
         _check_jpeg_complete(data, header)
         scans = data.count(b"\xff\xda", header.scan_offset)  # FF is stuffed inside scans
@@ -148,6 +168,16 @@ def _check_size(width: int, height: int, max_pixels: int, min_image_side: int) -
         )
 
 
+def _check_decoded_bytes(header: _Header, limit: int) -> None:
+    decoded = header.width * header.height * header.channels * header.sample_bytes
+    if decoded > limit:
+        raise ImageError(
+            f"{header.width}x{header.height} with {header.channels} channels of "
+            f"{header.sample_bytes} byte(s) decodes to {decoded} bytes, over {limit}",
+            "too-many-pixels",
+        )
+
+
 def _reduction(header: _Header, min_side: int) -> int:
     """The largest of 8, 4, 2 that keeps the shorter side >= min_side (1: decode in full)."""
     shorter = min(header.width, header.height)
@@ -158,23 +188,37 @@ def _reduction(header: _Header, min_side: int) -> int:
 
 
 def _to_rgb8(image: np.ndarray) -> np.ndarray:
-    """BGR, BGRA or grayscale of any depth OpenCV returns -> RGB uint8."""
-    if image.dtype == np.uint16:
-        image = cv2.convertScaleAbs(image, alpha=1 / 257)
-    elif image.dtype in (np.float32, np.float64):
-        image = (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
-    elif image.dtype != np.uint8:
+    """BGR, BGRA or grayscale of any depth OpenCV returns -> RGB uint8, a band of rows at a
+    time into one output array: the only full-size allocation besides the decoded image is the
+    RGB8 result (a 16-bit or float RGBA image is never copied whole, in any type)."""
+    if image.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
         raise ImageError(f"unsupported pixel type {image.dtype}", "unsupported")
     channels = 1 if image.ndim == 2 else image.shape[2]
+    if channels not in (1, 3, 4):
+        raise ImageError(f"unsupported channel count {channels}", "unsupported")
+    if image.dtype == np.uint8 and channels == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)  # in place
+    height, width = image.shape[:2]
+    out = np.empty((height, width, 3), np.uint8)
+    step = max(1, _BAND_PIXELS // max(width, 1))
+    for top in range(0, height, step):
+        out[top : top + step] = _band_to_rgb8(image[top : top + step], channels)
+    return out
+
+
+def _band_to_rgb8(band: np.ndarray, channels: int) -> np.ndarray:
+    if band.dtype == np.uint16:
+        band = cv2.convertScaleAbs(band, alpha=1 / 257)
+    elif band.dtype != np.uint8:  # float: 0..1
+        band = (np.clip(band, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
     if channels == 1:
-        return cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2RGB)
+        return cv2.cvtColor(band.reshape(band.shape[:2]), cv2.COLOR_GRAY2RGB)
     if channels == 3:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    if channels == 4:  # composite on white: out = rgb * a + 255 * (1 - a), in integers
-        alpha = image[..., 3:4].astype(np.uint16)
-        rgb = image[..., 2::-1].astype(np.uint16)
-        return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
-    raise ImageError(f"unsupported channel count {channels}", "unsupported")
+        return cv2.cvtColor(band, cv2.COLOR_BGR2RGB)
+    # composite on white: out = rgb * a + 255 * (1 - a), in integers
+    alpha = band[..., 3:4].astype(np.uint16)
+    rgb = band[..., 2::-1].astype(np.uint16)
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
 # headers ----------------------------------------------------------------------------------------
@@ -223,7 +267,7 @@ def _jpeg_header(data: bytes) -> _Header:
         if marker == 0xDA:
             if size is None:
                 raise ImageError("broken JPEG: scan before frame header", "corrupt")
-            return _Header("jpeg", *size, scan_offset=i)
+            return _Header("jpeg", *size, scan_offset=i, channels=3)
         if marker in _JPEG_SOF:
             _need(data, i + 9)
             size = (_be(data, i + 7, 2), _be(data, i + 5, 2))  # stored as height, width
@@ -248,19 +292,51 @@ def _png_header(data: bytes, complete: bool) -> _Header:
     width, height = _be(data, 16, 4), _be(data, 20, 4)
     bit_depth, color_type = data[24], data[25]
     has_transparency = False
-    i, n = 8, len(data)
+    i, n, metadata = 8, len(data), 0
     while complete:
         if i + 8 > n:
             raise ImageError("truncated PNG: chunks stop before IEND", "truncated")
         chunk = data[i + 4 : i + 8]
+        length = _be(data, i, 4)
         if chunk == b"IEND":
             break
         if chunk == b"tRNS":
             has_transparency = True
-        i += 12 + _be(data, i, 4)
+        elif chunk[:1].islower():  # ancillary: text, ICC profile, EXIF, ...
+            body = data[i + 8 : i + 8 + min(length, MAX_PNG_METADATA_BYTES + 1)]
+            metadata += _png_chunk_bytes(chunk, body, MAX_PNG_METADATA_BYTES + 1 - metadata)
+            if metadata > MAX_PNG_METADATA_BYTES:
+                raise ImageError(
+                    f"PNG with over {MAX_PNG_METADATA_BYTES} bytes of ancillary chunks "
+                    f"({chunk.decode('latin-1')!r} ...): libpng would inflate them all first",
+                    "too-much-metadata",
+                )
+        i += 12 + length
     # color types 4 and 6 carry alpha
-    needs_unchanged = bit_depth == 16 or color_type in (4, 6) or has_transparency
-    return _Header("png", width, height, needs_unchanged)
+    alpha = color_type in (4, 6) or has_transparency
+    needs_unchanged = bit_depth == 16 or alpha
+    channels = 4 if alpha else 1 if color_type == 0 else 3
+    return _Header("png", width, height, needs_unchanged, channels=channels,
+                   sample_bytes=2 if bit_depth == 16 else 1)  # fmt: skip
+
+
+def _png_chunk_bytes(chunk: bytes, body: bytes, budget: int) -> int:
+    """What an ancillary chunk costs libpng: its bytes, inflated for the compressed kinds
+    (zTXt, iCCP, compressed iTXt: 5 KB of zlib can inflate to 5 MB), inflating at most
+    `budget` bytes of it here."""
+    try:
+        keyword_end = body.index(b"\0")
+        if chunk in (b"zTXt", b"iCCP"):
+            stream = body[keyword_end + 2 :]
+        elif chunk == b"iTXt" and body[keyword_end + 1] == 1:
+            rest = body[keyword_end + 3 :]
+            stream = rest[rest.index(b"\0") + 1 :]
+            stream = stream[stream.index(b"\0") + 1 :]
+        else:
+            return len(body)
+        return max(len(body), len(zlib.decompressobj().decompress(stream, max(budget, 1))))
+    except (ValueError, IndexError, zlib.error):
+        return len(body)  # broken: libpng refuses it, at the cost of its bytes
 
 
 def _bmp_header(data: bytes) -> _Header:
@@ -288,7 +364,10 @@ def _webp_header(data: bytes) -> _Header:
 
 
 def _tiff_header(data: bytes) -> _Header | None:
-    """ImageWidth (256) and ImageLength (257) of the first IFD; None (unsupported) without them."""
+    """The first IFD, read as libtiff reads it: the size, samples and bits per sample the
+    decoder will use. A tag given twice, or a size tag holding more than one value, is refused:
+    libtiff and a header check could each take a different one (two ImageWidth tags: an 18 KB
+    file decoded at 6 GB). None (unsupported) without ImageWidth and ImageLength."""
     order = "little" if data[:2] == b"II" else "big"
 
     def number(offset: int, size: int) -> int:
@@ -297,23 +376,40 @@ def _tiff_header(data: bytes) -> _Header | None:
 
     ifd = number(4, 4)
     count = number(ifd, 2)
-    values = {}
+    values: dict[int, list[int]] = {}
+    seen: set[int] = set()
     for k in range(min(count, 4096)):  # a real IFD has a few dozen entries
         entry = ifd + 2 + 12 * k
-        tag, kind = number(entry, 2), number(entry + 2, 2)
-        if tag in _TIFF_TAGS and kind in (3, 4):  # SHORT or LONG, stored in the entry
-            values[tag] = number(entry + 8, 2 if kind == 3 else 4)
+        tag, kind, n = number(entry, 2), number(entry + 2, 2), number(entry + 4, 4)
+        if tag in seen:
+            raise ImageError(f"TIFF whose first IFD repeats tag {tag}", "corrupt")
+        seen.add(tag)
+        if tag not in _TIFF_TAGS:
+            continue
+        if kind not in (3, 4) or n < 1 or (tag in (256, 257, 322, 323) and n != 1):
+            raise ImageError(f"TIFF tag {tag} of type {kind} with {n} values", "corrupt")
+        size = 2 if kind == 3 else 4
+        at = entry + 8 if n * size <= 4 else number(entry + 8, 4)
+        values[tag] = [number(at + size * j, size) for j in range(min(n, 8))]
     if 256 not in values or 257 not in values:
         return None
-    width, height = values[256], values[257]
+    width, height = values[256][0], values[257][0]
+    samples = values.get(277, [1])[0]
     # libtiff allocates a whole tile, and a buffer per sample: bound them like the image.
-    tile = values.get(322, 1) * values.get(323, 1)
-    if values.get(277, 1) > 4 or tile > max(width * height, 1 << 16):
+    tile = values.get(322, [1])[0] * values.get(323, [1])[0]
+    if samples > 4 or tile > max(width * height, 1 << 16):
         raise ImageError(
-            f"TIFF with {values.get(277, 1)} samples per pixel or {tile}-pixel tiles",
-            "too-many-pixels",
+            f"TIFF with {samples} samples per pixel or {tile}-pixel tiles", "too-many-pixels"
         )
-    return _Header("tiff", width, height, needs_unchanged=True)
+    bits = max(values.get(258, [1]))
+    if bits > 64:
+        raise ImageError(f"TIFF with {bits} bits per sample", "corrupt")
+    palette = values.get(262, [1])[0] == 3
+    channels = 1 if samples == 1 and not palette else 4 if samples in (2, 4) else 3
+    return _Header(
+        "tiff", width, height, needs_unchanged=True, channels=channels,
+        sample_bytes=max(1, (bits + 7) // 8),
+    )  # fmt: skip
 
 
 def _need(data: bytes, n: int) -> None:

@@ -61,7 +61,14 @@ from hashtag.dataset import (
 from hashtag.embedders import EmbedderSpec
 from hashtag.errors import ArtifactError, UserError
 from hashtag.results import StageResult
-from hashtag.shards import ShardError, finished_shards, read_embeddings, read_rows, verify
+from hashtag.shards import (
+    ShardError,
+    finished_shards,
+    read_embeddings,
+    read_rows,
+    shard_uri,
+    verify,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +200,23 @@ WORK = ".merge-work"
 _DONE = "done.json"  # each task output's own manifest, written last
 
 
+def _check_finite(root: str, index: int, manifest: dict[str, Any], block: int = 65536) -> None:
+    """ShardError naming the shard when its embeddings hold NaN or Infinity (a model trained on
+    them fails later without saying where they came from); read a block of rows at a time."""
+    if not manifest.get("dim"):
+        return
+    embeddings = read_embeddings(root, index, manifest, mmap=True)
+    for start in range(0, len(embeddings), block):
+        finite = np.isfinite(embeddings[start : start + block]).all(axis=1)
+        if not finite.all():
+            row = start + int(np.argmin(finite))
+            raise ShardError(
+                f"shard {index}: embeddings.npy row {row} holds NaN or Infinity; rebuild the "
+                f"shard (delete {shard_uri(root, index)} and rerun "
+                "the scrape)"
+            )
+
+
 def _order_keys(index: int, n: int) -> np.ndarray:
     """(shard index << 32) | row: sorting these is the (shard, row) order of a single pass."""
     return (np.uint64(index) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
@@ -234,6 +258,7 @@ def keys_task(
             continue
         try:
             rows = read_rows(shards_root, index, manifests[index])
+            _check_finite(shards_root, index, manifests[index])
         except ShardError as error:
             bad[str(index)] = str(error)
             continue
@@ -381,7 +406,7 @@ def write_task(
                 rows = read_rows(config.shards, index, manifests[index])
                 embeddings = read_embeddings(config.shards, index, manifests[index], mmap=True)
             except ShardError as error:  # changed since step 1: ids would shift, so stop here
-                raise RuntimeError(f"shard {index} changed during the merge: {error}") from error
+                raise ShardError(f"shard {index} changed during the merge: {error}") from None
             kept = (kept_order[lo:hi] & np.uint64(0xFFFFFFFF)).astype(np.int64)
             kept_rows = [rows[i] for i in kept.tolist()]
             ids = [str(row["id"]) for row in kept_rows]

@@ -39,7 +39,11 @@ from hashtag.embedders import LABEL_ONLY, EmbedderSpec
 from hashtag.errors import ArtifactError, UserError
 
 COOCCURRENCE = "cooccurrence"
+EMBEDDER_WEIGHTS = "embedder"  # tune.EMBEDDER_WEIGHTS: the folder's copy of the weights
 BATCH = 64  # posts embedded and scored together in --manifest mode
+MAX_LINE_BYTES = 1 << 20  # one --manifest line (sources.MAX_ROW_BYTES): longer is an error line
+MAX_ECHO_CHARS = 256  # an id or image echoed back in a result is cut to this
+MAX_BLOCKLIST_BYTES = 16 << 20
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -144,8 +148,28 @@ class ExportedModel:
         from hashtag import embedders
 
         if self._embedder is None:
-            self._embedder = embedders.create_from_spec(self.embedder_spec)
+            self._embedder = embedders.create_from_spec(self.runnable_spec())
         return self._embedder
+
+    def runnable_spec(self) -> EmbedderSpec:
+        """The embedder spec with its weights read from this folder's own copy (tune's export
+        puts them in `embedder/`, listed with sha256) or shipped with the package; a spec that
+        points anywhere else (a path, s3://, http://) is refused, naming the folder."""
+        from hashtag import artifacts, embedders
+
+        folder = storage.join(self.uri, EMBEDDER_WEIGHTS)
+        copies = self.metadata.get("embedder_files") or {}
+        if not isinstance(copies, dict):
+            raise ArtifactError(f"{self.uri}: its embedder_files is not a mapping; re-export it")
+        if copies:
+            weights = artifacts.read(
+                folder, embedders.WEIGHTS_FORMAT, (1,), what="embedder weights",
+                fix="re-export the model with `hashtag tune`",
+            )  # fmt: skip
+            for name in copies.values():
+                weights.path(name)  # listed in the manifest, else ArtifactError
+            weights.verify([n for n in copies.values() if isinstance(n, str)])
+        return embedders.confined(self.embedder_spec, folder, copies)
 
     @property
     def cooccurrence(self):
@@ -178,12 +202,12 @@ class ExportedModel:
 
 def parse_tag_list(text: str) -> list[str]:
     """ "#Pizza, dinner" -> ["pizza", "dinner"] (normalised, deduplicated, in order)."""
-    out: list[str] = []
+    out: dict[str, None] = {}  # ordered, O(1) per lookup: 50k given tags stay linear
     for part in text.split(","):
         tag = tags.normalize(part.strip().lstrip("#"))
-        if tag and tag not in out:
-            out.append(tag)
-    return out
+        if tag:
+            out[tag] = None
+    return list(out)
 
 
 def read_blocklist(exclude: str) -> list[str]:
@@ -197,7 +221,13 @@ def read_blocklist(exclude: str) -> list[str]:
     if looks_like_file:
         if not storage.exists(exclude):
             raise UserError(f"--exclude file {exclude} does not exist")
-        lines = storage.read_text(exclude).splitlines()
+        try:
+            data = storage.read_bytes(exclude, limit=MAX_BLOCKLIST_BYTES)
+        except storage.TooLarge:
+            raise UserError(
+                f"--exclude file {exclude} is over {MAX_BLOCKLIST_BYTES} bytes"
+            ) from None
+        lines = data.decode("utf-8", errors="replace").splitlines()
         return parse_tag_list(
             ",".join(line for line in lines if not line.lstrip().startswith("//"))
         )
@@ -310,8 +340,9 @@ def _recommend_batch(
 
 
 def read_manifest(uri: str) -> Iterator[Query]:
-    """The posts of a JSON Lines manifest (`-`: standard input), streamed line by line; a bad
-    line is a Query with its error."""
+    """The posts of a JSON Lines manifest (`-`: standard input), streamed line by line, each
+    line read with at most MAX_LINE_BYTES in memory; a bad line is a Query with its error
+    (which never quotes the line)."""
     if uri == "-":
         yield from _queries(sys.stdin.buffer, ".")
         return
@@ -323,8 +354,12 @@ def read_manifest(uri: str) -> Iterator[Query]:
         yield from _queries(f, base)
 
 
-def _queries(lines: Iterable[bytes], base: str) -> Iterator[Query]:
-    for number, line in enumerate(lines, start=1):
+def _queries(lines, base: str) -> Iterator[Query]:
+    for number, line in storage.bounded_lines(lines, MAX_LINE_BYTES):
+        if line is None:
+            error = f"bad line: over {MAX_LINE_BYTES} bytes"
+            yield Query(image=None, id=f"line {number}", error=error)
+            continue
         if not line.strip():
             continue
         try:
@@ -333,11 +368,16 @@ def _queries(lines: Iterable[bytes], base: str) -> Iterator[Query]:
                 raise ValueError(f"a JSON object per line, got {type(row).__name__}")
             yield _query(row, number, base)
         except (ValueError, RecursionError) as error:  # also UnicodeDecodeError, deep nesting
-            yield Query(image=None, id=f"line {number}", error=f"bad line: {error}")
+            message = str(error)[:MAX_ECHO_CHARS]
+            yield Query(image=None, id=f"line {number}", error=f"bad line: {message}")
 
 
 def _query(row: dict, number: int, base: str) -> Query:
     post_id = row.get("id", number)
+    if not isinstance(post_id, (str, int, float)) or isinstance(post_id, bool):
+        raise ValueError("`id` must be a string or a number")
+    if len(str(post_id)) > MAX_ECHO_CHARS:
+        raise ValueError(f"`id` is over {MAX_ECHO_CHARS} characters")
     image = row.get("image") or None
     given = row.get("tags") or []
     if not isinstance(image, (str, type(None))):

@@ -52,7 +52,8 @@ import lzma
 import os
 import posixpath
 import re
-from collections import Counter, defaultdict
+import stat
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,7 +73,9 @@ MAX_ROW_BYTES = 1 << 20
 MAX_ID_CHARS = 256
 LOGGED_PER_REASON = 3  # skips and warnings logged one by one per reason; the rest are counted
 MAX_METADATA_BYTES = 16 << 20
-MAX_JSON_ARRAY_BYTES = 256 << 20
+# A CSV cell may be as long as a row (Python's default limit, 128 KB, is a csv.Error that
+# used to leave the reader in the middle of the file).
+csv.field_size_limit(max(csv.field_size_limit(), MAX_ROW_BYTES))
 
 
 class _Skip(Exception):
@@ -218,71 +221,52 @@ class ManifestSource(Source):
             f = io.BufferedReader(raw)  # readline(limit) on every filesystem
             first = f.peek(1 << 12)[: 1 << 12].lstrip()
             if first.startswith(b"["):  # one JSON array rather than JSON Lines
-                data = f.read(MAX_JSON_ARRAY_BYTES + 1)
-                if len(data) > MAX_JSON_ARRAY_BYTES:
-                    raise ValueError(
-                        f"{self.uri} is one JSON array over {MAX_JSON_ARRAY_BYTES} bytes: "
-                        "write it as JSON Lines (one post per line) instead"
-                    )
-                try:
-                    rows = json.loads(data)
-                except (ValueError, RecursionError) as e:
-                    raise ValueError(f"{self.uri} is not valid JSON: {e}") from None
-                yield from enumerate(rows, start=1)
+                yield from _json_array_rows(f, self.uri)
                 return
-            number = 0
-            while line := f.readline(MAX_ROW_BYTES + 1):
-                number += 1
-                if len(line) > MAX_ROW_BYTES and not line.endswith(b"\n"):
-                    while (rest := f.readline(1 << 16)) and not rest.endswith(b"\n"):
-                        pass  # skip the rest of the line without holding it
-                    yield number, _Skip("bad-row", f"line {number} is over {MAX_ROW_BYTES} bytes")
-                    continue
-                if not line.strip():
-                    continue
-                try:  # sanitised here: a row too deep for json_safe is a bad row, not a crash
-                    yield number, storage.json_safe(json.loads(line))
-                except RecursionError:
-                    yield number, _Skip("bad-row", f"line {number} is nested too deeply")
-                except ValueError as e:  # also UnicodeDecodeError
-                    yield number, _Skip("bad-row", f"line {number} is not JSON: {e}")
+            for number, line in storage.bounded_lines(f, MAX_ROW_BYTES):
+                if line is None or line.strip():
+                    yield number, _json_row(line, f"line {number}")
 
     def _csv_rows(self) -> Iterator[tuple[int, Any]]:
+        """Rows as dicts. Records are cut from physical lines by the parity of their quotes
+        (RFC 4180: a quoted cell may hold newlines, and "" is an escaped quote), so a record
+        is complete when its quote count is even. One record holds at most MAX_ROW_BYTES: a
+        quote that is never closed (or closes a megabyte later) makes its FIRST line a bad
+        row, and parsing starts again on the line after it, so it swallows no later row."""
         fs, path = storage.filesystem(self.uri)
         delimiter = "\t" if self.uri.lower().endswith(".tsv") else ","
         with fs.open(path, "rb") as raw:
-            text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
-            lines = _RecordLines(text)
-            reader = csv.DictReader(lines, delimiter=delimiter)
+            header: list[str] | None = None
             number = 0
-            while True:
-                number += 1
-                lines.record.clear()
+            for start, record in _csv_records(io.BufferedReader(raw)):
+                if isinstance(record, _Skip):
+                    if header is not None:
+                        number += 1
+                        yield number, record
+                        continue
+                    raise ValueError(f"{self.uri}: the header line {record.detail}")
                 try:
-                    row = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as e:
-                    yield number, _Skip("bad-row", f"CSV row {number}: {e}")
+                    (cells,) = list(csv.reader(record, delimiter=delimiter))
+                except (csv.Error, ValueError) as e:
+                    if header is None:
+                        raise ValueError(f"{self.uri}: the header line is not CSV: {e}") from None
+                    number += 1
+                    yield number, _Skip("bad-row", f"CSV row {number} (line {start}): {e}")
                     continue
-                if len(lines.record) > 1 and _unterminated(lines.record, delimiter):
-                    first = lines.number - len(lines.record) + 1
-                    yield (
-                        number,
-                        _Skip(
-                            "bad-row",
-                            f"CSV row {number}: the quote opened on line {first} is never "
-                            f"closed (it swallowed lines {first}-{lines.number}); close it",
-                        ),
-                    )
+                if header is None:
+                    header = cells
                     continue
-                if None in row:
+                if not any(cells):
+                    continue  # a blank line, as csv.DictReader skips it
+                number += 1
+                if len(cells) > len(header):
                     yield (
                         number,
                         _Skip("bad-row", f"CSV row {number} has more cells than the header"),
                     )
                     continue
-                yield number, row
+                cells += [None] * (len(header) - len(cells))
+                yield number, dict(zip(header, cells, strict=True))
 
     def _post(self, post_id: str, row: dict) -> Post:
         image = row.get("image")
@@ -315,30 +299,137 @@ class ManifestSource(Source):
         return os.path.normpath(os.path.join(self.base, image))
 
 
-class _RecordLines:
-    """The lines of a text file, remembering those of the current CSV record."""
-
-    def __init__(self, text: io.TextIOBase):
-        self.text, self.record, self.number = text, [], 0
-
-    def __iter__(self) -> _RecordLines:
-        return self
-
-    def __next__(self) -> str:
-        line = next(self.text)
-        self.number += 1
-        self.record.append(line)
-        return line
+def _json_row(line: bytes, where: str) -> Any:
+    """One JSON row, sanitised (NaN -> None), or a _Skip saying why not (never the row)."""
+    if line is None:
+        return _Skip("bad-row", f"{where} is over {MAX_ROW_BYTES} bytes")
+    try:  # sanitised here: a row too deep for json_safe is a bad row, not a crash
+        return storage.json_safe(json.loads(line))
+    except RecursionError:
+        return _Skip("bad-row", f"{where} is nested too deeply")
+    except ValueError as e:  # also UnicodeDecodeError
+        return _Skip("bad-row", f"{where} is not JSON: {e}")
 
 
-def _unterminated(lines: list[str], delimiter: str) -> bool:
-    """True when a multi-line CSV record ends inside a quoted cell (at the end of the file)."""
-    try:
-        for _ in csv.reader(lines, delimiter=delimiter, strict=True):
-            pass
-    except csv.Error as e:
-        return "unexpected end of data" in str(e)
-    return False
+def _json_array_rows(f: io.BufferedReader, uri: str) -> Iterator[tuple[int, Any]]:
+    """The elements of one top-level JSON array, streamed: each element is decoded on its own
+    from a window of at most MAX_ROW_BYTES + one chunk, so memory is one element whatever the
+    file's size (a 100 MB array of `[],` holds one `[]` at a time)."""
+    decoder = json.JSONDecoder()
+    reader = io.TextIOWrapper(f, encoding="utf-8", errors="replace")
+    buffer, pos, eof, number = "", 0, False, 0
+    space = " \t\r\n"
+
+    def fill() -> bool:
+        """Append a chunk (dropping what was consumed); False at the end of the file."""
+        nonlocal buffer, pos, eof
+        if eof:
+            return False
+        more = reader.read(1 << 16)
+        eof = not more
+        buffer, pos = buffer[pos:] + more, 0
+        return bool(more)
+
+    def skip_space() -> str:
+        """The next significant character ('' at the end of the file)."""
+        nonlocal pos
+        while True:
+            while pos < len(buffer) and buffer[pos] in space:
+                pos += 1
+            if pos < len(buffer) or not fill():
+                return buffer[pos : pos + 1]
+
+    if skip_space() != "[":
+        raise ValueError(f"{uri} is not a JSON array")
+    pos += 1
+    while True:
+        mark = skip_space()
+        if not mark:
+            raise ValueError(f"{uri}: the JSON array is never closed (after element {number})")
+        if mark == "]":
+            return
+        if number:
+            if mark != ",":
+                raise ValueError(f"{uri}: expected ',' or ']' after element {number}")
+            pos += 1
+            skip_space()
+        while True:
+            try:
+                value, end = decoder.raw_decode(buffer, pos)
+                # A number may continue in the next chunk: decode it again with more data.
+                if end < len(buffer) or eof or not isinstance(value, (int, float)):
+                    break
+                fill()
+            except RecursionError:
+                raise ValueError(f"{uri}: element {number + 1} is nested too deeply") from None
+            except ValueError as e:
+                if len(buffer) - pos > MAX_ROW_BYTES:
+                    raise ValueError(
+                        f"{uri}: element {number + 1} of the JSON array is over {MAX_ROW_BYTES} "
+                        "bytes or broken; write the posts as JSON Lines (one per line) so that "
+                        "a bad one is skipped alone"
+                    ) from None
+                if not fill():
+                    raise ValueError(f"{uri} is not valid JSON: {e}") from None
+        number += 1
+        pos = end
+        try:
+            yield number, storage.json_safe(value)
+        except RecursionError:
+            yield number, _Skip("bad-row", f"element {number} is nested too deeply")
+
+
+def _csv_records(f: io.BufferedReader) -> Iterator[tuple[int, list[str] | _Skip]]:
+    """(first line number, the lines of one CSV record) of a binary file, decoded as UTF-8 (a
+    leading BOM dropped); a record over MAX_ROW_BYTES is a _Skip for its first line, and the
+    lines after that first one are read again as new records (resynchronised)."""
+    pending: deque[tuple[int, str | None]] = deque()  # read ahead, parsed again after a bad row
+    source = storage.bounded_lines(f, MAX_ROW_BYTES)
+    first_line = True
+
+    def next_line() -> tuple[int, str | None] | None:
+        nonlocal first_line
+        if pending:
+            return pending.popleft()
+        found = next(source, None)
+        if found is None:
+            return None
+        number, raw = found
+        if raw is None:
+            return number, None
+        if first_line and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        first_line = False
+        return number, raw.decode("utf-8", errors="replace")
+
+    while (item := next_line()) is not None:
+        start, line = item
+        if line is None:
+            yield start, _Skip("bad-row", f"line {start} is over {MAX_ROW_BYTES} bytes")
+            continue
+        record, size, quotes = [line], len(line), line.count('"')
+        while quotes % 2:
+            item = next_line()
+            if item is None or item[1] is None or size + len(item[1]) > MAX_ROW_BYTES:
+                if item is not None:
+                    pending.appendleft(item)
+                pending.extendleft(reversed([(start + k, t) for k, t in enumerate(record[1:], 1)]))
+                reason = (
+                    "at the end of the file" if item is None else f"within {MAX_ROW_BYTES} bytes"
+                )
+                yield (
+                    start,
+                    _Skip(
+                        "bad-row",
+                        f"the quote opened on line {start} is never closed ({reason}); close it",
+                    ),
+                )
+                break
+            record.append(item[1])
+            size += len(item[1])
+            quotes += item[1].count('"')
+        else:
+            yield start, record
 
 
 def _row_id(row: Any, number: int) -> str:
@@ -361,14 +452,14 @@ def _tag_field(value: Any) -> list[str]:
         items = value
     else:
         raise _Skip("bad-row", f"`tags` must be a list or a string, got {type(value).__name__}")
-    tags: list[str] = []
+    tags: dict[str, None] = {}  # ordered and O(1) per lookup: 95k distinct tags stay linear
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-            raise _Skip("bad-row", f"a tag must be a string, got {item!r}")
+            raise _Skip("bad-row", f"a tag must be a string, got {str(item)[:80]!r}")
         tag = normalize(str(item))
-        if tag and tag not in tags:
-            tags.append(tag)
-    return tags
+        if tag:
+            tags[tag] = None
+    return list(tags)
 
 
 # instaloader folders ----------------------------------------------------------------------------
@@ -389,13 +480,38 @@ class InstaloaderSource(Source):
     def __init__(self, uri: str):
         super().__init__(uri, name=_split(uri)[-1])
 
+    def _files(self) -> Iterator[str]:
+        """Every file's path relative to the folder. A local folder is walked without following
+        links: a symbolic link (to a file or a folder) and anything but a regular file is left
+        out and counted as a "symlink" / "not-a-file" warning, so nothing outside the folder is
+        ever listed (and the reads refuse links again: storage.open_local)."""
+        if storage.is_remote(self.uri):
+            fs, root = storage.filesystem(self.uri)
+            root = root.rstrip("/")
+            for path in fs.find(root):
+                yield str(path)[len(root) :].lstrip("/")
+            return
+        for folder, subfolders, names in os.walk(self.uri, followlinks=False):
+            relative_folder = os.path.relpath(folder, self.uri)
+            for name in sorted(subfolders + names):
+                relative = os.path.normpath(os.path.join(relative_folder, name))
+                mode = os.lstat(os.path.join(folder, name)).st_mode
+                if stat.S_ISLNK(mode):
+                    self._warn(relative, "symlink", "a symbolic link: not followed")
+                elif stat.S_ISREG(mode):
+                    yield relative.replace(os.sep, "/")
+                elif not stat.S_ISDIR(mode):
+                    self._warn(relative, "not-a-file", "a device, FIFO or socket: not read")
+
+    def _read(self, location: str, limit: int) -> bytes:
+        """A caption or metadata file: never through a link, never outside the folder."""
+        within = None if storage.is_remote(self.uri) else self.uri
+        return storage.read_bytes(location, limit=limit, follow_links=False, within=within)
+
     def _groups(self) -> dict[str, dict[str, Any]]:
         """relative stem -> {"media": {index: {ext: location}}, "txt": loc, "json": loc}."""
-        fs, root = storage.filesystem(self.uri)
-        root = root.rstrip("/")
         groups: dict[str, dict[str, Any]] = defaultdict(lambda: {"media": defaultdict(dict)})
-        for path in fs.find(root):
-            relative = str(path)[len(root) :].lstrip("/")
+        for relative in self._files():
             folder, name = posixpath.split(relative)
             match = _INSTALOADER_FILE.match(name)
             if not match:
@@ -433,7 +549,7 @@ class InstaloaderSource(Source):
         caption = _node_caption(node)
         if "txt" in group:
             try:
-                data = storage.read_bytes(group["txt"], limit=MAX_ROW_BYTES)
+                data = self._read(group["txt"], MAX_ROW_BYTES)
                 caption = data.decode("utf-8", errors="replace")
             except (OSError, storage.TooLarge) as e:
                 self._warn(stem, "bad-caption", f"{group['txt']}: {e}")
@@ -454,7 +570,7 @@ class InstaloaderSource(Source):
         if location is None:
             return {}
         try:
-            data = storage.read_bytes(location, limit=MAX_METADATA_BYTES)
+            data = self._read(location, MAX_METADATA_BYTES)
             if location.lower().endswith(".xz"):
                 data = _inflate_xz(data, MAX_METADATA_BYTES)
             document = json.loads(data)
@@ -562,10 +678,8 @@ class SeedSource(Source):
                 "bad-row",
                 f"hashtag vector has {vector.shape[0]} entries, hashtags.txt {len(self.vocabulary)}",
             )
-        tags: list[str] = []
-        for i in np.flatnonzero(vector):
-            if self.vocabulary[i] and self.vocabulary[i] not in tags:
-                tags.append(self.vocabulary[i])
+        tags = list(dict.fromkeys(self.vocabulary[i] for i in np.flatnonzero(vector)))
+        tags = [tag for tag in tags if tag]
         embedding = None
         if len(row) > 3 and row[3] is not None:
             embedding = tuple(float(x) for x in np.asarray(row[3], dtype=np.float64).ravel())

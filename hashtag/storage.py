@@ -12,6 +12,7 @@ manifest written last (see shards.py and dataset.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -69,12 +70,55 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(uri)
 
 
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@")
+# Query-string keys whose values are secrets (presigned URLs, API keys): redacted, not dropped,
+# so that a log still shows which parameter was there.
+_SECRET_KEY = re.compile(
+    r"^(x-amz-.*|x-goog-.*|token|.*_token|key|.*_key|apikey|api-key|sig|signature|secret|"
+    r"password|passwd|pwd|auth|authorization|credential|credentials)$",
+    re.IGNORECASE,
+)
 
 
 def redact(uri: str | None) -> str | None:
-    """`uri` without a `user:password@` part: what may be logged or stored."""
-    return _USERINFO.sub(r"\1", uri) if isinstance(uri, str) else uri
+    """`uri` without its `user:password@` part (everything up to the LAST `@` of the authority:
+    `user:p@ss@host` leaks nothing) and with the values of secret-looking query parameters
+    (token, key, sig, signature, X-Amz-*, access_token, password, ...) replaced by `REDACTED`:
+    what may be logged or stored."""
+    if not isinstance(uri, str) or "://" not in uri:
+        return uri
+    scheme, rest = uri.split("://", 1)
+    end = len(rest)
+    for mark in "/?#":
+        at = rest.find(mark)
+        if at >= 0:
+            end = min(end, at)
+    authority, tail = rest[:end], rest[end:]
+    authority = authority.rpartition("@")[2]
+    if "?" in tail:
+        path, _, query = tail.partition("?")
+        query, hash_mark, fragment = query.partition("#")
+        fields = []
+        for field in query.split("&"):
+            name, eq, value = field.partition("=")
+            if eq and value and _SECRET_KEY.match(name):
+                field = f"{name}=REDACTED"
+            fields.append(field)
+        tail = f"{path}?{'&'.join(fields)}{hash_mark}{fragment}"
+    return f"{scheme}://{authority}{tail}"
+
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_text(text: str) -> str:
+    """`text` (an error message) with every URL in it redacted."""
+
+    def one(match: re.Match) -> str:
+        url = match.group(0)
+        kept = url.rstrip(":,.;)")  # punctuation after a URL is the sentence's
+        return redact(kept) + url[len(kept) :]
+
+    return _URL_IN_TEXT.sub(one, text)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -117,16 +161,62 @@ class NotRegularFile(OSError):
     """A local path that is a device, FIFO, socket or folder: never read (it may never end)."""
 
 
-def read_bytes(uri: str, limit: int | None = None) -> bytes:
+class LinkRefused(OSError):
+    """A local path that is a symbolic link, or resolves outside the folder it must stay in."""
+
+
+def open_local(path: str, *, follow_links: bool = True, within: str | None = None) -> int:
+    """THE guarded open of a local file we did not write ourselves: a file descriptor of a
+    regular file, opened without blocking (a FIFO cannot hold us) and checked with fstat (a
+    device, FIFO or folder is NotRegularFile). `follow_links=False`: a symbolic link as the last
+    component is refused (O_NOFOLLOW: the check and the open are one system call, no race).
+    `within`: the file actually opened (its real path, read back from the descriptor) must lie
+    inside that folder, so no link anywhere on the path leads out of it (LinkRefused)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow_links:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as error:
+        if not follow_links and error.errno == errno.ELOOP:
+            raise LinkRefused(f"{path} is a symbolic link: links are not followed") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(f"{path} is not a regular file (device, FIFO or folder)")
+        if within is not None:
+            real = _real_path(fd, path)
+            root = os.path.realpath(within)
+            if os.path.commonpath([real, root]) != root:
+                raise LinkRefused(f"{path} leads outside {within} (to {real}): not read")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _real_path(fd: int, path: str) -> str:
+    """Where an open descriptor really points (Linux: /proc/self/fd; else realpath)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+def read_bytes(
+    uri: str,
+    limit: int | None = None,
+    *,
+    follow_links: bool = True,
+    within: str | None = None,
+) -> bytes:
     """The object's bytes; TooLarge when it has more than `limit` bytes (at most limit + 1 are
-    read). Local paths must be regular files: a FIFO or /dev/zero is refused without reading."""
+    read). Local paths go through `open_local` (regular files only, a FIFO or /dev/zero refused
+    without reading; `follow_links` and `within` as there)."""
     fs, path = filesystem(uri)
     if not is_remote(str(uri)):  # plain os.open: fsspec's local file object costs ~3x per photo
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = open_local(path, follow_links=follow_links, within=within)
         with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise NotRegularFile(f"{uri} is not a regular file (device, FIFO or folder)")
             return _read_capped(f, uri, limit)
     with fs.open(path, "rb") as f:
         data = _read_capped(f, uri, limit)
@@ -159,6 +249,22 @@ def iter_chunks(uri: str, chunk: int = 4 * 2**20) -> Iterator[bytes]:
         while data := f.read(chunk):
             _count_remote(uri, len(data))
             yield data
+
+
+def bounded_lines(f: Any, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line) of a binary file object, each line read with at most `limit` + 1
+    bytes in memory; a longer line is skipped to its end without being held, and given as None
+    (the caller reports "line N is over LIMIT bytes", never the line itself)."""
+    f = f if hasattr(f, "peek") else io.BufferedReader(f)
+    number = 0
+    while line := f.readline(limit + 1):
+        number += 1
+        if len(line) > limit and not line.endswith(b"\n"):
+            while (rest := f.readline(1 << 16)) and not rest.endswith(b"\n"):
+                pass
+            yield number, None
+            continue
+        yield number, line
 
 
 def _read_capped(f: Any, uri: str, limit: int | None) -> bytes:

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from hashtag import models, storage, tfimport
+from hashtag import embedders, models, storage, tfimport
 from hashtag.errors import UserError
 from hashtag.report import ResultRow, decision_markdown, trial_line, write_report
 from hashtag.results import StageResult
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 # The exported model's metadata (inside models' own manifest) says what wrote it.
 EXPORT_FORMAT = "hashtag-export"
 EXPORT_VERSION = 1
+EMBEDDER_WEIGHTS = "embedder"  # the model folder's copy of its embedder's weights
 REFERENCE_MODELS = ("popularity", "knn", "ridge", "kernel")
 REFIT_MODES = ("train+val", "all", "none")
 # Blends that compete beside the grid: "best" is the grid's best trial on validation. Kernel
@@ -710,6 +711,8 @@ def export_model(
 
     uri = storage.join(config.out, "model")
     storage.remove(uri)  # no file of an older export may survive beside the new one
+    # The folder carries its embedder's weights: loading it never reads a location it names.
+    weights = embedders.export_weights(dataset.embedder, storage.join(uri, EMBEDDER_WEIGHTS))
     count = (
         sum(data.count(name) for name in trained_on)
         if data is not None
@@ -721,6 +724,7 @@ def export_model(
         "model": recommender.name,
         "selected": row.label,
         "embedder": dataset.embedder,
+        "embedder_files": weights,
         "vocab": list(dataset.vocab),
         "decision": asdict(recommender.decision),
         "batch_size": row.batch_size,

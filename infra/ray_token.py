@@ -12,7 +12,8 @@ profile allows ssm:GetParameter on this one parameter only):
 
     python infra/ray_token.py fetch --parameter /hashtag/ray-auth-token --region us-east-1
 
-The folder is created 0700 and the file 0600. The token never goes through a file in the
+The folder is made 0700 before the token is written, the file is created 0600 under a new name
+(O_EXCL, O_NOFOLLOW) and renamed into place: an existing folder, file or link is never followed. The token never goes through a file in the
 repository, the image or the autoscaler config, nor through a command line.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import stat
 import sys
 from pathlib import Path
 
@@ -32,15 +34,38 @@ class TokenExists(Exception):
 
 
 def write_token(token: str, path: Path = DEFAULT_TOKEN_PATH) -> Path:
-    """Write `token` readable by its owner only: the folder 0700, the file 0600."""
+    """Write `token` readable by its owner only, safely over whatever is there already:
+
+    - the folder is created 0700, or, if it exists, must be a real folder (not a symbolic
+      link) owned by us, and is made 0700 BEFORE anything is written into it;
+    - the token goes to a new temporary file created O_EXCL | O_NOFOLLOW with mode 0600 (no
+      other file, link or FIFO is ever opened for writing, and the bytes are never readable
+      by others, whatever the umask), then renamed over `path` (a link at `path` is replaced,
+      not followed)."""
     path = Path(path)
-    if not path.parent.exists():
-        path.parent.mkdir(mode=0o700, parents=True)
-        os.chmod(path.parent, 0o700)  # mkdir's mode is filtered by the umask
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(token)
-    os.chmod(path, 0o600)
+    folder = path.parent
+    if not folder.exists() and not folder.is_symlink():
+        folder.mkdir(mode=0o700, parents=True)
+    info = os.lstat(folder)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise TokenExists(f"{folder} is not a folder (a symbolic link?): refusing to write there")
+    if info.st_uid != os.getuid():
+        raise TokenExists(f"{folder} belongs to another user: refusing to write a token there")
+    os.chmod(folder, 0o700, follow_symlinks=False)  # before the token exists in it
+    temporary = folder / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    descriptor = os.open(temporary, flags, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(token)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+        raise
     return path
 
 
@@ -59,7 +84,7 @@ def put(parameter: str, region: str, path: Path = DEFAULT_TOKEN_PATH, rotate: bo
     import boto3
 
     path = Path(path)
-    if path.exists() and not rotate:
+    if os.path.lexists(path) and not rotate:
         raise TokenExists(
             f"{path} already holds a token (another cluster's CLI may use it); "
             "rerun with --rotate to replace it, or pass --path for a different file"

@@ -226,16 +226,11 @@ def test_bucket_policy_is_least_privilege():
                 assert resource == obj.format(OUTPUT_PREFIX + "*"), resource
 
 
-def test_other_policies_are_scoped():
+def test_other_policies_are_scoped(cluster):
     token = statements("ray-token-read.json")
-    assert allowed(
-        token,
-        "ssm:GetParameter",
-        "arn:aws:ssm:us-east-1:123456789012:parameter/hashtag/ray-auth-token",
-    )
-    assert not allowed(
-        token, "ssm:GetParameter", "arn:aws:ssm:us-east-1:123456789012:parameter/other"
-    )
+    prefix = f"arn:aws:ssm:{cluster['provider']['region']}:{account_of(cluster)}:parameter"
+    assert allowed(token, "ssm:GetParameter", f"{prefix}/hashtag/ray-auth-token")
+    assert not allowed(token, "ssm:GetParameter", f"{prefix}/other")
     head = statements("head-autoscaler.json")
     passrole = [s for s in head if "iam:PassRole" in as_list(s["Action"])]
     assert passrole and all(
@@ -249,8 +244,15 @@ def test_other_policies_are_scoped():
     ), "the worker role may be handed to EC2 only"
 
 
+DENY_POLICIES = {"worker-deny-models.json"}  # nothing but Deny statements
+
+
 def all_policies() -> dict[str, list[dict]]:
-    return {p.name: statements(p.name) for p in sorted((INFRA / "iam").glob("*.json"))}
+    return {
+        p.name: statements(p.name)
+        for p in sorted((INFRA / "iam").glob("*.json"))
+        if p.name not in DENY_POLICIES
+    }
 
 
 def test_no_policy_grants_a_wildcard_or_destroys_history():
@@ -464,8 +466,14 @@ def test_repository_is_immutable_and_the_bucket_versioned():
     assert as_list(replace["Resource"]) == [f"arn:aws:s3:::{BUCKET}/{OUTPUT_PREFIX}*"]
 
 
+def account_of(cluster: dict) -> str:
+    """The account id the files name (a placeholder until infra/README.md's `sed` sets it)."""
+    arn = cluster["available_node_types"][cluster["head_node_type"]]["node_config"]
+    return arn["IamInstanceProfile"]["Arn"].split(":")[4]
+
+
 def test_ecr_kms_and_trust_policies_are_scoped(cluster, kuberay):
-    region, account = cluster["provider"]["region"], "123456789012"
+    region, account = cluster["provider"]["region"], account_of(cluster)
     repository = cluster["docker"]["image"].split("/", 1)[1].split("@")[0]
     ecr = statements("ecr-read.json")
     assert allowed(ecr, "ecr:GetAuthorizationToken", "*")
@@ -678,11 +686,17 @@ def test_rays_loader_reads_the_token_file_the_manifests_point_at(kuberay, tmp_pa
 def test_network_policy_admits_only_this_cluster_and_the_job_port(kuberay):
     name = one(kuberay, "RayCluster")["metadata"]["name"]
     policy = one(kuberay, "NetworkPolicy")
-    namespaces = {d["metadata"]["namespace"] for docs in kuberay.values() for d in docs}
+    namespaces = {
+        d["metadata"]["namespace"]
+        for kind, docs in kuberay.items()
+        if kind != "Namespace"
+        for d in docs
+    }
     assert namespaces == {policy["metadata"]["namespace"]}, "everything in one namespace"
+    assert one(kuberay, "Namespace")["metadata"]["name"] == policy["metadata"]["namespace"]
     spec = policy["spec"]
     assert spec["podSelector"] == {"matchLabels": {"ray.io/cluster": name}}
-    assert spec["policyTypes"] == ["Ingress"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
     own = {"podSelector": {"matchLabels": {"ray.io/cluster": name}}}
     submitter_labels = pod_templates(kuberay)["submitter"]["metadata"]["labels"]
     admits_submitter = False
@@ -719,7 +733,9 @@ def test_kuberay_job_runs_the_pipeline_and_may_retry(kuberay):
         job["clusterSelector"]["ray.io/cluster"] == one(kuberay, "RayCluster")["metadata"]["name"]
     )
     assert "jobs/pipeline.py" in job["entrypoint"]
-    assert job["backoffLimit"] >= 1, "a rerun resumes: retrying is safe"
+    # KubeRay 1.6/1.7 refuse spec.backoffLimit with clusterSelector: the submitter's own limit.
+    assert "backoffLimit" not in job
+    assert job["submitterConfig"]["backoffLimit"] >= 1, "a rerun resumes: retrying is safe"
 
 
 def test_session_token_is_forwarded_wherever_access_keys_are():
@@ -803,3 +819,216 @@ def test_token_helper_refuses_to_overwrite_without_rotate(s3_endpoint, tmp_path)
     assert stat.S_IMODE((node / ".ray").stat().st_mode) == 0o700
     assert stat.S_IMODE((node / ".ray" / "auth_token").stat().st_mode) == 0o600
     assert new not in fetched.stdout + fetched.stderr, "the token is never printed"
+
+
+# --- issue 19: the cloud review, round 2 ------------------------------------------------------
+
+
+def test_namespace_enforces_restricted_pod_security(kuberay):
+    labels = one(kuberay, "Namespace")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    readme = (INFRA / "README.md").read_text()
+    assert "kubectl apply -f infra/kuberay/namespace.yaml" in readme
+    assert "kubectl create namespace" not in readme, "a namespace without the label"
+
+
+def test_only_the_autoscaler_holds_a_kubernetes_token(kuberay):
+    """KubeRay binds the head's service account to patch pods and RayClusters (for its
+    autoscaler): the head's Ray container, where drivers run, must not hold that token."""
+    ray_cluster = one(kuberay, "RayCluster")["spec"]
+    head = pod_templates(kuberay)["head"]["spec"]
+    assert head["automountServiceAccountToken"] is False
+    volumes = {v["name"]: v for v in head["volumes"]}
+    token_volumes = {
+        name
+        for name, v in volumes.items()
+        if any("serviceAccountToken" in s for s in v.get("projected", {}).get("sources", []))
+    }
+    assert token_volumes, "the autoscaler gets a projected token"
+    (mount,) = ray_cluster["autoscalerOptions"]["volumeMounts"]
+    assert mount["name"] in token_volumes and mount["readOnly"] is True
+    assert mount["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
+    for name, template in pod_templates(kuberay).items():
+        for container in template["spec"]["containers"]:
+            mounted = {m["name"] for m in container["volumeMounts"]}
+            assert not mounted & token_volumes, (name, container["name"])
+
+
+def test_network_policy_lets_pods_out_only_to_dns_the_cluster_and_public_web(kuberay):
+    import ipaddress
+
+    name = one(kuberay, "RayCluster")["metadata"]["name"]
+    egress = one(kuberay, "NetworkPolicy")["spec"]["egress"]
+
+    def reachable(address: str, port: int) -> bool:
+        ip = ipaddress.ip_address(address)
+        for rule in egress:
+            ports = {p["port"] for p in rule.get("ports", [])}
+            if ports and port not in ports:
+                continue
+            for to in rule["to"]:
+                block = to.get("ipBlock")
+                if block and ip in ipaddress.ip_network(block["cidr"]):
+                    if not any(ip in ipaddress.ip_network(e) for e in block.get("except", [])):
+                        return True
+        return False
+
+    for rule in egress:
+        assert rule.get("to"), "no rule lets a pod reach everything"
+    assert not reachable("169.254.169.254", 80) and not reachable("169.254.169.254", 443)
+    for private in ("10.0.0.1", "172.20.0.1", "192.168.1.1", "100.64.0.1"):  # API server ENIs
+        assert not reachable(private, 443), private
+    assert reachable("52.216.0.1", 443), "S3 (public prefixes behind the gateway endpoint)"
+    assert not reachable("52.216.0.1", 22), "the web on 80/443 only"
+    dns = [r for r in egress if {p["port"] for p in r.get("ports", [])} == {53}]
+    assert dns and all("ipBlock" not in to for r in dns for to in r["to"])
+    own = {"podSelector": {"matchLabels": {"ray.io/cluster": name}}}
+    assert any(rule["to"] == [own] and "ports" not in rule for rule in egress)
+    readme = (INFRA / "README.md").read_text()
+    assert '"enableNetworkPolicy": "true"' in readme, "enforcement on the VPC CNI"
+    assert "endpointPublicAccess=false" in readme
+
+
+def test_the_image_has_no_sudo_and_containers_gain_no_privileges(cluster):
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    instructions = [line for line in dockerfile.splitlines() if line and not line.startswith("#")]
+    removal = next(i for i, line in enumerate(instructions) if "sudoers" in line)
+    assert "purge" in " ".join(instructions[removal : removal + 3])
+    assert "! command -v sudo" in " ".join(instructions[removal : removal + 4])
+    after = [line for line in instructions[removal:] if line.startswith("USER ")]
+    assert after and after[0] == "USER ray" and instructions[-1] == "USER ray"
+    assert "--security-opt no-new-privileges" in cluster["docker"]["run_options"]
+
+
+def test_launches_are_bounded_and_retags_keep_to_rays_keys(cluster):
+    from ray.autoscaler import tags
+
+    (volume,) = [
+        s
+        for s in head_statements_for("ec2:RunInstances")
+        if any(":volume/" in r for r in as_list(s["Resource"]))
+    ]
+    mappings = [m["Ebs"] for c in node_configs(cluster).values() for m in c["BlockDeviceMappings"]]
+    workers = [
+        m["Ebs"]
+        for n in worker_types(cluster).values()
+        for m in n["node_config"]["BlockDeviceMappings"]
+    ]
+    size = int(condition(volume, "NumericLessThanEquals", "ec2:VolumeSize"))
+    assert max(m["VolumeSize"] for m in workers) <= size <= 200
+    assert condition(volume, "StringEquals", "ec2:VolumeType") == "gp3"
+    assert {m["VolumeType"] for m in mappings} == {"gp3"}
+    ray_keys = {v for k, v in vars(tags).items() if k.startswith("TAG_RAY_")} | {"Name"}
+    name = cluster["cluster_name"]
+    for statement in head_statements_for("ec2:CreateTags"):
+        keys = condition(statement, "ForAllValues:StringEquals", "aws:TagKeys")
+        assert keys and set(keys) <= ray_keys, statement["Sid"]
+        if condition(statement, "StringEquals", "ec2:CreateAction") != "RunInstances":
+            # A retag may not move a worker to another cluster (nor make it a head).
+            retag = statement["Condition"]["StringEqualsIfExists"]
+            assert retag[f"aws:RequestTag/{tags.TAG_RAY_CLUSTER_NAME}"] == name
+            assert retag[f"aws:RequestTag/{tags.TAG_RAY_NODE_KIND}"] == tags.NODE_KIND_WORKER
+    for statement in head_statements_for("ec2:TerminateInstances"):
+        assert as_list(statement["Action"]) == ["ec2:TerminateInstances"]
+
+
+def test_models_are_kept_and_never_written_by_tasks():
+    deny = statements("worker-deny-models.json")
+    assert all(s["Effect"] == "Deny" for s in deny)
+    bucket = f"arn:aws:s3:::{BUCKET}"
+    for key in ("runs/r1/tune/model/manifest.json", "models/r1/knn.npy"):
+        for action in ("s3:PutObject", "s3:DeleteObject"):
+            assert allowed([{**s, "Effect": "Allow"} for s in deny], action, f"{bucket}/{key}")
+    assert not allowed(
+        [{**s, "Effect": "Allow"} for s in deny], "s3:PutObject", f"{bucket}/runs/r1/shards/x"
+    )
+    resources = yaml.safe_load((INFRA / "network.yaml").read_text())["Resources"]
+    (bucket_resource,) = [r for r in resources.values() if r["Type"] == "AWS::S3::Bucket"]
+    properties = bucket_resource["Properties"]
+    assert properties["ObjectLockEnabled"] is True
+    retention = properties["ObjectLockConfiguration"]["Rule"]["DefaultRetention"]
+    assert retention["Mode"] in ("GOVERNANCE", "COMPLIANCE") and retention["Days"] >= 30
+    rules = {r.get("Prefix"): r for r in properties["LifecycleConfiguration"]["Rules"]}
+    models = rules["models/"]["NoncurrentVersionExpiration"]["NoncurrentDays"]
+    assert models >= 365 > rules["runs/"]["NoncurrentVersionExpiration"]["NoncurrentDays"]
+    readme = (INFRA / "README.md").read_text()
+    assert "--policy-document file://infra/iam/worker-deny-models.json" in readme
+
+
+def test_an_existing_bucket_gets_the_tls_and_encryption_policy_too():
+    resources = yaml.safe_load((INFRA / "network.yaml").read_text())["Resources"]
+    (policy,) = [r for r in resources.values() if r["Type"] == "AWS::S3::BucketPolicy"]
+    assert "Condition" not in policy, "also with CreateBucket=false"
+    assert policy["Properties"]["Bucket"] == {"Ref": "BucketName"}
+    sids = {s["Sid"]: s for s in policy["Properties"]["PolicyDocument"]["Statement"]}
+    assert sids["TlsOnly"]["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    encrypted = sids["EncryptedWritesOnly"]
+    assert encrypted["Effect"] == "Deny" and encrypted["Action"] == "s3:PutObject"
+
+
+def test_the_two_dockerignore_files_are_the_same_allow_list():
+    def patterns(path: Path) -> list[str]:
+        lines = path.read_text().splitlines()
+        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+    assert patterns(REPO / ".dockerignore") == patterns(INFRA / "Dockerfile.dockerignore")
+
+
+def test_the_set_up_commands_work_as_written(cluster):
+    readme = (INFRA / "README.md").read_text()
+    assert "ACCOUNT=$(aws sts get-caller-identity --query Account --output text)" in readme
+    assert 'sed -i "s/123456789012/$ACCOUNT/g"' in readme
+    assert "ACCOUNT=123456789012" not in readme
+    # A laptop reaches the nodes on public IPs: said in the config, made so by the commands.
+    assert cluster["provider"]["use_internal_ips"] is False
+    assert "--map-public-ip-on-launch" in readme
+    # No token file in the working folder that `ray job submit --working-dir .` uploads.
+    for path in (INFRA / "README.md", REPO / "README.md", *(INFRA / "kuberay").glob("*.yaml")):
+        assert "token.txt" not in path.read_text(), path
+    # Every repository file cluster.yaml's header names exists.
+    header = "\n".join(
+        line for line in CLUSTER_YAML.read_text().splitlines() if line.startswith("#")
+    )
+    for named in re.findall(r"\b((?:jobs|infra|hashtag)/[\w./-]+\.\w+)", header):
+        assert (REPO / named).exists(), f"cluster.yaml names {named}, which does not exist"
+
+
+def load_ray_token_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ray_token", INFRA / "ray_token.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_token_writer_is_safe_on_existing_folders_links_and_files(tmp_path):
+    ray_token = load_ray_token_module()
+    token = "f" * 64
+    # An existing folder open to others: made 0700 before the token is in it.
+    folder = tmp_path / "home" / ".ray"
+    folder.mkdir(parents=True, mode=0o755)
+    os.chmod(folder, 0o755)
+    existing = folder / "auth_token"
+    existing.write_text("old")
+    os.chmod(existing, 0o644)
+    ray_token.write_token(token, existing)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o600 and existing.read_text() == token
+    assert sorted(p.name for p in folder.iterdir()) == ["auth_token"], "no temporary left"
+    # The token path is a link to another file: the link is replaced, its target untouched.
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    link = folder / "linked_token"
+    link.symlink_to(victim)
+    ray_token.write_token(token, link)
+    assert victim.read_text() == "precious" and not link.is_symlink()
+    assert link.read_text() == token and stat.S_IMODE(link.stat().st_mode) == 0o600
+    # The folder is a link (to a place others can read): refused, nothing written.
+    elsewhere = tmp_path / "shared"
+    elsewhere.mkdir()
+    (tmp_path / "home2").mkdir()
+    (tmp_path / "home2" / ".ray").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ray_token.TokenExists, match="not a folder"):
+        ray_token.write_token(token, tmp_path / "home2" / ".ray" / "auth_token")
+    assert list(elsewhere.iterdir()) == []

@@ -391,3 +391,39 @@ def test_a_killed_merge_resumes_and_loses_nothing(tmp_path):
     a, b = Dataset.load(out), Dataset.load(str(tmp_path / "clean"))
     np.testing.assert_array_equal(a.embeddings, b.embeddings)
     np.testing.assert_array_equal(a.ids, b.ids)
+
+
+def _rewrite_embeddings(shard: str, embeddings: np.ndarray, **manifest_fields) -> None:
+    """Tamper with a shard as an attacker with write access would: new embeddings.npy, and a
+    manifest whose size and sha256 agree with it (so only a content check can tell)."""
+    from hashtag import artifacts
+
+    path = os.path.join(shard, "embeddings.npy")
+    np.save(path, embeddings, allow_pickle=False)
+    manifest_path = os.path.join(shard, "manifest.json")
+    manifest = json.loads(open(manifest_path).read())
+    manifest["files"]["embeddings.npy"] = artifacts.file_entry(path)
+    manifest.update(manifest_fields)
+    open(manifest_path, "w").write(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_embeddings_are_refused_naming_the_shard(tmp_path, value):
+    root = str(tmp_path / "s")
+    make(root)
+    bad = np.ones((3, 2), np.float32)
+    bad[1, 0] = value
+    _rewrite_embeddings(os.path.join(root, "shards", "shard-00001"), bad)
+    with pytest.raises(ArtifactError, match=r"shard 1 is damaged.*row 1 holds NaN or Infinity"):
+        merge.run(config(root, str(tmp_path / "d"), min_count=1))
+    assert not (tmp_path / "d" / "manifest.json").exists()
+
+
+def test_a_tampered_shard_is_refused_by_name_not_as_a_ray_error(tmp_path):
+    root = str(tmp_path / "s")
+    make(root)
+    # Hashes that agree, but an array of another shape than the manifest's count x dim.
+    _rewrite_embeddings(os.path.join(root, "shards", "shard-00002"), np.ones((5, 2), np.float32))
+    with pytest.raises(ArtifactError, match="shard 2") as info:
+        merge.run(config(root, str(tmp_path / "d"), min_count=1))
+    assert "RayTaskError" not in repr(info.value) and "Traceback" not in str(info.value)
