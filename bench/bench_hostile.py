@@ -382,6 +382,7 @@ def main() -> None:
                 allow_private_addresses=True,  # the hostile servers are on 127.0.0.1
                 fetch_deadline_s=args.fetch_deadline_s,
                 timeout_s=2.0,
+                embedder=("classic",),  # the figures below are the fetch and decode defences'
             )
         )
         wall = time.perf_counter() - start

@@ -1,4 +1,6 @@
-"""Pretrained CNN embedders: "tflite:PATH_OR_URI[#tensor]" and "keras:NAME".
+"""Pretrained CNN embedders: "tflite:PATH_OR_URI[#tensor]", "keras:NAME", and the models shipped
+in the package by name ("mobilenet_v2", "mobilenet_v1": TFLite files of hashtag/weights/, see
+pretrained.py), which the default embedder puts side by side.
 
 Both follow the Embedder contract of embedders.py: `preprocess(rgb)` (shorter side resized to
 the model's input size, centre crop, linear below 2x shrink, else area; cheap, runs on decode threads) then
@@ -41,8 +43,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from hashtag import storage, tfimport
+from hashtag import pretrained, storage, tfimport
 from hashtag.embedders import Embedder, EmbedderSpec, l2_normalize, register
+from hashtag.errors import UserError
 
 # flatbuffer BuiltinOperator codes (tensorflow/lite/schema/schema.fbs)
 _ADD, _AVERAGE_POOL_2D, _CONCATENATION, _CONV_2D, _DEPTHWISE_CONV_2D = 0, 1, 2, 3, 4
@@ -397,9 +400,10 @@ class _Runner:
 class TFLiteEmbedder(Embedder):
     """A TensorFlow Lite image model; see the module docstring for conventions."""
 
-    def __init__(self, config: TFLiteConfig) -> None:
+    def __init__(self, config: TFLiteConfig, data: bytes | None = None) -> None:
+        """`data`: the model's bytes when the caller has read them (a shipped file, checked)."""
         self.config = config
-        data = read_model_bytes(config.uri)
+        data = read_model_bytes(config.uri) if data is None else data
         if not _is_tflite(data):
             raise ValueError(
                 f"{config.uri!r} is not a TensorFlow Lite model (no 'TFL3' flatbuffer identifier, "
@@ -520,6 +524,35 @@ def _create_tflite(arg: str | None = None, **options: Any) -> Embedder:
     if "input_range" in options:
         options["input_range"] = tuple(options["input_range"])
     return TFLiteEmbedder(TFLiteConfig(uri=uri, **options))
+
+
+def _create_shipped(name: str, arg: str | None = None, **options: Any) -> Embedder:
+    """A model shipped in hashtag/weights/ (pretrained.py): its file read and checked against
+    the package's checksum, and, from a recorded spec, against the spec's too. The spec names
+    the model, not the install path: shards and models move between machines."""
+    if arg:
+        raise ValueError(f"the {name} embedder takes no argument: use '{name}'")
+    shipped = pretrained.resolve(name)
+    options.pop("dim", None)  # recorded in specs, derived from the model
+    recorded = options.pop("sha256", None)
+    if recorded is not None and recorded != shipped.sha256:
+        raise UserError(
+            f"these embeddings were made with other {name} weights (sha256 {recorded}) than "
+            f"the ones this hashtag ships ({shipped.sha256}): vectors of the two do not mix. "
+            f"Use the hashtag release that made them, or embed again (hashtag scrape) with this one"
+        )
+    if options.get("tensor", shipped.tensor) != shipped.tensor:
+        raise ValueError(f"{name} embeds tensor {shipped.tensor!r}, not {options['tensor']!r}")
+    options["tensor"] = shipped.tensor
+    _check_options(name, options, TFLiteConfig)
+    config = TFLiteConfig(uri=str(shipped.path), sha256=shipped.sha256, **options)
+    embedder = TFLiteEmbedder(config, data=pretrained.read(name))
+    embedder.spec = EmbedderSpec(name, "", embedder.spec.options)
+    return embedder
+
+
+for _name in pretrained.SHIPPED:
+    register(_name)(functools.partial(_create_shipped, _name))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Image embedders, created by name from a registry: `create("classic")`, `create("tflite:m.tflite")`.
+"""Image embedders, created by name from a registry: `create("default")`, `create("classic")`,
+`create("tflite:m.tflite")`.
 
 An embedder turns decoded RGB uint8 images into L2-normalised float32 vectors. It is split in
 two steps so that the cheap per-image work (resize, colour conversion) can run on other cores
@@ -19,8 +20,10 @@ the parts and their dims (`spec.blocks`), so that models can centre and weigh ea
 `cached(spec)` returns one instance per process, so a Ray worker loads a model once
 and reuses it across shards.
 
-Names: "classic" (this module, no weights); "tflite:PATH_OR_URI[#tensor]" and "keras:NAME"
-(hashtag/cnn.py, imported on first use so that `classic` never imports TensorFlow).
+Names: "default" (the ensemble of the two models shipped in the package: "mobilenet_v2" +
+"mobilenet_v1", hashtag/pretrained.py; a spec records the parts, never the alias), "classic"
+(this module, no weights, fast); "tflite:PATH_OR_URI[#tensor]", "keras:NAME" and the shipped
+names (hashtag/cnn.py, imported on first use so that `classic` never imports TensorFlow).
 """
 
 from __future__ import annotations
@@ -34,11 +37,16 @@ from typing import Any
 import cv2
 import numpy as np
 
+from hashtag import pretrained
 from hashtag.errors import ArtifactError, UserError
 
 _FACTORIES: dict[str, Callable[..., Embedder]] = {}
 # Registry prefixes whose factories live in modules imported on first use.
 _LAZY_MODULES = {"tflite": "hashtag.cnn", "keras": "hashtag.cnn"}
+_LAZY_MODULES.update({name: "hashtag.cnn" for name in pretrained.SHIPPED})
+# Kinds that run a TFLite interpreter: they take the caller's thread settings.
+TFLITE_KINDS = frozenset({"tflite", *pretrained.SHIPPED})
+DEFAULT = "default"  # the alias of the default embedder: the shipped models side by side
 ENSEMBLE = "ensemble"  # the kind of a spec made of several embedders
 LABEL_ONLY = "none"  # the kind of label-only data: no embedder
 
@@ -65,7 +73,7 @@ class EmbedderSpec:
 
     def __post_init__(self) -> None:
         if not self.kind:
-            raise UserError("an embedder needs a name: classic, tflite:PATH, keras:NAME")
+            raise UserError("an embedder needs a name: default, classic, tflite:PATH, keras:NAME")
         object.__setattr__(
             self,
             "options",
@@ -79,16 +87,20 @@ class EmbedderSpec:
 
     @classmethod
     def parse(cls, text: str, **options: Any) -> EmbedderSpec:
-        """From the command line's string: "classic", "tflite:PATH_OR_URI[#tensor]", "keras:NAME"."""
+        """From the command line's string: "default", "classic", "mobilenet_v2",
+        "tflite:PATH_OR_URI[#tensor]", "keras:NAME". "default" gives the ensemble it stands for."""
         kind, _, arg = str(text).strip().partition(":")
+        if kind == DEFAULT and not arg:
+            return cls.ensemble([cls.parse(name, **options) for name in pretrained.DEFAULT])
         if kind not in available() and kind != LABEL_ONLY:
             raise UserError(f"unknown embedder {text!r}; use one of: {', '.join(available())}")
         return cls(kind, arg, tuple(options.items()))
 
     @classmethod
     def ensemble(cls, parts: Sequence[EmbedderSpec]) -> EmbedderSpec:
-        """Several embedders in one: one spec for one embedder, else an ensemble."""
-        parts = tuple(parts)
+        """Several embedders in one: one spec for one embedder, else an ensemble (an ensemble
+        among the parts, such as "default", gives its own parts)."""
+        parts = tuple(q for p in parts for q in (p.parts or (p,)))
         return parts[0] if len(parts) == 1 else cls(ENSEMBLE, parts=parts)
 
     @property
@@ -175,11 +187,19 @@ def register(prefix: str) -> Callable:
 
 
 def available() -> list[str]:
-    return sorted(set(_FACTORIES) | set(_LAZY_MODULES))
+    return sorted(set(_FACTORIES) | set(_LAZY_MODULES) | {DEFAULT})
+
+
+def expand(names: Sequence[str]) -> tuple[str, ...]:
+    """Embedder names with "default" replaced by the names it stands for."""
+    return tuple(n for name in names for n in (pretrained.DEFAULT if name == DEFAULT else (name,)))
 
 
 def create(name: str, **options: Any) -> Embedder:
-    """Create an embedder by name: "classic", "tflite:PATH_OR_URI[#tensor]", "keras:NAME"."""
+    """Create an embedder by name: "default", "classic", "mobilenet_v2", "mobilenet_v1",
+    "tflite:PATH_OR_URI[#tensor]", "keras:NAME"."""
+    if name == DEFAULT:
+        return create_from_spec(EmbedderSpec.parse(name), **options)
     prefix, _, arg = name.partition(":")
     if prefix not in _FACTORIES and prefix in _LAZY_MODULES:
         importlib.import_module(_LAZY_MODULES[prefix])
@@ -197,7 +217,7 @@ def create_from_spec(spec: EmbedderSpec | dict[str, Any], **settings: Any) -> Em
     if spec.parts:
         return EnsembleEmbedder([create_from_spec(p, **settings) for p in spec.parts])
     options = {k: _thawed(v) for k, v in spec.options}
-    if spec.kind == "tflite":
+    if spec.kind in TFLITE_KINDS:
         options.update(settings)
     return create(spec.name, **options)
 

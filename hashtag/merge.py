@@ -186,11 +186,13 @@ def _check_compatible(manifests: dict[int, dict[str, Any]]) -> None:
 
 def _difference(a: EmbedderSpec, b: EmbedderSpec) -> str:
     """Why two specs differ, when their names alone do not say it."""
+    if len(a.parts) == len(b.parts) > 0:  # the same set of names: say which part differs
+        return "".join(_difference(p, q) for p, q in zip(a.parts, b.parts, strict=True) if p != q)
     if a.parts or b.parts:
         return f" ({len(a.parts) or 1} embedder(s) vs {len(b.parts) or 1})"
     if a.name == b.name:
         changed = sorted(k for k in dict(a.options) | dict(b.options) if a.get(k) != b.get(k))
-        return f" (same model, different {', '.join(changed)})"
+        return f" ({a.name}: same model, different {', '.join(changed)})"
     return ""
 
 

@@ -1,6 +1,6 @@
 """The scrape stage: read posts from a source, embed them in parallel Ray tasks, one per shard.
 
-    hashtag scrape --source posts.jsonl --out s3://bucket/run [--embedder classic]
+    hashtag scrape --source posts.jsonl --out s3://bucket/run [--embedder default]
 
 Shard i holds posts i*S..(i+1)*S-1 of the source's deterministic order, so a rerun of the same
 command finds the same shards and skips the finished ones (those with a manifest). A task that
@@ -47,10 +47,12 @@ class ScrapeConfig:
     )
     out: str = field(metadata={"help": "output root; shards go to OUT/shards/shard-NNNNN"})
     embedder: tuple[str, ...] = field(
-        default=("classic",),
+        default=(embedders.DEFAULT,),
         metadata={
-            "help": "embedder: classic, tflite:PATH_OR_URI[#tensor], keras:NAME; repeat the flag "
-            "(--embedder A --embedder B) to store every post's vectors of each, side by side",
+            "help": "embedder: default (the MobileNetV2 + MobileNetV1 models shipped with "
+            "hashtag, side by side), mobilenet_v2, mobilenet_v1, classic (fast, no weights), "
+            "tflite:PATH_OR_URI[#tensor], keras:NAME; repeat the flag (--embedder A --embedder "
+            "B) to store every post's vectors of each, side by side",
             "repeatable": True,
         },
     )
@@ -129,14 +131,17 @@ class ScrapeConfig:
             raise ValueError(f"--min-in-flight must be at least 1, got {self.min_in_flight}")
         names = (self.embedder,) if isinstance(self.embedder, str) else tuple(self.embedder)
         object.__setattr__(self, "embedder", names)
-        if not names or len(set(names)) != len(names):
+        expanded = embedders.expand(names)
+        if not names or len(set(expanded)) != len(expanded):
             raise UserError(f"--embedder: give one or more different embedders, got {names}")
         for name in names:
             embedders.EmbedderSpec.parse(name)  # a clear error for an unknown name, here
 
     def embedder_specs(self) -> list[embedders.EmbedderSpec]:
-        """The requested embedders, parsed, with the task's settings (threads, weights)."""
-        return [embedders.EmbedderSpec.parse(n, **self.embedder_options(n)) for n in self.embedder]
+        """The requested embedders ("default" as its parts), parsed, with the task's settings
+        (threads, weights)."""
+        names = embedders.expand(self.embedder)
+        return [embedders.EmbedderSpec.parse(n, **self.embedder_options(n)) for n in names]
 
     def fetch_config(self) -> FetchConfig:
         return FetchConfig(
@@ -151,7 +156,7 @@ class ScrapeConfig:
         options: dict = {}
         if self.embedder_weights and name.startswith("keras:"):
             options["weights"] = self.embedder_weights
-        if name.startswith("tflite:"):
+        if name.partition(":")[0] in embedders.TFLITE_KINDS:
             # The interpreters fill the task's CPUs, not the node's: Ray does not pin tasks to
             # cores, so the default (every CPU visible) would oversubscribe the node. One
             # single-threaded interpreter per CPU, each fed by its own embedding lane: its threads

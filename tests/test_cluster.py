@@ -26,10 +26,14 @@ import pytest
 from cluster_util import REPO, RayCluster, fake_autoscaling_config, slow_image_source
 
 from hashtag.dataset import Dataset
+from hashtag.pretrained import DEFAULT, SHIPPED
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
+# `classic` (no TensorFlow in the workers) keeps the fault tests' timing; the token test runs
+# the default embedder, whose weights reach the workers with the uploaded working dir.
 SMALL = {
+    "--embedder": "classic",
     "--demo-posts": "60",
     "--shard-size": "10",
     "--epochs": "1",
@@ -130,9 +134,19 @@ def out(tmp_path) -> Path:
 
 def test_pipeline_runs_on_a_local_cluster_with_token_auth(out, tmp_path):
     with RayCluster.start(num_cpus=2) as cluster:
-        seconds = run_job(cluster, pipeline(out))
+        seconds = run_job(cluster, pipeline(out, embedder="default"))
         record_time(out, "local cluster, 60 posts, 2x1 grid", seconds)
         check_outputs(out, grid_points=2)
+        # The shipped weights travel in the working dir upload (infra/runtime_env.yaml keeps
+        # hashtag/weights), and the shards record their checksums.
+        unpacked = cluster.root / "r" / "session_latest" / "runtime_resources"
+        uploaded = unpacked.glob("working_dir_files/*/hashtag/weights/*.tflite")
+        assert sorted(p.name for p in uploaded) == sorted(s.file for s in SHIPPED.values())
+        shard = read_json(sorted((out / "shards").glob("shard-*/manifest.json"))[0])
+        assert [p["name"] for p in shard["embedder"]["parts"]] == ["mobilenet_v2", "mobilenet_v1"]
+        assert [p["sha256"] for p in shard["embedder"]["parts"]] == [
+            SHIPPED[name].sha256 for name in DEFAULT
+        ]
 
         # No token, or a wrong one: the job server refuses (HTTP and `ray job submit` alike).
         assert cluster.http("/api/jobs/", token=None)[0] == 401

@@ -357,7 +357,11 @@ def test_tasks_equal_one_pass_on_the_demo(tmp_path):
 
     demo.run(demo.DemoConfig(out=str(tmp_path / "posts"), posts=40, seed=7, image_size=64))
     root = str(tmp_path / "scrape")
-    scrape.run(scrape.ScrapeConfig(source=str(tmp_path / "posts"), out=root, shard_size=8))
+    scrape.run(
+        scrape.ScrapeConfig(
+            source=str(tmp_path / "posts"), out=root, shard_size=8, embedder="classic"
+        )
+    )
     summary = merge.run(config(root, str(tmp_path / "d"), part_rows=10, min_count=1))
     assert summary["duplicates"]["image"] >= 1  # the demo's repost
     assert_same_as_single_pass(root, str(tmp_path / "d"), min_count=1)

@@ -71,7 +71,7 @@ def write_manifest(
 def test_scrape_writes_shards_counts_skips_and_resumes(local_ray, tmp_path):
     manifest = write_manifest(str(tmp_path / "src"), 20)
     out = str(tmp_path / "out")
-    config = ScrapeConfig(source=manifest, out=out, shard_size=8)
+    config = ScrapeConfig(source=manifest, out=out, shard_size=8, embedder="classic")
     summary = scrape(config)
     assert summary["shards"] == 3 and summary["shards_written"] == 3
     assert summary["posts_embedded"] == 20
@@ -173,9 +173,10 @@ def test_worker_killed_mid_shard_is_retried_without_losing_or_duplicating_posts(
         killer.start()
         summary = scrape(
             ScrapeConfig(
-                source=manifest, out=out, shard_size=6, allow_private_addresses=True, max_retries=3
+                source=manifest, out=out, shard_size=6, allow_private_addresses=True, max_retries=3,
+                embedder="classic",
             )
-        )
+        )  # fmt: skip
         stop.set()
         killer.join()
     finally:
@@ -203,7 +204,7 @@ def test_a_shard_that_keeps_dying_is_retried_a_bounded_number_of_times(local_ray
         summary = scrape(
             ScrapeConfig(
                 source=manifest, out=str(tmp_path / "out"), shard_size=6,
-                allow_private_addresses=True, max_retries=1,
+                allow_private_addresses=True, max_retries=1, embedder="classic",
             )
         )  # fmt: skip
         stop.set()
@@ -240,6 +241,7 @@ def test_hostile_rows_are_counted_skips_and_every_good_photo_is_embedded(local_r
             ScrapeConfig(
                 source=manifest, out=str(tmp_path / "out"), shard_size=4,
                 allow_private_addresses=True, fetch_deadline_s=1.0, timeout_s=0.5,
+                embedder="classic",
             )
         )  # fmt: skip
     finally:
@@ -255,7 +257,7 @@ def test_hostile_rows_are_counted_skips_and_every_good_photo_is_embedded(local_r
 def test_scrape_and_merge_on_s3(local_ray, s3_bucket, tmp_path):
     manifest = write_manifest(s3_bucket + "/source", 12)
     out = s3_bucket + "/run"
-    summary = scrape(ScrapeConfig(source=manifest, out=out, shard_size=5))
+    summary = scrape(ScrapeConfig(source=manifest, out=out, shard_size=5, embedder="classic"))
     assert summary["posts_embedded"] == 12
     assert storage.exists(storage.join(out, "shards", "shard-00002", "manifest.json"))
     merged = merge(MergeConfig(shards=out, out=out + "/dataset", min_count=1))
