@@ -674,14 +674,15 @@ def run(config: ServeConfig) -> int:
     auth = "token required" if config.token_required else "no token (loopback)"
     log.info("serving %s on %s (%s); Ctrl-C stops", storage.redact(config.model), url, auth)
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Both signals set the event (a background job's SIGINT is otherwise ignored).
+    stopping = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, lambda *_: stop.set()) for number in stopping}
     try:
         while not stop.wait(1.0):
             pass
-    except KeyboardInterrupt:
-        pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         serve.shutdown()
     log.info("stopped")
     return 0
