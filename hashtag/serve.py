@@ -306,7 +306,9 @@ def error_body(reason: str, message: str) -> dict[str, str]:
 # the replica ------------------------------------------------------------------------------------
 
 
-@serve.deployment(name=DEPLOYMENT)
+# A new model (another export URI) rolls out a quarter of the replicas at a time, each
+# replacement started and healthy before the replica it replaces stops (surge, no downtime).
+@serve.deployment(name=DEPLOYMENT, rolling_update_percentage=0.25, max_surge_percent=25)
 class Hashtags:
     """One replica: the exported model, its embedder, the HTTP routes."""
 
