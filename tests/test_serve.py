@@ -25,7 +25,7 @@ import pytest
 import requests
 from test_tune import CLASSIC_SPEC, write_dataset
 
-from hashtag import models, tune
+from hashtag import models, storage, tune
 from hashtag.report import ResultRow
 from hashtag.serve import ServeConfig, app
 
@@ -75,15 +75,31 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(exported, tmp_path_factory):
-    """`hashtag serve` in a subprocess on 127.0.0.1 with --token-file; stopped with SIGTERM."""
+def exported_on_s3(exported, s3_endpoint) -> str:
+    """The same export copied to a bucket of the S3 API server: the server loads it from there
+    (as on a cluster), while `recommend --json` reads the local folder."""
+    import boto3
+
+    bucket = f"serve-{os.urandom(6).hex()}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    uri = f"s3://{bucket}/runs/r1/tune/model"
+    for path in sorted(Path(exported).rglob("*")):
+        if path.is_file():
+            storage.write_bytes(f"{uri}/{path.relative_to(exported).as_posix()}", path.read_bytes())
+    return uri
+
+
+@pytest.fixture(scope="module")
+def server(exported_on_s3, tmp_path_factory):
+    """`hashtag serve` in a subprocess on 127.0.0.1 with --token-file, serving the model from
+    S3 (the AWS_* variables of the S3 fixture reach it and its replicas); stopped by SIGTERM."""
     folder = tmp_path_factory.mktemp("serve")
     token_file = folder / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
     port = _free_port()
     command = [
-        sys.executable, "-m", "hashtag.cli", "serve", "--model", exported, "--port", str(port),
+        sys.executable, "-m", "hashtag.cli", "serve", "--model", exported_on_s3, "--port", str(port),
         "--token-file", str(token_file), "--request-timeout-s", str(REQUEST_TIMEOUT_S),
         "--fetch-deadline-s", "2", "--max-body-mb", "8",
     ]  # fmt: skip
