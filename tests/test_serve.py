@@ -252,6 +252,17 @@ HOSTILE = {
     "metadata URL": dict(json={"image": "http://169.254.169.254/latest/meta-data/"}),
     "local path": dict(json={"image": "/etc/passwd"}),
     "file URL": dict(json={"image": "file:///etc/passwd"}),
+    "10k multipart parts": dict(
+        data=b"".join(
+            b'--XX\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nv\r\n' % i
+            for i in range(10_000)
+        )
+        + b"--XX--\r\n",
+        headers={"Content-Type": "multipart/form-data; boundary=XX"},
+    ),
+    "multipart without boundary": dict(
+        data=b"abc", headers={"Content-Type": "multipart/form-data"}
+    ),
     "malformed JSON": dict(data=b'{"image": ', headers={"Content-Type": "application/json"}),
     "deep JSON": dict(data=b"[" * 100_000, headers={"Content-Type": "application/json"}),
     "not an object": dict(json=[1, 2]),
