@@ -51,6 +51,12 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
         "train the batch size x learning rate grid on Ray Tune",
     ),
     "recommend": ("hashtag.recommend", "RecommendConfig", "run", "recommend hashtags for images"),
+    "serve": (
+        "hashtag.serve",
+        "ServeConfig",
+        "run",
+        "serve suggestions over HTTP (Ray Serve): POST /v1/recommend",
+    ),
     "evaluate": (
         "hashtag.recommend",
         "EvaluateConfig",

@@ -171,6 +171,22 @@ class ExportedModel:
             weights.verify([n for n in copies.values() if isinstance(n, str)])
         return embedders.confined(self.embedder_spec, folder, copies)
 
+    def prepare(self, data: bytes, max_pixels: int | None = None) -> np.ndarray:
+        """Image bytes -> the embedder's input, through the scrape's admission rule
+        (images.decode: format gating, pixel cap, decode limits); ImageError otherwise."""
+        from hashtag import images, ingest
+
+        embedder = self.embedder
+        rgb = images.decode(
+            data, max_pixels=max_pixels or ingest.MAX_PIXELS, min_side=embedder.min_side
+        )
+        return embedder.preprocess(rgb)
+
+    def image_scores(self, inputs: np.ndarray) -> np.ndarray:
+        """A stack of prepared images (n, ...) -> the model's scores (n, V): embed, predict."""
+        vectors = np.asarray(self.embedder.embed_batch(inputs)).astype(np.float32, copy=False)
+        return np.asarray(self.recommender.predict_scores(vectors), np.float32)
+
     @property
     def cooccurrence(self):
         from hashtag.completion import Cooccurrence
@@ -325,18 +341,45 @@ def _recommend_batch(
             result["error"] = query.error or errors.get(query.image, "not embedded")
             results.append(result)
             continue
-        given, _ = exported.tag_mask(list(query.given))  # unknown tags cannot help: ignored
         image = None if query.image is None else scores[query.image]
-        if query.given or image is None:
-            row = exported.cooccurrence.combine(
-                None if image is None else image[None, :], given[None, :], config.completion_weight
-            )[0]
-        else:
-            row = np.asarray(image, np.float32)
-        row = np.where(blocked | given, -np.inf, row)  # a given tag is never suggested again
-        result["hashtags"] = top_hashtags(row, exported.vocab, config.k, config.min_score)[0]
+        result["hashtags"] = suggest(
+            exported,
+            image,
+            query.given,
+            blocked,
+            k=config.k,
+            min_score=config.min_score,
+            completion_weight=config.completion_weight,
+        )
         results.append(result)
     return results
+
+
+def suggest(
+    exported: ExportedModel,
+    image_scores: np.ndarray | None,
+    given: Iterable[str],
+    blocked: np.ndarray,
+    *,
+    k: int,
+    min_score: float = 0.0,
+    completion_weight: float = 0.5,
+) -> list[dict[str, Any]]:
+    """The k best {"tag", "score"} for one post: its image's model scores (V,) or None, and the
+    tags already written (normalised), completed by co-occurrence when given or alone. Blocked
+    and given tags are never suggested. The one rule behind `recommend` and `serve`."""
+    given = list(given)
+    given_mask, _ = exported.tag_mask(given)  # unknown tags cannot help: ignored
+    if given or image_scores is None:
+        row = exported.cooccurrence.combine(
+            None if image_scores is None else np.asarray(image_scores)[None, :],
+            given_mask[None, :],
+            completion_weight,
+        )[0]
+    else:
+        row = np.asarray(image_scores, np.float32)
+    row = np.where(blocked | given_mask, -np.inf, row)  # a given tag is never suggested again
+    return top_hashtags(row, exported.vocab, k, min_score)[0]
 
 
 def read_manifest(uri: str) -> Iterator[Query]:

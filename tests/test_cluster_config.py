@@ -40,9 +40,10 @@ def cluster() -> dict:
 
 @pytest.fixture(scope="module")
 def kuberay() -> dict[str, list[dict]]:
-    """The KubeRay manifests' documents by kind (two ServiceAccounts, one of each other kind)."""
+    """The batch cluster's KubeRay manifests' documents by kind (two ServiceAccounts, one of
+    each other kind); the serving cluster (rayservice.yaml) is tests/test_serve_config.py's."""
     documents: dict[str, list[dict]] = {}
-    for path in sorted((INFRA / "kuberay").glob("*.yaml")):
+    for path in (INFRA / "kuberay" / "raycluster.yaml", INFRA / "kuberay" / "rayjob.yaml"):
         for document in yaml.safe_load_all(path.read_text()):
             documents.setdefault(document["kind"], []).append(document)
     return documents
