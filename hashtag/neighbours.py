@@ -172,7 +172,7 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def range_pairs(index, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Every (query row, index row) pair with cosine similarity >= threshold."""
     limits, sims, indices = index.range_search(normalised(queries), float(threshold))
-    rows = np.repeat(np.arange(len(queries), dtype=np.int64), np.diff(limits))
+    rows = np.repeat(np.arange(len(queries), dtype=np.int64), np.diff(limits.astype(np.int64)))
     return rows, indices.astype(np.int64, copy=False)
 
 

@@ -27,6 +27,7 @@ starts a new experiment (the name carries a hash of those settings).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -530,14 +531,19 @@ def _candidate_row(label: str, recommender, data: TrialData, started: float) -> 
 def _references(config: TuneConfig, dataset, data: TrialData) -> tuple[list[ResultRow], dict]:
     """Popularity, kNN, ridge and kernel ridge, fitted in the driver: their rows and the fitted models
     (candidates for the export and parts of the blends). Over the memory budget they train on
-    the first REFERENCE_ROWS training rows; kNN holds them all in memory."""
-    X_train, Y_train = _training_rows(data, ("train",), dataset.vocab_size)
+    the first REFERENCE_ROWS training rows, except kNN, whose faiss index holds every training
+    row (streamed into it block by block)."""
     X_val, Y_val = data.validation(dataset.vocab_size)
+    arrays = functools.cache(lambda: _training_rows(data, ("train",), dataset.vocab_size))
     rows, fitted = [], {}
     for name in config.references:
         started = time.perf_counter()
         recommender = models.create(name, reference_config(name, config.seed, blocks_of(dataset)))
-        recommender.fit(X_train, Y_train, X_val, Y_val, vocab=dataset.vocab)
+        # kNN streams every training row into its index; the others take rows in memory.
+        train = (
+            (data.train(dataset.dim, dataset.vocab_size), None) if recommender.streams else arrays()
+        )
+        recommender.fit(*train, X_val, Y_val, vocab=dataset.vocab)
         rows.append(_candidate_row(name, recommender, data, started))
         fitted[name] = recommender
     return rows, fitted
@@ -717,7 +723,11 @@ def _refit_on(config: TuneConfig, dataset, data: TrialData, recommender, names):
         return models.refit(recommender, X, Y, config.select_metric)
     rows = sum(len(dataset.rows(name)) for name in names)
     blocks = models.Blocks(
-        lambda order: _chained(data, names, order), rows, dataset.dim, dataset.vocab_size
+        lambda order: _chained(data, names, order),
+        rows,
+        dataset.dim,
+        dataset.vocab_size,
+        array_rows=REFERENCE_ROWS if data.dataset is not None else None,
     )
     return models.refit(recommender, blocks, None, config.select_metric)
 
