@@ -65,7 +65,7 @@ from hashtag.shards import ShardError, finished_shards, read_embeddings, read_ro
 log = logging.getLogger(__name__)
 
 NEAR_DUPLICATE_MODES = ("group", "drop", "keep")
-NEAR_DUPLICATE_SIMILARITY = 0.9  # see bench/bench_neardup.py for recall and false merges
+NEAR_DUPLICATE_SIMILARITY = 0.85  # see bench/bench_neardup.py for recall and false merges
 NEAR_CHUNK_ROWS = 65_536  # rows per near-duplicate index (one task each)
 NEAR_EXACT_ROWS = 16_384  # a chunk's index is exact up to this, IVF above
 NEAR_LINKS = 32  # at most this many near-duplicates kept per post (the most similar)

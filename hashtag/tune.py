@@ -996,6 +996,23 @@ def _run_completion(config: TuneConfig, dataset, started: float) -> TuneResult:
     return TuneResult(summary, model_uri, has_images=False)
 
 
+def near_duplicate_line(dataset) -> str:
+    """The line under the table that says whether test figures can be flattered by reposts:
+    how many test posts had a near-duplicate in train before merge grouped them, and after."""
+    near = dataset.manifest.get("near_duplicates")
+    if not isinstance(near, dict) or not isinstance(near.get("test_with_train_copy"), dict):
+        return (
+            "near-duplicates: not checked (merged without near-duplicate grouping): test posts "
+            "may have copies in train; rerun `hashtag merge`"
+        )
+    leak = near["test_with_train_copy"]
+    return (
+        f"near-duplicates (cosine >= {near.get('similarity')}): {leak.get('before')} test posts "
+        f"had a near-duplicate in train before grouping, {leak.get('after')} after "
+        f"(--near-duplicates {near.get('mode')}; {near.get('groups')} groups)"
+    )
+
+
 def _trial_data(config: TuneConfig, dataset) -> TrialData:
     """The splits in memory (for the object store) when they fit the budget, else streamed."""
     from hashtag.dataset import SPLITS
@@ -1049,6 +1066,7 @@ def run(config: TuneConfig) -> TuneResult:
     rows = [dataclasses.replace(r, selected=r.label == best["model"]) for r in trials + others]
     paths = write_report(rows, config.out)
     print(decision_markdown(rows), end="")
+    print(near_duplicate_line(dataset))
     print(f"every metric: {paths['results.md']}")
     summary = {
         "stage": "tune",
@@ -1058,6 +1076,7 @@ def run(config: TuneConfig) -> TuneResult:
         "references": [asdict(r) for r in references],
         "candidates": [asdict(r) for r in others],
         "best": best,
+        "near_duplicates": dataset.manifest.get("near_duplicates"),
         "failed": list(failed),
         "model": model_uri,
         "outputs": paths,
