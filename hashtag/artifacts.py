@@ -14,12 +14,13 @@ are the caller's knowledge: it checks them with the small helpers below. Every p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,14 @@ def write_file(folder: str, name: str, data: bytes) -> dict[str, Any]:
 def write_array(folder: str, name: str, array: np.ndarray) -> dict[str, Any]:
     """Write one .npy data file atomically (never pickled); return its manifest entry."""
     return write_file(folder, name, storage.npy_bytes(array, storage.join(folder, name)))
+
+
+def write_local_file(folder: str, name: str, local_path: str) -> dict[str, Any]:
+    """Copy a local file (e.g. one a library wrote, such as a faiss index) into the folder as
+    data file `name`, atomically; return its manifest entry (hashed in chunks)."""
+    found = file_entry(local_path)
+    storage.upload(local_path, storage.join(folder, check_name(folder, name)))
+    return found
 
 
 def remove_manifest(folder: str) -> None:
@@ -198,6 +207,29 @@ class Artifact:
         if verify and expected["sha256"] and digest.hexdigest() != expected["sha256"]:
             raise self.error(f"{name} does not match its manifest's sha256 (damaged)")
         return array
+
+    @contextlib.contextmanager
+    def local_file(self, name: str) -> Iterator[tuple[str, bool]]:
+        """(local path, whether it is the folder's own file) of data file `name`, its size and
+        sha256 checked first: for readers in native code that trust what they parse (faiss).
+        A remote file is downloaded to a temporary folder (after its size is checked)."""
+        if not storage.is_remote(self.path(name)):
+            self.verify([name])
+            yield storage.filesystem(self.path(name))[1], True
+            return
+        self.check_size(name)
+        with contextlib.ExitStack() as stack:
+            try:
+                path = stack.enter_context(storage.local_file(self.path(name)))
+                found = file_entry(path)
+            except (OSError, ValueError) as error:
+                raise self.error(f"cannot read {name} ({error})") from None
+            expected = self.files[name]
+            if found["bytes"] != expected["bytes"] or (
+                expected["sha256"] and found["sha256"] != expected["sha256"]
+            ):
+                raise self.error(f"{name} does not match its manifest (size or sha256: damaged)")
+            yield path, False
 
     def verify(self, names: Iterable[str] | None = None) -> None:
         """Check the sizes and content hashes of the data files (all of them by default)."""

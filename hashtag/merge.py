@@ -40,6 +40,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -71,6 +72,12 @@ from hashtag.shards import (
 )
 
 log = logging.getLogger(__name__)
+
+NEAR_DUPLICATE_MODES = ("group", "drop", "keep")
+NEAR_DUPLICATE_SIMILARITY = 0.85  # see bench/bench_neardup.py for recall and false merges
+NEAR_CHUNK_ROWS = 65_536  # rows per near-duplicate index (one task each)
+NEAR_EXACT_ROWS = 16_384  # a chunk's index is exact up to this, IVF above
+NEAR_LINKS = 32  # at most this many near-duplicates kept per post (the most similar)
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,21 @@ class MergeConfig:
             "stops naming it (a rerun resumes from the tasks that finished)"
         },
     )
+    near_duplicates: str = field(
+        default="group",
+        metadata={
+            "help": "posts whose embeddings are within --near-duplicate-similarity of each "
+            "other: group (one split for the whole group), drop (keep the first post of each "
+            "group) or keep (as they come; only counted)"
+        },
+    )
+    near_duplicate_similarity: float = field(
+        default=NEAR_DUPLICATE_SIMILARITY,
+        metadata={
+            "help": "cosine similarity at or above which two posts are near-duplicates "
+            "(calibrated on re-encoded, resized, cropped, mirrored photos: bench/bench_neardup.py)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.shards or not self.out:
@@ -124,6 +146,15 @@ class MergeConfig:
         if self.dtype not in EMBEDDING_DTYPES:
             raise ValueError(
                 f"dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {self.dtype!r}"
+            )
+        if self.near_duplicates not in NEAR_DUPLICATE_MODES:
+            raise ValueError(
+                f"near_duplicates must be one of {', '.join(NEAR_DUPLICATE_MODES)}, got "
+                f"{self.near_duplicates!r}"
+            )
+        if not 0.0 < self.near_duplicate_similarity <= 1.0:
+            raise ValueError(
+                f"near_duplicate_similarity must be in (0, 1], got {self.near_duplicate_similarity}"
             )
         if self.part_rows < 1:
             raise ValueError(f"part_rows must be >= 1, got {self.part_rows}")
@@ -349,7 +380,224 @@ def _duplicates_in(work: str, kind: str, partitions: int, lo: int, hi: int) -> n
     return np.sort(np.concatenate(found))
 
 
-def count_task(group: list[int], partitions: int, work: str) -> dict[str, Any]:
+# ---------------------------------------------------------------- near-duplicates (step 2b)
+#
+# Chunks of consecutive shards (~NEAR_CHUNK_ROWS kept rows each, in order-key order). Task c
+# builds a faiss index (neighbours.py: exact up to NEAR_EXACT_ROWS rows, IVF above) of chunk c's
+# kept rows and range-searches it with the rows of chunks 0..c: every pair of posts within the
+# similarity threshold is found exactly once (by the task of the later post's chunk), each task
+# holds one chunk's index and one query block, and the tasks run in parallel at any N. The
+# driver joins the pairs into groups (connected components); a group's first post (lowest order
+# key) decides the split of every member (`split_of`), or is the only one kept (drop).
+
+
+def _chunk_rows(
+    shards_root: str, chunk: list[int], manifests: dict[int, dict], partitions: int, work: str
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, list[int]]]:
+    """(shard index, order keys, float32 embeddings, rows in the shard) of the rows of each
+    shard that survived the exact dedupe, shard by shard."""
+    for index in chunk:
+        count = int(manifests[index]["count"])
+        if count == 0:
+            continue
+        lo, hi = index << 32, (index + 1) << 32
+        order = _order_keys(index, count)
+        dupes = np.union1d(
+            _duplicates_in(work, "id", partitions, lo, hi),
+            _duplicates_in(work, "image", partitions, lo, hi),
+        )
+        kept = np.flatnonzero(~np.isin(order, dupes))
+        if len(kept) == 0:
+            continue
+        embeddings = read_embeddings(shards_root, index, manifests[index], mmap=True)
+        yield index, order[kept], np.asarray(embeddings[kept], np.float32), kept.tolist()
+
+
+def near_task(
+    config: MergeConfig,
+    chunks: list[list[int]],
+    c: int,
+    manifests: dict[int, dict],
+    partitions: int,
+    work: str,
+) -> dict[str, Any]:
+    """Step 2b for chunk c: the near-duplicate pairs (earlier order key, later order key) whose
+    later post is in chunk c, and chunk c's kept order keys with their own (id-hash) splits."""
+    from hashtag import neighbours
+
+    uri = storage.join(work, "near", f"chunk-{chunks[c][0]:05d}")
+    if (done := _done(uri)) is not None:
+        return done
+    orders, embeddings, splits = [], [], []
+    for shard, shard_orders, X, rows in _chunk_rows(
+        config.shards, chunks[c], manifests, partitions, work
+    ):
+        ids = [str(row["id"]) for row in read_rows(config.shards, shard, manifests[shard])]
+        orders.append(shard_orders)
+        embeddings.append(X)
+        splits.append(_own_split(config, [ids[i] for i in rows]))
+    base_order = np.concatenate(orders) if orders else np.zeros(0, np.uint64)
+    pairs = [np.zeros((0, 2), np.uint64)]
+    capped = 0
+    if len(base_order):
+        X = np.concatenate(embeddings)
+        dim = X.shape[1]
+        index = neighbours.build(
+            X, index_plan=neighbours.plan(len(X), dim, exact_rows=NEAR_EXACT_ROWS)
+        )
+        del X, embeddings
+        for earlier in range(c + 1):
+            for _, q_order, Q, _ in _chunk_rows(
+                config.shards, chunks[earlier], manifests, partitions, work
+            ):
+                found, cut = _near_pairs(index, Q, q_order, base_order, config)
+                pairs.append(found)
+                capped += cut
+    storage.save_npy(storage.join(uri, "pairs.npy"), np.concatenate(pairs))
+    storage.save_npy(storage.join(uri, "order.npy"), base_order)
+    storage.save_npy(
+        storage.join(uri, "split.npy"), np.concatenate(splits) if splits else np.zeros(0, np.uint8)
+    )
+    done = {"rows": len(base_order), "pairs": int(sum(len(p) for p in pairs)), "capped": capped}
+    storage.write_json(storage.join(uri, _DONE), done)
+    return done
+
+
+def _own_split(config: MergeConfig, ids: list[str]) -> np.ndarray:
+    return assign_split(
+        ids, seed=config.seed, val_fraction=config.val_fraction, test_fraction=config.test_fraction
+    )
+
+
+def _near_pairs(
+    index, Q: np.ndarray, q_order: np.ndarray, base_order: np.ndarray, config: MergeConfig
+) -> tuple[np.ndarray, int]:
+    """(pairs (m, 2) of order keys (earlier, later), how many were cut by NEAR_LINKS) of the
+    query rows against the index, 4,096 queries at a time."""
+    from hashtag import neighbours
+
+    found, capped = [], 0
+    for start in range(0, len(Q), 4096):
+        rows, hits = neighbours.range_pairs(
+            index, Q[start : start + 4096], config.near_duplicate_similarity
+        )
+        a, b = q_order[start + rows], base_order[hits]
+        keep = a < b  # each pair once; a row never pairs with itself
+        a, b = a[keep], b[keep]
+        if len(a):  # at most NEAR_LINKS per later post (a mass of copies stays linear)
+            by = np.lexsort((a, b))
+            a, b = a[by], b[by]
+            first = np.searchsorted(b, b, side="left")
+            rank = np.arange(len(b)) - first
+            capped += int(np.count_nonzero(rank >= NEAR_LINKS))
+            a, b = a[rank < NEAR_LINKS], b[rank < NEAR_LINKS]
+        found.append(np.stack([a, b], axis=1))
+    return (np.concatenate(found) if found else np.zeros((0, 2), np.uint64)), capped
+
+
+def _components(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order keys of every post in a pair, the lowest order key of its connected component)."""
+    nodes, edges = np.unique(pairs, return_inverse=True)
+    edges = edges.reshape(-1, 2)
+    label = np.arange(len(nodes))
+    while True:  # min-label propagation with pointer jumping: O(log diameter) rounds
+        low = np.minimum(label[edges[:, 0]], label[edges[:, 1]])
+        new = label.copy()
+        np.minimum.at(new, edges[:, 0], low)
+        np.minimum.at(new, edges[:, 1], low)
+        new = new[new]
+        if np.array_equal(new, label):
+            break
+        label = new
+    return nodes, nodes[label]
+
+
+def near_groups(
+    config: MergeConfig, chunks: list[list[int]], results: list[dict[str, Any]], work: str
+) -> dict[str, Any]:
+    """The driver's step 2b: pairs -> groups; writes each non-first member's order key with
+    the split it takes (its group's first post's) for `split_of`, and its stats."""
+    uri = storage.join(work, "near", "groups")
+    if (done := _done(uri)) is not None:
+        return done
+    folders = [storage.join(work, "near", f"chunk-{chunk[0]:05d}") for chunk in chunks]
+    pairs = np.concatenate(
+        [np.zeros((0, 2), np.uint64)]
+        + [storage.load_npy(storage.join(f, "pairs.npy")).reshape(-1, 2) for f in folders]
+    )
+    nodes, roots = _components(pairs) if len(pairs) else (np.zeros(0, np.uint64),) * 2
+    # Every node's own split, from the chunk that holds it (order keys ascend across chunks).
+    own = np.zeros(len(nodes), np.uint8)
+    for folder in folders:
+        order = storage.load_npy(storage.join(folder, "order.npy"))
+        split = storage.load_npy(storage.join(folder, "split.npy"))
+        if len(order) == 0:
+            continue
+        at = np.searchsorted(order, nodes)
+        hit = (at < len(order)) & (order[np.minimum(at, len(order) - 1)] == nodes)
+        own[hit] = split[at[hit]]
+    root_split = own[np.searchsorted(nodes, roots)]
+    members = nodes != roots
+    train, test = split_code("train"), split_code("test")
+    group_has_train = np.zeros(len(nodes), bool)
+    root_at = np.searchsorted(nodes, roots)
+    np.logical_or.at(group_has_train, root_at, own == train)
+    leaked = int(np.count_nonzero((own == test) & group_has_train[root_at]))
+    after = leaked if config.near_duplicates == "keep" else 0
+    storage.save_npy(storage.join(uri, "members.npy"), nodes[members])
+    storage.save_npy(storage.join(uri, "member_split.npy"), root_split[members])
+    done = {
+        "mode": config.near_duplicates,
+        "similarity": config.near_duplicate_similarity,
+        "groups": int(np.count_nonzero(~members)),
+        "posts_in_groups": len(nodes),
+        "pairs": len(pairs),
+        "links_capped": sum(int(r["capped"]) for r in results),
+        "moved": int(np.count_nonzero(members & (own != root_split)))
+        if config.near_duplicates == "group"
+        else 0,
+        "dropped": int(np.count_nonzero(members)) if config.near_duplicates == "drop" else 0,
+        "test_with_train_copy": {"before": leaked, "after": after},
+    }
+    storage.write_json(storage.join(uri, _DONE), done)
+    return done
+
+
+def _near_members(work: str, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of `orders` that are non-first members of a near-duplicate group, the split each
+    of those takes); nothing when the step did not run (label-only data)."""
+    uri = storage.join(work, "near", "groups", "members.npy")
+    mask = np.zeros(len(orders), bool)
+    if not storage.exists(uri):
+        return mask, np.zeros(0, np.uint8)
+    members = np.asarray(storage.load_npy(uri, True))
+    if len(members) == 0:
+        return mask, np.zeros(0, np.uint8)
+    at = np.searchsorted(members, orders)
+    mask = members[np.minimum(at, len(members) - 1)] == orders
+    split = storage.load_npy(storage.join(work, "near", "groups", "member_split.npy"), True)
+    return mask, np.asarray(split)[at[mask]]
+
+
+def near_dropped(config: MergeConfig, work: str, orders: np.ndarray) -> np.ndarray:
+    """Mask of the rows (order keys) that `--near-duplicates drop` removes."""
+    if config.near_duplicates != "drop":
+        return np.zeros(len(orders), bool)
+    return _near_members(work, orders)[0]
+
+
+def split_of(config: MergeConfig, work: str, ids: list[str], orders: np.ndarray) -> np.ndarray:
+    """THE split of kept rows (post ids and their order keys): the hash of the post id
+    (assign_split), except that a near-duplicate group takes its first post's split under
+    `--near-duplicates group`. Vocabulary counts per split must use this too."""
+    split = _own_split(config, ids)
+    if config.near_duplicates == "group":
+        mask, member_split = _near_members(work, np.asarray(orders, np.uint64))
+        split[mask] = member_split
+    return split
+
+
+def count_task(config: MergeConfig, group: list[int], partitions: int, work: str) -> dict[str, Any]:
     """Step 3: which rows of a group are kept, and how many kept posts carry each tag."""
     uri = storage.join(work, "counts", f"group-{group[0]:05d}")
     if (done := _done(uri)) is not None:
@@ -359,7 +607,7 @@ def count_task(group: list[int], partitions: int, work: str) -> dict[str, Any]:
     lo, hi = group[0] << 32, (group[-1] + 1) << 32
     id_dupes = np.isin(order, _duplicates_in(work, "id", partitions, lo, hi))
     image_dupes = np.isin(order, _duplicates_in(work, "image", partitions, lo, hi))
-    kept = ~id_dupes & ~image_dupes
+    kept = ~id_dupes & ~image_dupes & ~near_dropped(config, work, order)
     indptr = storage.load_npy(storage.join(keys, "tag_indptr.npy"))
     indices = storage.load_npy(storage.join(keys, "tag_indices.npy"))
     names = storage.read_json(storage.join(keys, "tags.json"))
@@ -417,12 +665,7 @@ def write_task(
                 for row in kept_rows
             ]
             label_indptr, label_indices = csr_from_lists(labels)
-            split = assign_split(
-                ids,
-                seed=config.seed,
-                val_fraction=config.val_fraction,
-                test_fraction=config.test_fraction,
-            )
+            split = split_of(config, work, ids, kept_order[lo:hi])
             writer.append(embeddings[kept], ids, split, label_indptr, label_indices)
             del rows, kept_rows, embeddings
         embedder = manifests[group[0]]["embedder"]
@@ -514,6 +757,49 @@ def _run_stage(
     return [results[i] for i in range(len(calls))]
 
 
+def _near_duplicate_step(
+    config: MergeConfig,
+    manifests: dict[int, dict],
+    partitions: int,
+    work: str,
+    dim: int,
+) -> dict[str, Any] | None:
+    """Step 2b (after the exact dedupe, before the counts): near-duplicate groups by embedding;
+    None for label-only data (no embeddings)."""
+    if dim == 0 or not manifests:
+        return None
+    chunks = _groups(manifests, NEAR_CHUNK_ROWS)
+    results = _run_stage(
+        config,
+        "merge 2b: near-duplicates",
+        near_task,
+        [
+            (
+                config,
+                chunks,
+                c,
+                {i: manifests[i] for g in chunks[: c + 1] for i in g},
+                partitions,
+                work,
+            )
+            for c in range(len(chunks))
+        ],
+        [f"near-duplicates of shards {g[0]}-{g[-1]}" for g in chunks],
+    )
+    near = near_groups(config, chunks, results, work)
+    log.info(
+        "near-duplicates (cosine >= %g): %d groups of %d posts; %d test posts had a copy in "
+        "train (%d after, --near-duplicates %s)",
+        config.near_duplicate_similarity,
+        near["groups"],
+        near["posts_in_groups"],
+        near["test_with_train_copy"]["before"],
+        near["test_with_train_copy"]["after"],
+        config.near_duplicates,
+    )
+    return near
+
+
 @dataclass(frozen=True)
 class MergeResult(StageResult):
     out: str
@@ -564,11 +850,19 @@ def run(config: MergeConfig) -> MergeResult:
         [(kind, p, groups, work) for kind, p in dedupes],
         [f"dedupe of {kind} partition {p}" for kind, p in dedupes],
     )
+    damaged = {int(i) for k in keys for i in k["bad"]}  # refused below, after the counts
+    near = _near_duplicate_step(
+        config,
+        {i: m for i, m in manifests.items() if i not in damaged},
+        partitions,
+        work,
+        dim,
+    )
     counts = _run_stage(
         config,
         "merge 3/4: count tags",
         count_task,
-        [(g, partitions, work) for g in groups],
+        [(config, g, partitions, work) for g in groups],
         [f"tag counts of {name}" for name in shards_of],
     )
     tag_counts: Counter[str] = Counter()
@@ -619,6 +913,7 @@ def run(config: MergeConfig) -> MergeResult:
             "posts_in": posts_in,
             "duplicates": duplicates,
             "distinct_tags": len(tag_counts),
+            "near_duplicates": near,
             "config": asdict(config),
         },
     )
@@ -639,6 +934,7 @@ def run(config: MergeConfig) -> MergeResult:
         "posts_in": posts_in,
         "duplicates": duplicates,
         "distinct_tags": len(tag_counts),
+        "near_duplicates": near,
         "parts": len(parts),
         "tasks_per_step": {"groups": len(groups), "partitions": partitions},
         "seconds": round(seconds, 3),

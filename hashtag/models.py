@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from hashtag import artifacts, metrics, storage, tfimport
+from hashtag import artifacts, metrics, neighbours, storage, tfimport
 from hashtag.dataset import array_blocks, csr_rows, dense_labels
 from hashtag.embedders import l2_normalize
 
@@ -93,6 +93,13 @@ class ModelConfig:
     seed: int = field(default=0, metadata=_help("random seed"))
     knn_neighbours: int = field(default=15, metadata=_help("knn: neighbours that vote"))
     dropout: float = field(default=0.5, metadata=_help("mlp: dropout rate"))
+    knn_index: str = field(
+        default="auto",
+        metadata=_help(
+            "knn: the faiss index: auto (exact up to 100,000 rows, IVF above), flat, ivf-flat, "
+            "ivf-sq8, ivf-pq"
+        ),
+    )
     knn_temperature: float = field(
         default=0.0,
         metadata=_help("knn: neighbour weights exp(t x similarity); 0: the similarity itself"),
@@ -132,6 +139,10 @@ class ModelConfig:
             raise ValueError(f"knn_neighbours must be >= 1, got {self.knn_neighbours}")
         if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.knn_index != "auto" and self.knn_index not in neighbours.KINDS:
+            raise ValueError(
+                f"knn_index must be auto or one of {neighbours.KINDS}, got {self.knn_index!r}"
+            )
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if not 0.0 <= self.prior_weight <= 1.0:
@@ -174,6 +185,21 @@ class Blocks:
     rows: int
     dim: int
     n_tags: int
+    # A blend's parts that train on arrays (not Blocks) read at most this many first rows (a
+    # random sample when rows are in post-id-hash order); None: every row.
+    array_rows: int | None = None
+
+    def in_memory(self) -> tuple[np.ndarray, np.ndarray]:
+        """(X, Y dense bool) of the first `array_rows` rows (all when None), in row order."""
+        Xs, Ys, left = [], [], self.rows if self.array_rows is None else self.array_rows
+        for X, indptr, indices in self.read(None):
+            if left <= 0:
+                break
+            X, indptr = X[:left], indptr[: left + 1]
+            Xs.append(X)
+            Ys.append(dense_labels(indptr, indices[: int(indptr[-1])], self.n_tags))
+            left -= len(X)
+        return np.concatenate(Xs), np.concatenate(Ys)
 
 
 def csr_of(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -330,6 +356,7 @@ class Recommender:
     name = ""
     trainable = False
     streams = False  # fit accepts Blocks (data larger than memory)
+    reads_features = True  # False: fit needs the labels only (Blocks without embeddings)
     fixed_decision: Decision | None = None
 
     def __init__(self, config: ModelConfig | None = None) -> None:
@@ -565,12 +592,15 @@ class Recommender:
             f"{name}.npy": artifacts.write_array(uri, f"{name}.npy", array)
             for name, array in arrays.items()
         }
+        data_files = self._save_files(uri)
+        files.update(data_files)
         self._save_parts(uri)
         artifacts.write_manifest(
             uri,
             FORMAT,
             VERSION,
             files,
+            data_files=sorted(data_files),
             model=self.name,
             config=asdict(self.config),
             vocab=self.vocab,
@@ -578,6 +608,14 @@ class Recommender:
             extra=self.metadata,
             **state,
         )
+
+    def _save_files(self, uri: str) -> dict[str, dict[str, Any]]:
+        """Hook: data files other than .npy arrays (a faiss index), written into `uri`; returns
+        their manifest entries."""
+        return {}
+
+    def _load_files(self, artifact: artifacts.Artifact, names: list[str]) -> None:
+        """Hook: the counterpart of `_save_files` (each file's sha256 is checked first)."""
 
     def _save_parts(self, uri: str) -> None:
         """Hook: models made of models (a blend) save them beside their own arrays."""
@@ -606,10 +644,17 @@ def load(uri: str) -> Recommender:
         or not all(isinstance(t, str) for t in vocab)
     ):
         raise artifact.error(f"its vocabulary is not a list of {n_tags} tags")
+    data_files = manifest.get("data_files") or []
+    if not isinstance(data_files, list):
+        raise artifact.error("its manifest's 'data_files' is not a list")
     for name in names:
         artifacts.check_name(artifact.uri, f"{name}.npy" if isinstance(name, str) else name, _FIX)
-    if artifact.files and set(artifact.files) != {f"{name}.npy" for name in names}:
-        raise artifact.error("its 'arrays' and 'files' do not match")
+    for name in data_files:
+        artifacts.check_name(artifact.uri, name, _FIX)
+    if artifact.files and set(artifact.files) != {f"{name}.npy" for name in names} | set(
+        data_files
+    ):
+        raise artifact.error("its 'arrays', 'data_files' and 'files' do not match")
     try:
         model = create(manifest["model"], ModelConfig(**manifest["config"]))
         arrays = {
@@ -621,6 +666,7 @@ def load(uri: str) -> Recommender:
             for name in names
         }
         model._load_parts(artifact.uri)
+        model._load_files(artifact, data_files)
         model.set_state({**manifest, "arrays": arrays})
         model.vocab = vocab
         model.metadata = manifest.get("extra") or {}
@@ -664,6 +710,7 @@ class Popularity(Recommender):
 
     name = "popularity"
     streams = True  # label counts, a block at a time
+    reads_features = False
 
     def _fit(self, X, Y, X_val, Y_val, callbacks) -> None:
         if isinstance(X, Blocks):
@@ -686,44 +733,148 @@ class Popularity(Recommender):
 
 @register
 class Knn(Recommender):
-    """Tags of the nearest training images, weighted by cosine similarity, plus a prior."""
+    """Tags of the nearest training images, weighted by cosine similarity, plus a prior.
+
+    The neighbours come from a faiss index over EVERY training row (neighbours.py: exact
+    IndexFlatIP up to neighbours.EXACT_ROWS rows, IVF above; `knn_index` forces one); the
+    training labels are kept as CSR (indptr, indices), never a dense N x V matrix. Trains on
+    arrays or on `Blocks` (the index is built block by block). Saved: the index as
+    `index.faiss` (memory-mapped on load) beside labels_indptr.npy, labels_indices.npy."""
 
     name = "knn"
+    streams = True
+    INDEX = "index.faiss"
 
     def _fit(self, X, Y, X_val, Y_val, callbacks) -> None:
-        self.train_embeddings = l2_normalize(X)
-        self.train_labels = Y.copy()
-        self.frequency = Y.mean(axis=0, dtype=np.float64).astype(np.float32)
+        if isinstance(X, Blocks):
+            labels: list[tuple[np.ndarray, np.ndarray]] = []
+
+            def rows():
+                for block, indptr, indices in X.read(None):
+                    labels.append((indptr, indices))
+                    yield block
+
+            self.index = neighbours.build(
+                rows(), n=X.rows, dim=X.dim, index_plan=self._plan(X.rows, X.dim)
+            )
+            self.labels_indptr, self.labels_indices = _concat_csr(labels)
+        else:
+            self.index = neighbours.build(X, index_plan=self._plan(len(X), X.shape[1]))
+            self.labels_indptr, self.labels_indices = csr_of(Y)
+        n = len(self.labels_indptr) - 1
+        counts = np.bincount(self.labels_indices, minlength=self.n_tags)
+        self.frequency = (counts / max(1, n)).astype(np.float32)
+
+    def _plan(self, n: int, dim: int) -> neighbours.IndexPlan:
+        kind = None if self.config.knn_index == "auto" else self.config.knn_index
+        return neighbours.plan(n, dim, kind=kind)
+
+    @property
+    def rows(self) -> int:
+        """Training rows the vote reads from (every one of them)."""
+        return int(self.index.ntotal)
 
     def _scores(self, X: np.ndarray) -> np.ndarray:
-        k = self.config.knn_neighbours
-        indices, sims = nearest_neighbours(X, self.train_embeddings, k)
+        indices, sims = neighbours.search(self.index, X, self.config.knn_neighbours)
+        missing = indices < 0  # an IVF probe that found fewer than k rows
+        sims = np.where(missing, sims[:, :1], sims)
         if self.config.knn_temperature:
             # exp(t x similarity), shifted by the row's best for no overflow (ratios unchanged)
             weights = np.exp(self.config.knn_temperature * (sims - sims[:, :1]))
         else:
             weights = np.maximum(sims, 0.0) + 1e-6  # dissimilar neighbours still count a little
-        weights /= weights.sum(axis=1, keepdims=True)
+        weights[missing] = 0.0
+        weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-30)
         votes = np.empty((len(X), self.n_tags), np.float32)
-        rows = max(1, _SIMILARITY_CELLS // max(1, indices.shape[1] * self.n_tags))
+        rows = max(1, _SIMILARITY_CELLS // max(1, self.n_tags))
         for start in range(0, len(X), rows):
             block = slice(start, start + rows)
-            neighbour_tags = self.train_labels[indices[block]].astype(np.float32)  # (b, k, V)
-            votes[block] = np.einsum("bk,bkv->bv", weights[block], neighbour_tags)
+            votes[block] = _sparse_votes(
+                indices[block], weights[block], self.labels_indptr, self.labels_indices, self.n_tags
+            )
         w = self.config.prior_weight
         return (1.0 - w) * votes + w * self.frequency
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {
-            "train_embeddings": self.train_embeddings,
-            "train_labels": self.train_labels,
+            "labels_indptr": self.labels_indptr,
+            "labels_indices": self.labels_indices,
             "frequency": self.frequency,
         }
 
+    def _save_files(self, uri: str) -> dict[str, dict[str, Any]]:
+        return {self.INDEX: neighbours.write(self.index, uri, self.INDEX)}
+
+    def _load_files(self, artifact: artifacts.Artifact, names: list[str]) -> None:
+        if self.INDEX in names:
+            self.index = neighbours.read(artifact, self.INDEX)
+
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
-        self.train_embeddings = arrays["train_embeddings"].astype(np.float32)
-        self.train_labels = arrays["train_labels"].astype(bool)
+        if "train_embeddings" in arrays:  # exported before the faiss index: dense arrays
+            self.index = neighbours.build(
+                arrays["train_embeddings"].astype(np.float32), index_plan=neighbours.plan(1, 1)
+            )
+            self.labels_indptr, self.labels_indices = csr_of(arrays["train_labels"].astype(bool))
+        else:
+            self.labels_indptr = arrays["labels_indptr"].astype(np.int64)
+            self.labels_indices = arrays["labels_indices"].astype(np.int32)
         self.frequency = arrays["frequency"].astype(np.float32)
+        index = getattr(self, "index", None)
+        n = len(self.labels_indptr) - 1
+        if index is None or int(index.ntotal) != n or int(index.d) != self.dim:
+            raise ValueError(
+                f"the index ({getattr(index, 'ntotal', 'no')} rows) does not match the {n} "
+                f"label rows and dim {self.dim}"
+            )
+        indptr, indices = self.labels_indptr, self.labels_indices
+        if (
+            n < 0
+            or indptr[0] != 0
+            or indptr[-1] != len(indices)
+            or bool(np.any(np.diff(indptr) < 0))
+            or (len(indices) and (indices.min() < 0 or indices.max() >= self.n_tags))
+            or self.frequency.shape != (self.n_tags,)
+        ):
+            raise ValueError("the labels are not a CSR matrix over the vocabulary")
+
+
+def _concat_csr(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """One CSR (indptr from 0, indices) of CSR blocks one after the other."""
+    if not parts:
+        return np.zeros(1, np.int64), np.zeros(0, np.int32)
+    offsets = np.cumsum([0] + [int(p[-1]) for p, _ in parts[:-1]])
+    indptr = np.concatenate(
+        [np.zeros(1, np.int64)] + [p[1:] + o for (p, _), o in zip(parts, offsets, strict=True)]
+    )
+    return indptr.astype(np.int64), np.concatenate([i for _, i in parts]).astype(np.int32)
+
+
+def _sparse_votes(
+    neighbour_rows: np.ndarray,
+    weights: np.ndarray,
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    n_tags: int,
+) -> np.ndarray:
+    """float32 (b, V): row i sums weights[i, j] over the tags of training row neighbour_rows[i, j]
+    (CSR labels; rows -1 carry no tags)."""
+    b, k = neighbour_rows.shape
+    flat = np.maximum(neighbour_rows.ravel(), 0)
+    starts = np.asarray(indptr[flat], np.int64)
+    lengths = np.asarray(indptr[flat + 1], np.int64) - starts
+    lengths[neighbour_rows.ravel() < 0] = 0
+    ends = np.cumsum(lengths)
+    positions = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(
+        starts - ends + lengths, lengths
+    )
+    tags = np.asarray(indices[positions], np.int64)
+    query = np.repeat(np.repeat(np.arange(b, dtype=np.int64), k), lengths)
+    w = np.repeat(weights.ravel().astype(np.float64), lengths)
+    return (
+        np.bincount(query * n_tags + tags, weights=w, minlength=b * n_tags)
+        .reshape(b, n_tags)
+        .astype(np.float32)
+    )
 
 
 def _choose_penalty(
@@ -892,6 +1043,7 @@ class Blend(Recommender):
     the chosen blend is retrained on train + validation. Saved with each part in `part-N/`."""
 
     name = "blend"
+    streams = True  # refit from Blocks: parts that stream get them, the others rows in memory
 
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__(config)
@@ -929,7 +1081,13 @@ class Blend(Recommender):
     def _fit(self, X, Y, X_val, Y_val, callbacks) -> None:
         if not self.parts:
             raise ValueError("create a blend with Blend.of(fitted models, X_val, Y_val)")
-        self.parts = [refit(part, X, Y) for part in self.parts]
+        if not isinstance(X, Blocks):
+            self.parts = [refit(part, X, Y) for part in self.parts]
+            return
+        arrays = functools.cache(X.in_memory)  # read once, for every part that needs arrays
+        self.parts = [
+            refit(part, X, None) if part.streams else refit(part, *arrays()) for part in self.parts
+        ]
 
     def _scores(self, X: np.ndarray) -> np.ndarray:
         return sum(w * p.predict_scores(X) for w, p in zip(self.weights, self.parts, strict=True))

@@ -27,6 +27,7 @@ starts a new experiment (the name carries a hash of those settings).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -596,15 +597,17 @@ def _references(config: TuneConfig, dataset, data: TrialData) -> tuple[list[Resu
 
 
 def fit_reference(config: TuneConfig, dataset, data: TrialData, name: str):
-    """One reference model fitted and scored: (its row, the model). Over the memory budget it
-    trains on the first REFERENCE_ROWS training rows (kNN holds them all in memory); a model
-    that streams (popularity) reads the training labels a block at a time."""
+    """One reference model fitted and scored: (its row, the model). A model that streams
+    (popularity, kNN's faiss index) reads every training row a block at a time; over the memory
+    budget the others train on the first REFERENCE_ROWS training rows."""
     started = time.perf_counter()
     recommender = models.create(name, reference_config(name, config.seed, blocks_of(dataset)))
     X_val, Y_val = data.validation(dataset.vocab_size)
     if recommender.streams and not recommender.trainable:
+        # Popularity counts labels, kNN adds rows to its faiss index: every training row, a
+        # block at a time.
         train = models.Blocks(
-            lambda order: data.blocks("train", order, embeddings=False),
+            lambda order: data.blocks("train", order, embeddings=recommender.reads_features),
             data.count("train"),
             dataset.dim,
             dataset.vocab_size,
@@ -818,7 +821,11 @@ def _refit_on(config: TuneConfig, dataset, data: TrialData, recommender, names):
         return models.refit(recommender, X, Y, config.select_metric)
     rows = sum(data.count(name) for name in names)
     blocks = models.Blocks(
-        lambda order: _chained(data, names, order), rows, dataset.dim, dataset.vocab_size
+        lambda order: _chained(data, names, order),
+        rows,
+        dataset.dim,
+        dataset.vocab_size,
+        array_rows=REFERENCE_ROWS if data.dataset is not None else None,
     )
     return models.refit(recommender, blocks, None, config.select_metric)
 
@@ -1130,6 +1137,23 @@ def _run_completion(config: TuneConfig, dataset, started: float) -> TuneResult:
     return TuneResult(summary, model_uri, has_images=False)
 
 
+def near_duplicate_line(dataset) -> str:
+    """The line under the table that says whether test figures can be flattered by reposts:
+    how many test posts had a near-duplicate in train before merge grouped them, and after."""
+    near = dataset.manifest.get("near_duplicates")
+    if not isinstance(near, dict) or not isinstance(near.get("test_with_train_copy"), dict):
+        return (
+            "near-duplicates: not checked (merged without near-duplicate grouping): test posts "
+            "may have copies in train; rerun `hashtag merge`"
+        )
+    leak = near["test_with_train_copy"]
+    return (
+        f"near-duplicates (cosine >= {near.get('similarity')}): {leak.get('before')} test posts "
+        f"had a near-duplicate in train before grouping, {leak.get('after')} after "
+        f"(--near-duplicates {near.get('mode')}; {near.get('groups')} groups)"
+    )
+
+
 def _trial_data(config: TuneConfig, dataset) -> TrialData:
     """The splits in memory (for the object store) when they fit the budget, else streamed."""
     from hashtag.dataset import SPLITS
@@ -1208,6 +1232,7 @@ def run(config: TuneConfig) -> TuneResult:
     rows = [dataclasses.replace(r, selected=r.label == best["model"]) for r in trials + others]
     paths = write_report(rows, grid_config.out)
     print(decision_markdown(rows), end="")
+    print(near_duplicate_line(dataset))
     print(f"every metric: {paths['results.md']}")
     summary = {
         "stage": "tune",
@@ -1217,6 +1242,7 @@ def run(config: TuneConfig) -> TuneResult:
         "references": [asdict(r) for r in references],
         "candidates": [asdict(r) for r in others],
         "best": best,
+        "near_duplicates": dataset.manifest.get("near_duplicates"),
         "failed": list(failed),
         "model": model_uri,
         "outputs": paths,

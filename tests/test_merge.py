@@ -55,6 +55,9 @@ def make(root, order=(0, 1, 2)):
 
 
 def config(shards_root, out, **kw):
+    # These shards' 2-d embeddings are near-duplicates of each other by cosine: the exact
+    # rules are tested here, the near-duplicate groups in their own tests below.
+    kw.setdefault("near_duplicates", "keep")
     return merge.MergeConfig(shards=shards_root, out=out, **kw)
 
 
@@ -431,3 +434,66 @@ def test_a_tampered_shard_is_refused_by_name_not_as_a_ray_error(tmp_path):
     with pytest.raises(ArtifactError, match="shard 2") as info:
         merge.run(config(root, str(tmp_path / "d"), min_count=1))
     assert "RayTaskError" not in repr(info.value) and "Traceback" not in str(info.value)
+
+
+def _copy_on_other_side(seed: str = "hashtag") -> tuple[str, str]:
+    """Two post ids whose own (id-hash) splits differ: original in train, copy in test."""
+    for i in range(10_000):
+        original, copy = f"photo-{i}", f"repost-{i}"
+        splits = merge.assign_split(
+            [original, copy], seed=seed, val_fraction=0.15, test_fraction=0.15
+        )
+        if splits.tolist() == [0, 2]:
+            return original, copy
+    raise AssertionError("no such pair")
+
+
+def write_embedded(root, index, ids, embeddings):
+    posts = [Post(id=i, image=f"/{i}.jpg", tags=("cat", "dog")) for i in ids]
+    shards.write_shard(
+        root, index, posts, np.asarray(embeddings, np.float32), embedder=SPEC,
+        image_sha256=[f"sha-{i}" for i in ids], stats={},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["group", "drop", "keep"])
+def test_a_planted_near_copy_ends_on_its_originals_side(tmp_path, mode):
+    """A repost that is not byte-identical (another image sha, an embedding a re-encoding
+    away) whose id hashes to test while its original is in train: grouped, it joins the
+    original's split; dropped, it is gone; kept, it stays a leak, counted."""
+    rng = np.random.default_rng(0)
+    original, copy = _copy_on_other_side()
+    X = rng.normal(size=(60, 32)).astype(np.float32)  # distinct photos: cosine ~0 +- 0.2
+    noisy = X[7] + 0.05 * rng.normal(size=32)  # the re-encoded copy: cosine ~0.999
+    ids0 = [f"p{i}" for i in range(30)]
+    ids0[7] = original
+    write_embedded(str(tmp_path / "s"), 0, ids0, X[:30])
+    ids1 = [f"q{i}" for i in range(30)]
+    ids1[12] = copy
+    later = X[30:].copy()
+    later[12] = noisy
+    write_embedded(str(tmp_path / "s"), 1, ids1, later)
+    summary = merge.run(config(str(tmp_path / "s"), str(tmp_path / "d"), near_duplicates=mode))
+    ds = Dataset.load(str(tmp_path / "d"))
+    ids = ds.ids.tolist()
+    near = summary["near_duplicates"]
+    assert near["groups"] == 1 and near["posts_in_groups"] == 2
+    assert near["test_with_train_copy"]["before"] == 1
+    assert ds.manifest["near_duplicates"] == near
+    if mode == "group":
+        assert ds.split[ids.index(copy)] == ds.split[ids.index(original)] == 0
+        assert near["moved"] == 1 and near["test_with_train_copy"]["after"] == 0
+        assert len(ds) == 60
+    elif mode == "drop":
+        assert copy not in ids and original in ids and len(ds) == 59 and near["dropped"] == 1
+        assert near["test_with_train_copy"]["after"] == 0
+    else:
+        assert ds.split[ids.index(copy)] == 2 and near["test_with_train_copy"]["after"] == 1
+
+
+def test_near_duplicate_groups_are_connected_components():
+    pairs = np.array([[5, 9], [1, 5], [20, 30], [30, 40], [2, 40]], np.uint64)
+    nodes, roots = merge._components(pairs)
+    assert dict(zip(nodes.tolist(), roots.tolist(), strict=True)) == {
+        1: 1, 5: 1, 9: 1, 2: 2, 20: 2, 30: 2, 40: 2
+    }  # fmt: skip

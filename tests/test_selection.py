@@ -83,7 +83,7 @@ def test_refit_learns_from_train_and_validation(tmp_path, dataset, weak_trial, n
         assert refit.decision == model.decision  # chosen on validation, kept
         assert set(refit_row.test) >= {"f1@5", "f1@10"} and refit_row.label.startswith("exported")
         if name == "knn":  # the vote stores the rows it learnt from
-            assert len(refit.train_labels) == sum(sizes[n] for n in seen)
+            assert refit.rows == sum(sizes[n] for n in seen)
         if name in ("ridge", "kernel"):  # the penalty chosen on validation stays
             assert refit.penalty == model.penalty
         if name == "mlp":  # epochs picked on validation; no validation data in the refit
@@ -111,7 +111,7 @@ def test_blend_of_ensemble_features_round_trips(tmp_path, dataset):
     np.testing.assert_array_equal(loaded.parts[0].feature_mean, parts[0].feature_mean)
     X, Y = (np.concatenate(a) for a in zip(dataset.part("train"), dataset.part("val"), strict=True))
     refit = models.refit(loaded, X, Y)
-    assert len(refit.parts[1].train_labels) == len(X)
+    assert refit.parts[1].rows == len(X)
     shutil.rmtree(tmp_path / "blend" / "part-1")  # a blend with a part missing is refused
     with pytest.raises(ArtifactError, match="2 blend weights for 1 parts"):
         models.load(str(tmp_path / "blend"))
