@@ -295,3 +295,75 @@ def test_streamed_trial_learns_what_the_in_memory_trial_learns(tmp_path, monkeyp
     tune.train_trial(grid, settings, None)
     in_memory, streamed = [m for m in finals if m["done"]]
     assert in_memory["val_f1"] > 0.5 and abs(in_memory["test_f1"] - streamed["test_f1"]) < 0.06
+
+
+def write_label_only(uri: str, *, posts: int = 400, seed: int = 0) -> Dataset:
+    """Label-only posts (dim 0): 4 topics of 3 tags each; a post carries 2-3 tags of its topic,
+    often the generic tag0 and sometimes a random one. Splits 60/20/20."""
+    rng = np.random.default_rng(seed)
+    labels = []
+    for _ in range(posts):
+        topic = 1 + 3 * int(rng.integers(4))
+        tags = set(
+            rng.choice(np.arange(topic, topic + 3), size=int(rng.integers(2, 4)), replace=False)
+        )
+        tags |= {0} if rng.random() < 0.6 else set()
+        tags |= {int(rng.integers(13))} if rng.random() < 0.3 else set()
+        labels.append(sorted(int(t) for t in tags))
+    split = np.resize(np.array([0, 0, 0, 1, 2], np.uint8), posts)
+    rng.shuffle(split)
+    counts = np.bincount(np.concatenate(labels), minlength=13)
+    indptr, indices = csr_from_lists(labels)
+    with DatasetWriter(uri, dim=0, id_length=8) as writer:
+        writer.append(
+            np.zeros((posts, 0), np.float32),
+            [f"p{i}" for i in range(posts)],
+            split,
+            indptr,
+            indices,
+        )
+        writer.finish(
+            vocab=[f"tag{t}" for t in range(13)], tag_counts=counts.tolist(), embedder=CLASSIC_SPEC
+        )
+    return Dataset.load(uri)
+
+
+@pytest.mark.parametrize("metric", ["f1@5", "map"])
+def test_completion_is_selected_on_validation_among_plain_and_weighted(tmp_path, metric):
+    """The decision rule, not a constant: the row marked selected is the better of plain
+    co-occurrence and the weighted completion on validation `select_metric` (plain on a tie),
+    and its weights are the ones returned for export."""
+    from hashtag.completion import PLAIN
+
+    dataset = write_label_only(str(tmp_path / "data"))
+    config = tune.TuneConfig(
+        data=str(tmp_path / "data"), out=str(tmp_path / "o"), select_metric=metric
+    )
+    rows, chosen = tune.completion_rows(config, dataset)
+    by_name = {r.model: r for r in rows}
+    assert set(by_name) == {"popularity", "cooccurrence", "completion"}
+    assert [r.model for r in rows if r.selected] == [
+        "cooccurrence"
+        if by_name["cooccurrence"].val[metric] >= by_name["completion"].val[metric]
+        else "completion"
+    ]
+    assert (chosen == PLAIN) == by_name["cooccurrence"].selected
+
+
+def test_plain_cooccurrence_is_exported_when_it_wins_on_validation(tmp_path, monkeypatch):
+    """A weight grid that can only hurt (lift power 3 promotes the rarest tags): plain
+    co-occurrence wins on validation, is marked selected and is what the model completes with."""
+    from hashtag.completion import PLAIN
+
+    write_label_only(str(tmp_path / "data"))
+    monkeypatch.setattr(
+        tune, "COMPLETION_GRID", {"idf_power": (2.0,), "lift_power": (3.0,), "prior_weight": (0.0,)}
+    )
+    summary = tune.run(tune.TuneConfig(data=str(tmp_path / "data"), out=str(tmp_path / "o")))
+    rows = {r["model"]: r for r in summary["rows"]}
+    assert rows["cooccurrence"]["val"]["f1@5"] > rows["completion"]["val"]["f1@5"]
+    assert rows["cooccurrence"]["selected"] and not rows["completion"]["selected"]
+    assert summary["best"]["model"] == "cooccurrence"
+    exported = Cooccurrence.load(str(tmp_path / "o" / "model" / "cooccurrence"))
+    assert exported.config == PLAIN
+    assert "cooccurrence (selected)" in (tmp_path / "o" / "results.md").read_text()
