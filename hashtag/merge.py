@@ -5,16 +5,19 @@ no process ever holds the whole dataset or its dedupe state. Shards are cut into
 consecutive shards (one dataset part each) and post keys into P partitions by hash:
 
 1. keys (G tasks): read posts.jsonl of a group; write each row's order key (shard << 32 | row),
-   id hash and image hash, sorted by partition, and the row's tags as a compact CSR.
+   id hash and image hash, sorted by partition, the row's tags as a compact CSR, and its split
+   (`post_splits`, the same function step 5 writes the split with).
 2. dedupe (2P tasks): partition p of the id hashes (then of the image hashes) from every group:
    duplicate ids meet in one task, as do duplicate images. A row is a duplicate if an earlier
    row in (shard index, row) order had the same post id, or the same image_sha256 (rows without
    an image, sha null, dedupe by id only): the first occurrence wins, exactly as a single pass
    over the shards in order would decide. Writes the order keys of the duplicates.
-3. count (G tasks): a group's kept rows and their tag counts (from the CSR of step 1).
-4. The driver adds the counts (per group: rows kept; per tag: posts) and builds the
-   vocabulary: most frequent first, ties by tag name, at least min_count posts, at most
-   vocab_size tags. Group g's rows get the global ids after those of groups 0..g-1.
+3. count (G tasks): a group's kept rows and their tag counts (from the CSR of step 1), over the
+   kept training posts (the vocabulary's) and over all kept posts (recorded only).
+4. The driver adds the counts (per group: rows kept; per tag: training posts) and builds the
+   vocabulary from the TRAINING split only, so that no validation or test label decides which
+   tags exist: most frequent first, ties by tag name, at least min_count training posts, at
+   most vocab_size tags. Group g's rows get the global ids after those of groups 0..g-1.
 5. write (G tasks): each group streams its kept rows to its part folder (embeddings, ids, labels
    with tags outside the vocabulary dropped, split), then the driver writes the manifest LAST.
 
@@ -137,6 +140,15 @@ def assign_split(
     return split
 
 
+def post_splits(config: MergeConfig, ids: list[str]) -> np.ndarray:
+    """The split codes of posts: the one rule both the vocabulary count (step 1) and the
+    written split (step 5) use, so that the vocabulary is counted on exactly the posts written
+    as training posts."""
+    return assign_split(
+        ids, seed=config.seed, val_fraction=config.val_fraction, test_fraction=config.test_fraction
+    )
+
+
 def _check_compatible(manifests: dict[int, dict[str, Any]]) -> None:
     first_index = next(iter(manifests))
     first = manifests[first_index]
@@ -193,13 +205,19 @@ def _done(uri: str) -> dict[str, Any] | None:
 
 
 def keys_task(
-    shards_root: str, group: list[int], manifests: dict[int, dict], partitions: int, work: str
+    shards_root: str,
+    group: list[int],
+    manifests: dict[int, dict],
+    partitions: int,
+    work: str,
+    config: MergeConfig,
 ) -> dict[str, Any]:
-    """Step 1 for one group of shards: order keys, id and image hashes by partition, tags."""
+    """Step 1 for one group of shards: order keys, id and image hashes by partition, tags,
+    splits."""
     uri = storage.join(work, "keys", f"group-{group[0]:05d}")
     if (done := _done(uri)) is not None:
         return done
-    orders, id_hashes, image_hashes, has_image = [], [], [], []
+    orders, id_hashes, image_hashes, has_image, splits = [], [], [], [], []
     # Tags as a CSR over the group's own tag numbering, built shard by shard, so that what the
     # task holds beyond one shard's rows is a few integers per row (not Python lists).
     column: dict[str, int] = {}
@@ -220,6 +238,7 @@ def keys_task(
         shas = [row.get("image_sha256") for row in rows]
         orders.append(_order_keys(index, len(rows)))
         id_hashes.append(hash64(ids))
+        splits.append(post_splits(config, ids))
         has_image.append(np.array([isinstance(x, str) and bool(x) for x in shas], bool))
         image_hashes.append(hash64([x.lower() if isinstance(x, str) else "" for x in shas]))
         lists = [
@@ -244,6 +263,7 @@ def keys_task(
     np.cumsum(concat(tag_counts_per_row, np.int64), out=tag_indptr[1:])
     tag_indices = concat(tag_indices, np.int32)
     arrays = {"order": order, "tag_indptr": tag_indptr, "tag_indices": tag_indices}
+    arrays["split"] = concat(splits, np.uint8)
     for kind, hashes, valid in (
         ("id", concat(id_hashes, np.uint64), np.ones(len(order), bool)),
         ("image", concat(image_hashes, np.uint64), has),
@@ -302,7 +322,8 @@ def _duplicates_in(work: str, kind: str, partitions: int, lo: int, hi: int) -> n
 
 
 def count_task(group: list[int], partitions: int, work: str) -> dict[str, Any]:
-    """Step 3: which rows of a group are kept, and how many kept posts carry each tag."""
+    """Step 3: which rows of a group are kept, and how many kept posts carry each tag: among
+    the training posts ("tags", what the vocabulary is built from) and among all ("tags_all")."""
     uri = storage.join(work, "counts", f"group-{group[0]:05d}")
     if (done := _done(uri)) is not None:
         return done
@@ -315,7 +336,9 @@ def count_task(group: list[int], partitions: int, work: str) -> dict[str, Any]:
     indptr = storage.load_npy(storage.join(keys, "tag_indptr.npy"))
     indices = storage.load_npy(storage.join(keys, "tag_indices.npy"))
     names = storage.read_json(storage.join(keys, "tags.json"))
-    counts = np.bincount(indices[np.repeat(kept, np.diff(indptr))], minlength=len(names))
+    train = kept & (storage.load_npy(storage.join(keys, "split.npy")) == split_code("train"))
+    counts = np.bincount(indices[np.repeat(train, np.diff(indptr))], minlength=len(names))
+    counts_all = np.bincount(indices[np.repeat(kept, np.diff(indptr))], minlength=len(names))
     storage.save_npy(storage.join(uri, "kept_order.npy"), order[kept])
     done = {
         "kept": int(np.count_nonzero(kept)),
@@ -325,6 +348,7 @@ def count_task(group: list[int], partitions: int, work: str) -> dict[str, Any]:
             "image": int(np.count_nonzero(~id_dupes & image_dupes)),
         },
         "tags": {name: int(c) for name, c in zip(names, counts, strict=True) if c},
+        "tags_all": {name: int(c) for name, c in zip(names, counts_all, strict=True) if c},
     }
     storage.write_json(storage.join(uri, _DONE), done)
     return done
@@ -369,12 +393,7 @@ def write_task(
                 for row in kept_rows
             ]
             label_indptr, label_indices = csr_from_lists(labels)
-            split = assign_split(
-                ids,
-                seed=config.seed,
-                val_fraction=config.val_fraction,
-                test_fraction=config.test_fraction,
-            )
+            split = post_splits(config, ids)
             writer.append(embeddings[kept], ids, split, label_indptr, label_indices)
             del rows, kept_rows, embeddings
         embedder = manifests[group[0]]["embedder"]
@@ -472,7 +491,10 @@ def run(config: MergeConfig) -> MergeResult:
     keys = _run_stage(
         "merge 1/4: keys",
         keys_task,
-        [(config.shards, g, {i: manifests[i] for i in g}, partitions, work) for g in groups],
+        [
+            (config.shards, g, {i: manifests[i] for i in g}, partitions, work, config)
+            for g in groups
+        ],
     )
     _run_stage(
         "merge 2/4: dedupe",
@@ -482,9 +504,12 @@ def run(config: MergeConfig) -> MergeResult:
     counts = _run_stage(
         "merge 3/4: count tags", count_task, [(g, partitions, work) for g in groups]
     )
+    # The vocabulary from the training posts only; all posts' counts are recorded beside it.
     tag_counts: Counter[str] = Counter()
+    all_counts: Counter[str] = Counter()
     for count in counts:
         tag_counts.update(count["tags"])
+        all_counts.update(count.get("tags_all", count["tags"]))
     vocab = sorted(
         (tag for tag, count in tag_counts.items() if count >= config.min_count),
         key=lambda tag: (-tag_counts[tag], tag),
@@ -527,7 +552,9 @@ def run(config: MergeConfig) -> MergeResult:
             "bad_shards": {str(i): e for i, e in sorted(bad_shards.items())},
             "posts_in": posts_in,
             "duplicates": duplicates,
-            "distinct_tags": len(tag_counts),
+            "distinct_tags": len(all_counts),
+            "distinct_train_tags": len(tag_counts),
+            "vocab_counted_on": "train",
             "config": asdict(config),
         },
     )
@@ -547,7 +574,8 @@ def run(config: MergeConfig) -> MergeResult:
         "bad_shards": sorted(bad_shards),
         "posts_in": posts_in,
         "duplicates": duplicates,
-        "distinct_tags": len(tag_counts),
+        "distinct_tags": len(all_counts),
+        "distinct_train_tags": len(tag_counts),
         "parts": len(parts),
         "tasks_per_step": {"groups": len(groups), "partitions": partitions},
         "seconds": round(seconds, 3),
