@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import missing
 
 from hashtag import metrics
 from hashtag.completion import Cooccurrence, CooccurrenceConfig, hide_half
@@ -13,7 +14,7 @@ def load_seed_labels(shared_dir) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) bool label matrices of the seed files (trusted: they need pickle)."""
     folder = shared_dir / "data" / "seed-instagram"
     if not folder.is_dir():
-        pytest.skip("seed-instagram data is not in ../shared")
+        missing("seed-instagram data is not in ../shared")
 
     def labels(name: str) -> np.ndarray:
         rows = np.load(folder / name, allow_pickle=True)  # trusted file, tests only
@@ -139,7 +140,7 @@ def test_completion_from_the_original_files_through_the_cli(shared_dir, tmp_path
 
     folder = shared_dir / "data" / "seed-instagram"
     if not folder.is_dir():
-        pytest.skip("seed-instagram data is not in ../shared")
+        missing("seed-instagram data is not in ../shared")
 
     def hashtag(*argv: str) -> subprocess.CompletedProcess:
         done = subprocess.run(

@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import missing
 from test_merge import write as write_shard
 from test_tune import write_dataset
 
@@ -158,7 +159,7 @@ def test_a_two_embedder_export_recommends_on_new_photos(tmp_path, shared_dir):
     from hashtag.sources import open_source
 
     if not (shared_dir / "models" / V1).is_file():
-        pytest.skip("the TFLite models are not in ../shared/models")
+        missing("the TFLite models are not in ../shared/models")
     request = EmbedderSpec.ensemble(
         [EmbedderSpec.parse(f"tflite:{shared_dir / 'models' / name}") for name in (V2, V1)]
     )
