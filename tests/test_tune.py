@@ -373,3 +373,86 @@ def test_plain_cooccurrence_is_exported_when_it_wins_on_validation(tmp_path, mon
     exported = Cooccurrence.load(str(tmp_path / "o" / "model" / "cooccurrence"))
     assert exported.config == PLAIN
     assert "cooccurrence (selected)" in (tmp_path / "o" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_over_the_memory_budget_with_another_select_metric(tmp_path, local_ray, monkeypatch):
+    """A tiny --memory-budget: trials stream the parts, the references train on the first
+    REFERENCE_ROWS training rows (a sample), the winner is refit streamed and exported; and a
+    non-default --select-metric (map) decides, in the summary, the table and the export."""
+    data = str(tmp_path / "data")
+    dataset = write_dataset(data, posts=300)
+    monkeypatch.setattr(tune, "REFERENCE_ROWS", 60)  # the references run in this process
+    config = tune.TuneConfig(
+        data=data, out=str(tmp_path / "out"), batch_sizes=(16,), learning_rates=(1e-2,),
+        epochs=3, references=("popularity", "knn"), memory_budget=1e-6, select_metric="map",
+    )  # fmt: skip
+    assert tune._trial_data(config, dataset).arrays is None  # over the budget: streamed
+    summary = tune.run(config)
+    assert not summary["failed"] and summary.exit_code == 0
+    (trial,) = summary["trials"]
+    assert trial["status"] == "ok" and trial["epochs"] == 3
+
+    # The knn reference learnt from the first 60 training rows, not all of them.
+    X_train, Y_train = dataset.part("train")
+    assert len(X_train) > 100
+    sample = models.create("knn", tune.reference_config("knn", config.seed))
+    sample.fit(X_train[:60], Y_train[:60], *dataset.part("val"), vocab=dataset.vocab)
+    knn = next(r for r in summary["references"] if r["model"] == "knn")
+    assert knn["val"]["map"] == pytest.approx(sample.score(*dataset.part("val"))["map"], abs=1e-6)
+
+    # map decides: the winner has the best validation map of every candidate.
+    contenders = [c for c in summary["trials"] + summary["candidates"] if c["val"]]
+    best = summary["best"]
+    assert best["val"]["map"] == max(c["val"]["map"] for c in contenders)
+    assert "val mAP (decides)" in (tmp_path / "out" / "results.md").read_text()
+    exported = models.load(summary["model"])
+    assert exported.metadata["selection"]["metric"] == "map"
+    assert exported.metadata["trained_on"]["splits"] == ["train", "val"]
+    if exported.name == "knn":  # refit on the sampled rows of train + validation
+        assert len(exported.train_embeddings) == 60
+    else:  # the mlp (or a blend holding it) refit from the streamed parts
+        assert best["refit_test"] and best["kind"] in ("mlp", "blend")
+    X_test, Y_test = dataset.part("test")
+    assert exported.score(X_test, Y_test)["map"] == pytest.approx(best["refit_test"]["map"])
+
+
+@pytest.mark.slow
+def test_failed_trials_exit_1_and_a_rerun_retries_them(tmp_path, local_ray, monkeypatch):
+    """A trial that fails (max_failures 0) is a row with its error and exit status 1; the same
+    command again retries it (and keeps the finished one). With max_failures 1 Tune retries a
+    failing trial itself and the run succeeds."""
+    data = str(tmp_path / "data")
+    write_dataset(data, posts=120)
+    original = tune.train_trial
+
+    def flaky(marker: str):
+        def trial(grid, settings, arrays=None):
+            # Pickled by value into the trial actors: fails the first time it runs bs 16.
+            if grid["batch_size"] == 16 and not os.path.exists(marker):
+                open(marker, "w").close()
+                raise RuntimeError("planted failure")
+            return original(grid, settings, arrays)
+
+        return trial
+
+    settings = dict(
+        data=data, batch_sizes=(16, 32), learning_rates=(1e-2,), epochs=1,
+        references=("popularity",), blends=False,
+    )  # fmt: skip
+    monkeypatch.setattr(tune, "train_trial", flaky(str(tmp_path / "failed-once")))
+    config = tune.TuneConfig(out=str(tmp_path / "out"), max_failures=0, **settings)
+    first = tune.run(config)
+    assert first["failed"] == ["mlp bs=16 lr=0.01"] and first.exit_code == 1
+    failed = next(t for t in first["trials"] if t["batch_size"] == 16)
+    assert "planted failure" in failed["status"]
+    seconds_32 = next(t["seconds"] for t in first["trials"] if t["batch_size"] == 32)
+    again = tune.run(config)  # the same command: the failed trial is retried, and passes now
+    assert not again["failed"] and again.exit_code == 0
+    assert [t["status"] for t in again["trials"]] == ["ok", "ok"]
+    assert next(t["seconds"] for t in again["trials"] if t["batch_size"] == 32) == seconds_32
+
+    monkeypatch.setattr(tune, "train_trial", flaky(str(tmp_path / "failed-once-2")))
+    retried = tune.run(tune.TuneConfig(out=str(tmp_path / "out2"), max_failures=1, **settings))
+    assert not retried["failed"] and retried.exit_code == 0
+    assert (tmp_path / "failed-once-2").exists()  # it did fail once
