@@ -247,10 +247,30 @@ def summarise(name: str, rows: list[dict], splits: int, on: str = "test") -> lis
     return lines
 
 
-def main() -> None:
+def load_set(args, name: str):
+    """One shared photo set: (X, its embedder spec, tags per post, X of MobileNetV2 alone for
+    the reference vote, posts), embedded once with the product's ensemble (cached)."""
+    from hashtag import embedders
     from hashtag.embedders import EmbedderSpec
     from hashtag.sources import open_source
 
+    specs = {n: EmbedderSpec.parse(f"tflite:{args.models / MODELS[n]}") for n in ("v2", "v1")}
+    posts = list(open_source(str(args.data / name / "posts.jsonl")).posts())
+    tags = [p.tags for p in posts]
+    # One pass of the product's ensemble embedder; V2 alone is its first block, renormalised.
+    both = EmbedderSpec.ensemble([specs["v2"], specs["v1"]])
+    full = embed(posts, both, args.cache, name)
+    if args.dtype == "float16":  # what the dataset's readers get back from float16 files
+        full = full.astype(np.float16).astype(np.float32)
+    built = embedders.create_from_spec(both)
+    spec = EmbedderSpec.ensemble([built.parts[0].spec, built.parts[1].spec])
+    X_v2 = embedders.l2_normalize(full[:, : built.parts[0].dim])
+    if args.embedders.split(",") == ["v2", "v1"]:
+        return full, spec, tags, X_v2, posts
+    return X_v2, spec.parts[0], tags, X_v2, posts
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     shared = default_shared()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default="feedme-food,flickr8k-dev")
@@ -274,27 +294,17 @@ def main() -> None:
         action="store_true",
         help="print only the design splits' table (for design experiments: no held-out figure)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.grid = [(int(b), float(lr)) for b, lr in (c.split(":") for c in args.grid.split(",") if c)]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    names = args.embedders.split(",")
-    specs = {n: EmbedderSpec.parse(f"tflite:{args.models / MODELS[n]}") for n in ("v2", "v1")}
     lines, everything = [], []
     for name in args.sets.split(","):
-        posts = list(open_source(str(args.data / name / "posts.jsonl")).posts())
-        tags = [p.tags for p in posts]
-        # One pass of the product's ensemble embedder; V2 alone is its first block, renormalised.
-        both = EmbedderSpec.ensemble([specs["v2"], specs["v1"]])
-        from hashtag import embedders
-
-        full = embed(posts, both, args.cache, name)
-        if args.dtype == "float16":  # what the dataset's readers get back from float16 files
-            full = full.astype(np.float16).astype(np.float32)
-        built = embedders.create_from_spec(both)
-        spec = EmbedderSpec.ensemble([built.parts[0].spec, built.parts[1].spec])
-        X_v2 = embedders.l2_normalize(full[:, : built.parts[0].dim])
-        X = full if names == ["v2", "v1"] else X_v2
-        spec = spec if names == ["v2", "v1"] else spec.parts[0]
+        X, spec, tags, X_v2, posts = load_set(args, name)
         held = held_out_mask([p.id for p in posts])
         print(f"{name}: {len(posts)} photos, {int(held.sum())} in the held-out share", flush=True)
         rows = []

@@ -347,9 +347,9 @@ def _model_config(grid: dict[str, Any], settings: TrialSettings):
 
 def reference_config(name: str, seed: int, blocks: tuple[int, ...] = ()) -> models.ModelConfig:
     """The settings of a reference model in the table: kNN as the shared sets' README measures
-    it (20 neighbours, weights exp(10 x similarity), no prior) but on centred features, which
-    lifts it 2-3% on real photos; ridge and kernel ridge on centred features, their penalties
-    chosen on validation."""
+    it (20 neighbours, weights exp(10 x similarity), no prior) but on centred features (the
+    features' common direction removed: cosine similarity then compares what differs); ridge
+    and kernel ridge on centred features, their penalties chosen on validation."""
     if name == "knn":
         return models.ModelConfig(
             seed=seed,
