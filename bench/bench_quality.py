@@ -7,18 +7,26 @@
 For each shared photo set (../shared/data/feedme-food, ../shared/data/flickr8k-dev) it embeds
 every photo once with the product's embedders (the `--embedder v2 --embedder v1` ensemble:
 MobileNetV2 and the MobileNetV1 extractor of ../shared/models, through hashtag.ingest), cached
-in /tmp across runs (never in the repository). Then, over `--splits` random 70/15/15 splits
-(vocabulary: tags on >= 2 training posts), it does what `hashtag tune` does, with the product's
-own functions: an MLP grid (`--grid`, trained in this process, no Ray), the references (knn,
-ridge, kernel), the blends, selection on validation by F1@5 (`tune.compete`), the refit of the winner on
-train + validation (`tune.refit_winner`); and scores the exported model on the test split.
+in /tmp across runs (never in the repository).
+
+A design set is kept apart: the held-out share (`HELD_OUT`, 20%) of each set, chosen by a hash
+of the post id (`held_out_mask`), is never in a split: no design choice (kernel temperature,
+penalty grid, blend set, the bench's one MLP trial...) may look at it. `--splits` random
+70/15/15 splits are drawn from the other 80% (the design splits, what choices are compared on).
+On each, it does what `hashtag tune` does, with the product's own functions (vocabulary: tags
+on >= 2 training posts, as merge counts on the training split): an MLP grid (`--grid`,
+trained in this process, no Ray), the references (knn, ridge, kernel), the blends, selection on
+validation by F1@5 (`tune.compete`), the refit of the winner on train + validation
+(`tune.refit_winner`); and scores the exported model on the split's test side AND on the
+held-out share, reported in two separate tables.
 
 The reference is the plain cosine kNN vote of the data READMEs: 20 neighbours, weights
 exp(10 x similarity), uncentred MobileNetV2 features, fitted on train + validation (the rows
 the exported model learns from; `knn (train)` is the same vote on train only). Printed: F1@5 and
 F1@10 (the product's per-image means) per model, mean +- standard deviation over the splits, and
 the exported model's ratio to the reference (mean of per-split ratios, and how many splits won).
-Nothing is chosen on the test split. `--dtype float16` rounds the embeddings through float16
+Nothing is chosen on the test split or on the held-out share; `--design-only` leaves the
+held-out table out (what a design experiment should print). `--dtype float16` rounds the embeddings through float16
 first, as `hashtag merge --dtype float16` stores them, to measure what that costs.
 """
 
@@ -39,6 +47,30 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 MODELS = {"v2": "mobilenet_v2_1.0_224_quant.tflite", "v1": "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"}  # fmt: skip
 KS = (5, 10)
+HELD_OUT = 0.20  # share of each photo set kept apart from every design choice
+HELD_OUT_SALT = "hashtag-design-held-out"
+HELD = 3  # split code of the held-out share (0 train, 1 validation, 2 test)
+
+
+def held_out_mask(ids: list[str], share: float = HELD_OUT) -> np.ndarray:
+    """The posts of the held-out share: a hash of the post id (merge's hash64 with its own
+    salt), so the same posts whatever the order, the splits or the embedder."""
+    from hashtag.merge import hash64
+
+    u = (hash64(ids, HELD_OUT_SALT) >> np.uint64(11)).astype(np.float64) / float(2**53)
+    return u < share
+
+
+def design_split(held: np.ndarray, seed: int) -> np.ndarray:
+    """Split codes for one design split: a random 70/15/15 of the posts outside the held-out
+    share (0 train, 1 validation, 2 test), HELD for the held-out posts."""
+    split = np.full(len(held), HELD, np.int8)
+    rest = np.flatnonzero(~held)
+    order = np.random.default_rng(seed).permutation(rest)
+    split[order[: int(0.70 * len(rest))]] = 0
+    split[order[int(0.70 * len(rest)) : int(0.85 * len(rest))]] = 1
+    split[order[int(0.85 * len(rest)) :]] = 2
+    return split
 
 
 def default_shared() -> Path:
@@ -96,22 +128,21 @@ class SplitData:
         self.data = tune.TrialData("", arrays)
 
     def rows(self, name: str) -> np.ndarray:
-        return np.flatnonzero(self.split == ("train", "val", "test").index(name))
+        return np.flatnonzero(self.split == ("train", "val", "test", "held").index(name))
 
     def part(self, name: str):
         rows = self.rows(name)
         return self.X[rows], self.Y[rows]
 
 
-def run_split(args, X, spec, tags, X_v2, seed: int) -> list[dict]:
+def run_split(args, X, spec, tags, X_v2, held: np.ndarray, seed: int) -> list[dict]:
+    """One design split: every candidate, the selection and the refit; rows carry "test" (the
+    split's test side) and, for the exported model and the references, "held" (the held-out
+    share)."""
     from hashtag import models, tune
     from hashtag.report import ResultRow
 
-    rng = np.random.default_rng(seed)
-    split = np.zeros(len(X), np.int8)
-    order = rng.permutation(len(X))
-    split[order[int(0.70 * len(X)) : int(0.85 * len(X))]] = 1
-    split[order[int(0.85 * len(X)) :]] = 2
+    split = design_split(held, seed)
     ds = SplitData(X, tags, split, spec)
     config = tune.TuneConfig(data="memory", out="memory", references=("knn", "ridge", "kernel"))
     X_train, Y_train = ds.part("train")
@@ -149,11 +180,26 @@ def run_split(args, X, spec, tags, X_v2, seed: int) -> list[dict]:
     reference = models.create("knn", plain).fit(*train_val)
     reference_train = models.create("knn", plain).fit(*v2.part("train"))
     out = [
-        {"model": "knn reference (train+val)", "test": score(reference, *v2.part("test"))},
-        {"model": "knn reference (train)", "test": score(reference_train, *v2.part("test"))},
+        {
+            "model": "knn reference (train+val)",
+            "test": score(reference, *v2.part("test")),
+            "held": score(reference, *v2.part("held")),
+        },
+        {
+            "model": "knn reference (train)",
+            "test": score(reference_train, *v2.part("test")),
+            "held": score(reference_train, *v2.part("held")),
+        },
     ]
     out += [{"model": r.label, "test": r.test, "val": r.val} for r in [*trials, *rows]]
-    out.append({"model": "exported", "test": refit_row.test, "winner": winner.label})
+    out.append(
+        {
+            "model": "exported",
+            "test": refit_row.test,
+            "held": score(exported, *ds.part("held")),
+            "winner": winner.label,
+        }
+    )
     return [dict(r, seed=seed) for r in out]
 
 
@@ -162,27 +208,34 @@ def _kind(label: str) -> str:
     return re.sub(r"\b[01]\.\d ", "", label)
 
 
-def summarise(name: str, rows: list[dict], splits: int) -> list[str]:
-    lines = [f"\n{name}: {splits} splits (mean +- sd over splits; ratio = per-split mean)"]
+def summarise(name: str, rows: list[dict], splits: int, on: str = "test") -> list[str]:
+    """The table of one set: F1@k on the design splits' test sides (`on="test"`) or on the
+    held-out share (`on="held"`, only the rows scored there)."""
+    title = {
+        "test": f"{splits} design splits of the other {1 - HELD_OUT:.0%}, scored on their test sides",
+        "held": f"the held-out {HELD_OUT:.0%} (never used by a design choice), "
+        f"models of the {splits} design splits",
+    }[on]
+    lines = [f"\n{name}: {title} (mean +- sd over splits; ratio = per-split mean)"]
     by_model: dict[str, list[dict]] = {}
     for r in rows:
-        by_model.setdefault(_kind(r["model"]), []).append(r)
+        if on in r:
+            by_model.setdefault(_kind(r["model"]), []).append(r)
     reference = {r["seed"]: r for r in by_model["knn reference (train+val)"]}
     header = f"{'model':44} " + " ".join(f"{'F1@' + str(k):>15} {'x ref':>6}" for k in KS)
     lines += [header, "-" * len(header)]
     for model, mine in by_model.items():
         cells = []
         for k in KS:
-            values = np.array([r["test"][f"f1@{k}"] for r in mine])
+            values = np.array([r[on][f"f1@{k}"] for r in mine])
             ratios = np.array(
-                [r["test"][f"f1@{k}"] / reference[r["seed"]]["test"][f"f1@{k}"] for r in mine]
+                [r[on][f"f1@{k}"] / reference[r["seed"]][on][f"f1@{k}"] for r in mine]
             )
             cells.append(f"{values.mean():.4f} +- {values.std():.4f} {ratios.mean():6.3f}")
         lines.append(f"{model[:44]:44} " + " ".join(cells))
     exported = by_model["exported"]
     wins = {
-        k: sum(r["test"][f"f1@{k}"] > reference[r["seed"]]["test"][f"f1@{k}"] for r in exported)
-        for k in KS
+        k: sum(r[on][f"f1@{k}"] > reference[r["seed"]][on][f"f1@{k}"] for r in exported) for k in KS
     }
     winners: dict[str, int] = {}
     for r in exported:
@@ -191,13 +244,37 @@ def summarise(name: str, rows: list[dict], splits: int) -> list[str]:
     lines.append(
         f"exported above the reference on {wins[5]}/{len(exported)} splits (F1@5), {wins[10]}/{len(exported)} (F1@10); winners: {winners}"
     )
+    train_only = {r["seed"]: r for r in by_model.get("knn reference (train)", [])}
+    if train_only:  # the READMEs' protocol: the vote fitted on the training split alone
+        ratio = np.mean([r[on]["f1@5"] / train_only[r["seed"]][on]["f1@5"] for r in exported])
+        lines.append(f"exported / the vote fitted on train only: {ratio:.3f} (F1@5)")
     return lines
 
 
-def main() -> None:
+def load_set(args, name: str):
+    """One shared photo set: (X, its embedder spec, tags per post, X of MobileNetV2 alone for
+    the reference vote, posts), embedded once with the product's ensemble (cached)."""
+    from hashtag import embedders
     from hashtag.embedders import EmbedderSpec
     from hashtag.sources import open_source
 
+    specs = {n: EmbedderSpec.parse(f"tflite:{args.models / MODELS[n]}") for n in ("v2", "v1")}
+    posts = list(open_source(str(args.data / name / "posts.jsonl")).posts())
+    tags = [p.tags for p in posts]
+    # One pass of the product's ensemble embedder; V2 alone is its first block, renormalised.
+    both = EmbedderSpec.ensemble([specs["v2"], specs["v1"]])
+    full = embed(posts, both, args.cache, name)
+    if args.dtype == "float16":  # what the dataset's readers get back from float16 files
+        full = full.astype(np.float16).astype(np.float32)
+    built = embedders.create_from_spec(both)
+    spec = EmbedderSpec.ensemble([built.parts[0].spec, built.parts[1].spec])
+    X_v2 = embedders.l2_normalize(full[:, : built.parts[0].dim])
+    if args.embedders.split(",") == ["v2", "v1"]:
+        return full, spec, tags, X_v2, posts
+    return X_v2, spec.parts[0], tags, X_v2, posts
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     shared = default_shared()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default="feedme-food,flickr8k-dev")
@@ -216,36 +293,35 @@ def main() -> None:
         help="float16: round the embeddings as `hashtag merge --dtype float16` stores them",
     )
     parser.add_argument("--json", type=Path, help="also write every row here")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--design-only",
+        action="store_true",
+        help="print only the design splits' table (for design experiments: no held-out figure)",
+    )
+    args = parser.parse_args(argv)
     args.grid = [(int(b), float(lr)) for b, lr in (c.split(":") for c in args.grid.split(",") if c)]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    names = args.embedders.split(",")
-    specs = {n: EmbedderSpec.parse(f"tflite:{args.models / MODELS[n]}") for n in ("v2", "v1")}
     lines, everything = [], []
     for name in args.sets.split(","):
-        posts = list(open_source(str(args.data / name / "posts.jsonl")).posts())
-        tags = [p.tags for p in posts]
-        # One pass of the product's ensemble embedder; V2 alone is its first block, renormalised.
-        both = EmbedderSpec.ensemble([specs["v2"], specs["v1"]])
-        from hashtag import embedders
-
-        full = embed(posts, both, args.cache, name)
-        if args.dtype == "float16":  # what the dataset's readers get back from float16 files
-            full = full.astype(np.float16).astype(np.float32)
-        built = embedders.create_from_spec(both)
-        spec = EmbedderSpec.ensemble([built.parts[0].spec, built.parts[1].spec])
-        X_v2 = embedders.l2_normalize(full[:, : built.parts[0].dim])
-        X = full if names == ["v2", "v1"] else X_v2
-        spec = spec if names == ["v2", "v1"] else spec.parts[0]
+        X, spec, tags, X_v2, posts = load_set(args, name)
+        held = held_out_mask([p.id for p in posts])
+        print(f"{name}: {len(posts)} photos, {int(held.sum())} in the held-out share", flush=True)
         rows = []
         for seed in range(args.splits):
             started = time.perf_counter()
-            rows += run_split(args, X, spec, tags, X_v2, seed)
+            rows += run_split(args, X, spec, tags, X_v2, held, seed)
             print(
                 f"{name} split {seed}: {rows[-1]['winner']} ({time.perf_counter() - started:.0f} s)",
                 flush=True,
             )
         lines += summarise(name, rows, args.splits)
+        if not args.design_only:
+            lines += summarise(name, rows, args.splits, on="held")
         everything += [dict(r, set=name) for r in rows]
     print("\n".join(lines))
     if args.json:

@@ -7,16 +7,19 @@ the data (G = rows / --part-rows, P = rows / 2^20), so a merge writes the same p
 cluster; each step submits all its tasks at once, which is what the autoscaler scales for:
 
 1. keys (G tasks): read posts.jsonl of a group; write each row's order key (shard << 32 | row),
-   id hash and image hash, sorted by partition, and the row's tags as a compact CSR.
+   id hash and image hash, sorted by partition, the row's tags as a compact CSR, and its split
+   (`post_splits`, the same function step 5 writes the split with).
 2. dedupe (2P tasks): partition p of the id hashes (then of the image hashes) from every group:
    duplicate ids meet in one task, as do duplicate images. A row is a duplicate if an earlier
    row in (shard index, row) order had the same post id, or the same image_sha256 (rows without
    an image, sha null, dedupe by id only): the first occurrence wins, exactly as a single pass
    over the shards in order would decide. Writes the order keys of the duplicates.
-3. count (G tasks): a group's kept rows and their tag counts (from the CSR of step 1).
-4. The driver adds the counts (per group: rows kept; per tag: posts) and builds the
-   vocabulary: most frequent first, ties by tag name, at least min_count posts, at most
-   vocab_size tags. Group g's rows get the global ids after those of groups 0..g-1.
+3. count (G tasks): a group's kept rows and their tag counts (from the CSR of step 1), over the
+   kept training posts (the vocabulary's) and over all kept posts (recorded only).
+4. The driver adds the counts (per group: rows kept; per tag: training posts) and builds the
+   vocabulary from the TRAINING split only, so that no validation or test label decides which
+   tags exist: most frequent first, ties by tag name, at least min_count training posts, at
+   most vocab_size tags. Group g's rows get the global ids after those of groups 0..g-1.
 5. write (G tasks): each group streams its kept rows to its part folder (embeddings, ids, labels
    with tags outside the vocabulary dropped, split), then the driver writes the manifest LAST.
 
@@ -196,6 +199,15 @@ def assign_split(
     return split
 
 
+def post_splits(config: MergeConfig, ids: list[str]) -> np.ndarray:
+    """The posts' own split codes (a hash of the post id): recorded in step 1; the vocabulary
+    count (step 3) and the written split (step 5) both apply `grouped_splits` to them, so the
+    vocabulary is counted on exactly the posts written as training posts."""
+    return assign_split(
+        ids, seed=config.seed, val_fraction=config.val_fraction, test_fraction=config.test_fraction
+    )
+
+
 def _check_compatible(manifests: dict[int, dict[str, Any]]) -> None:
     first_index = next(iter(manifests))
     first = manifests[first_index]
@@ -271,13 +283,19 @@ def _done(uri: str) -> dict[str, Any] | None:
 
 
 def keys_task(
-    shards_root: str, group: list[int], manifests: dict[int, dict], partitions: int, work: str
+    shards_root: str,
+    group: list[int],
+    manifests: dict[int, dict],
+    partitions: int,
+    work: str,
+    config: MergeConfig,
 ) -> dict[str, Any]:
-    """Step 1 for one group of shards: order keys, id and image hashes by partition, tags."""
+    """Step 1 for one group of shards: order keys, id and image hashes by partition, tags,
+    splits."""
     uri = storage.join(work, "keys", f"group-{group[0]:05d}")
     if (done := _done(uri)) is not None:
         return done
-    orders, id_hashes, image_hashes, has_image = [], [], [], []
+    orders, id_hashes, image_hashes, has_image, splits = [], [], [], [], []
     # Tags as a CSR over the group's own tag numbering, built shard by shard, so that what the
     # task holds beyond one shard's rows is a few integers per row (not Python lists).
     column: dict[str, int] = {}
@@ -299,6 +317,7 @@ def keys_task(
         shas = [row.get("image_sha256") for row in rows]
         orders.append(_order_keys(index, len(rows)))
         id_hashes.append(hash64(ids))
+        splits.append(post_splits(config, ids))
         has_image.append(np.array([isinstance(x, str) and bool(x) for x in shas], bool))
         image_hashes.append(hash64([x.lower() if isinstance(x, str) else "" for x in shas]))
         lists = [
@@ -323,6 +342,7 @@ def keys_task(
     np.cumsum(concat(tag_counts_per_row, np.int64), out=tag_indptr[1:])
     tag_indices = concat(tag_indices, np.int32)
     arrays = {"order": order, "tag_indptr": tag_indptr, "tag_indices": tag_indices}
+    arrays["split"] = concat(splits, np.uint8)
     for kind, hashes, valid in (
         ("id", concat(id_hashes, np.uint64), np.ones(len(order), bool)),
         ("image", concat(image_hashes, np.uint64), has),
@@ -435,7 +455,7 @@ def near_task(
         ids = [str(row["id"]) for row in read_rows(config.shards, shard, manifests[shard])]
         orders.append(shard_orders)
         embeddings.append(X)
-        splits.append(_own_split(config, [ids[i] for i in rows]))
+        splits.append(post_splits(config, [ids[i] for i in rows]))
     base_order = np.concatenate(orders) if orders else np.zeros(0, np.uint64)
     pairs = [np.zeros((0, 2), np.uint64)]
     capped = 0
@@ -461,12 +481,6 @@ def near_task(
     done = {"rows": len(base_order), "pairs": int(sum(len(p) for p in pairs)), "capped": capped}
     storage.write_json(storage.join(uri, _DONE), done)
     return done
-
-
-def _own_split(config: MergeConfig, ids: list[str]) -> np.ndarray:
-    return assign_split(
-        ids, seed=config.seed, val_fraction=config.val_fraction, test_fraction=config.test_fraction
-    )
 
 
 def _near_pairs(
@@ -590,15 +604,24 @@ def split_of(config: MergeConfig, work: str, ids: list[str], orders: np.ndarray)
     """THE split of kept rows (post ids and their order keys): the hash of the post id
     (assign_split), except that a near-duplicate group takes its first post's split under
     `--near-duplicates group`. Vocabulary counts per split must use this too."""
-    split = _own_split(config, ids)
+    return grouped_splits(config, work, post_splits(config, ids), orders)
+
+
+def grouped_splits(
+    config: MergeConfig, work: str, split: np.ndarray, orders: np.ndarray
+) -> np.ndarray:
+    """Own (id-hash) split codes of rows with their order keys, each near-duplicate group's
+    members moved to their first post's split under `--near-duplicates group`."""
     if config.near_duplicates == "group":
         mask, member_split = _near_members(work, np.asarray(orders, np.uint64))
+        split = np.array(split, np.uint8)
         split[mask] = member_split
     return split
 
 
 def count_task(config: MergeConfig, group: list[int], partitions: int, work: str) -> dict[str, Any]:
-    """Step 3: which rows of a group are kept, and how many kept posts carry each tag."""
+    """Step 3: which rows of a group are kept, and how many kept posts carry each tag: among
+    the training posts ("tags", what the vocabulary is built from) and among all ("tags_all")."""
     uri = storage.join(work, "counts", f"group-{group[0]:05d}")
     if (done := _done(uri)) is not None:
         return done
@@ -611,7 +634,10 @@ def count_task(config: MergeConfig, group: list[int], partitions: int, work: str
     indptr = storage.load_npy(storage.join(keys, "tag_indptr.npy"))
     indices = storage.load_npy(storage.join(keys, "tag_indices.npy"))
     names = storage.read_json(storage.join(keys, "tags.json"))
-    counts = np.bincount(indices[np.repeat(kept, np.diff(indptr))], minlength=len(names))
+    split = grouped_splits(config, work, storage.load_npy(storage.join(keys, "split.npy")), order)
+    train = kept & (split == split_code("train"))
+    counts = np.bincount(indices[np.repeat(train, np.diff(indptr))], minlength=len(names))
+    counts_all = np.bincount(indices[np.repeat(kept, np.diff(indptr))], minlength=len(names))
     storage.save_npy(storage.join(uri, "kept_order.npy"), order[kept])
     done = {
         "kept": int(np.count_nonzero(kept)),
@@ -621,6 +647,7 @@ def count_task(config: MergeConfig, group: list[int], partitions: int, work: str
             "image": int(np.count_nonzero(~id_dupes & image_dupes)),
         },
         "tags": {name: int(c) for name, c in zip(names, counts, strict=True) if c},
+        "tags_all": {name: int(c) for name, c in zip(names, counts_all, strict=True) if c},
     }
     storage.write_json(storage.join(uri, _DONE), done)
     return done
@@ -839,7 +866,10 @@ def run(config: MergeConfig) -> MergeResult:
         config,
         "merge 1/4: keys",
         keys_task,
-        [(config.shards, g, {i: manifests[i] for i in g}, partitions, work) for g in groups],
+        [
+            (config.shards, g, {i: manifests[i] for i in g}, partitions, work, config)
+            for g in groups
+        ],
         [f"keys of {name}" for name in shards_of],
     )
     dedupes = [(kind, p) for kind in ("id", "image") for p in range(partitions)]
@@ -865,9 +895,12 @@ def run(config: MergeConfig) -> MergeResult:
         [(config, g, partitions, work) for g in groups],
         [f"tag counts of {name}" for name in shards_of],
     )
+    # The vocabulary from the training posts only; all posts' counts are recorded beside it.
     tag_counts: Counter[str] = Counter()
+    all_counts: Counter[str] = Counter()
     for count in counts:
         tag_counts.update(count["tags"])
+        all_counts.update(count.get("tags_all", count["tags"]))
     vocab = sorted(
         (tag for tag, count in tag_counts.items() if count >= config.min_count),
         key=lambda tag: (-tag_counts[tag], tag),
@@ -912,7 +945,9 @@ def run(config: MergeConfig) -> MergeResult:
             "bad_shards": {str(i): e for i, e in sorted(bad_shards.items())},
             "posts_in": posts_in,
             "duplicates": duplicates,
-            "distinct_tags": len(tag_counts),
+            "distinct_tags": len(all_counts),
+            "distinct_train_tags": len(tag_counts),
+            "vocab_counted_on": "train",
             "near_duplicates": near,
             "config": asdict(config),
         },
@@ -933,7 +968,8 @@ def run(config: MergeConfig) -> MergeResult:
         "bad_shards": sorted(bad_shards),
         "posts_in": posts_in,
         "duplicates": duplicates,
-        "distinct_tags": len(tag_counts),
+        "distinct_tags": len(all_counts),
+        "distinct_train_tags": len(tag_counts),
         "near_duplicates": near,
         "parts": len(parts),
         "tasks_per_step": {"groups": len(groups), "partitions": partitions},

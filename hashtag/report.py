@@ -28,6 +28,8 @@ BASELINE = "popularity"
 LEADING_METRICS = ("f1", "precision", "recall", "f1@5", "p@5", "r@5", "hit@5", "map")
 LIFT_METRICS = ("f1", "f1@5")
 # The table people choose a model from (results.md's first, what tune prints): column -> header.
+# The validation column of the selection metric is headed "... (decides)": the exported row is
+# the best of it; every "test" column is reported, never used to choose.
 DECISION_COLUMNS = {
     "model": "model",
     "batch_size": "batch size",
@@ -42,6 +44,9 @@ DECISION_COLUMNS = {
     "seconds": "seconds",
 }
 SELECTED_MARK = " (selected)"
+DECIDES_MARK = " (decides)"
+SELECT_METRIC = "f1@5"  # tune's default --select-metric (models.SELECT_METRIC)
+METRIC_HEADERS = {"f1": "F1", "f1@5": "F1@5", "f1@10": "F1@10", "map": "mAP", "p@5": "P@5"}
 # Per-epoch series drawn by plot_curves (others in a row's history are ignored).
 CURVE_F1 = ("val_f1", "f1")
 CURVE_LOSS = ("loss", "val_loss")
@@ -104,8 +109,11 @@ def _metric_sort_key(name: str) -> tuple[str, int]:
     return (prefix, int(k) if k.isdigit() else -1)
 
 
-def results_table(rows: Sequence[ResultRow], baseline: str = BASELINE) -> list[dict]:
-    """One dict per row: identity, validation F1, every test metric, lifts, time.
+def results_table(
+    rows: Sequence[ResultRow], baseline: str = BASELINE, select_metric: str = SELECT_METRIC
+) -> list[dict]:
+    """One dict per row: identity, validation F1, F1@5 and the selection metric, every test
+    metric, lifts, time.
 
     Trials first (by batch size, then learning rate), then the reference models.
     """
@@ -126,6 +134,7 @@ def results_table(rows: Sequence[ResultRow], baseline: str = BASELINE) -> list[d
             "val_f1": row.val.get("f1", math.nan),
             "val_f1@5": row.val.get("f1@5", math.nan),  # what selection uses by default
         }
+        record[f"val_{select_metric}"] = row.val.get(select_metric, math.nan)
         for name in metrics:
             record[name] = row.test.get(name, math.nan)
         for name in LIFT_METRICS:
@@ -158,12 +167,29 @@ def to_csv(table: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def decision_table(table: list[dict]) -> list[dict]:
-    """The columns that decide, with readable headers; the selected row's model marked. A
-    failed trial shows its status in place of its metrics."""
+def decision_columns(select_metric: str = SELECT_METRIC) -> dict[str, str]:
+    """DECISION_COLUMNS with the selection metric's validation column headed "(decides)" (added
+    after val F1@5 when it is not one of the two)."""
+    decides = f"val_{select_metric}"
+    columns: dict[str, str] = {}
+    for column, header in DECISION_COLUMNS.items():
+        columns[column] = header + (DECIDES_MARK if column == decides else "")
+        if column == "val_f1@5" and decides not in DECISION_COLUMNS:
+            name = METRIC_HEADERS.get(select_metric, select_metric)
+            columns[decides] = f"val {name}{DECIDES_MARK}"
+    return columns
+
+
+def decision_table(table: list[dict], select_metric: str = SELECT_METRIC) -> list[dict]:
+    """The columns that decide, with readable headers: the validation column of
+    `select_metric` is marked "(decides)", test columns are named "test" or follow it; the
+    selected row's model marked. A failed trial shows its status in place of its metrics."""
     out = []
     for record in table:
-        row = {header: record.get(column, math.nan) for column, header in DECISION_COLUMNS.items()}
+        row = {
+            header: record.get(column, math.nan)
+            for column, header in decision_columns(select_metric).items()
+        }
         if record.get("selected"):
             row["model"] = f"{row['model']}{SELECTED_MARK}"
         if record.get("status", "ok") != "ok":
@@ -175,9 +201,11 @@ def decision_table(table: list[dict]) -> list[dict]:
     return drop_empty_columns(out)
 
 
-def decision_markdown(rows: Sequence[ResultRow], baseline: str = BASELINE) -> str:
+def decision_markdown(
+    rows: Sequence[ResultRow], baseline: str = BASELINE, select_metric: str = SELECT_METRIC
+) -> str:
     """results.md's first table as Markdown (also what `hashtag tune` prints)."""
-    return to_markdown(decision_table(results_table(rows, baseline)))
+    return to_markdown(decision_table(results_table(rows, baseline, select_metric), select_metric))
 
 
 def to_markdown(table: list[dict]) -> str:
@@ -209,10 +237,24 @@ def _format(value, csv: bool = False) -> str:
     return str(value)
 
 
-def plot_heatmap(rows: Sequence[ResultRow], uri: str, metric: str = "f1") -> None:
-    """F1 over batch size x learning rate, validation and test side by side.
+def outlined_trial(rows: Sequence[ResultRow], metric: str = SELECT_METRIC):
+    """(the trial the heatmap outlines, whether it is the exported model): the exported
+    (`selected`) trial; when a reference or a blend was exported instead, the best trial on
+    validation `metric` (the one blends use); None without a finished trial."""
+    trials = [r for r in rows if r.is_trial and r.status == "ok"]
+    for row in trials:
+        if row.selected:
+            return row, True
+    scored = [r for r in trials if math.isfinite(r.val.get(metric, math.nan))]
+    if not scored:
+        return None, False
+    return max(scored, key=lambda r: r.val[metric]), False
 
-    The cell of the best validation F1 (the one tune.py exports) is outlined.
+
+def plot_heatmap(rows: Sequence[ResultRow], uri: str, metric: str = SELECT_METRIC) -> None:
+    """`metric` (tune's --select-metric) over batch size x learning rate, validation and test
+    side by side. The exported trial is outlined in red; when the export is a reference or a
+    blend, the best trial on validation is outlined dashed and the title names the export.
     """
     plt = _pyplot()
     trials = [r for r in rows if r.is_trial]
@@ -231,9 +273,13 @@ def plot_heatmap(rows: Sequence[ResultRow], uri: str, metric: str = "f1") -> Non
         i, j = batch_sizes.index(r.batch_size), learning_rates.index(r.learning_rate)
         grids["val"][i, j] = r.val.get(metric, np.nan)
         grids["test"][i, j] = r.test.get(metric, np.nan)
+    outlined, exported = outlined_trial(rows, metric)
     best = None
-    if trials and not np.all(np.isnan(grids["val"])):
-        best = np.unravel_index(np.nanargmax(grids["val"]), grids["val"].shape)
+    if outlined is not None:
+        best = (
+            batch_sizes.index(outlined.batch_size),
+            learning_rates.index(outlined.learning_rate),
+        )
 
     fig, axes = plt.subplots(
         1,
@@ -260,11 +306,22 @@ def plot_heatmap(rows: Sequence[ResultRow], uri: str, metric: str = "f1") -> Non
         if best is not None:
             ax.add_patch(
                 plt.Rectangle(
-                    (best[1] - 0.5, best[0] - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2
+                    (best[1] - 0.5, best[0] - 0.5),
+                    1,
+                    1,
+                    fill=False,
+                    edgecolor="red",
+                    linewidth=2,
+                    linestyle="-" if exported else "--",
                 )
             )
         fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.suptitle(f"{trials[0].model if trials else 'model'}: {metric} (red: best on validation)")
+    selected = next((r for r in rows if r.selected), None)
+    if exported or selected is None:
+        note = "red: the exported trial" if exported else "red: best on validation"
+    else:
+        note = f"exported: {selected.label}; dashed: the best trial on validation"
+    fig.suptitle(f"{trials[0].model}: {metric} ({note})", fontsize=10)
     fig.tight_layout()
     _save_figure(fig, uri)
 
@@ -305,9 +362,16 @@ def plot_curves(rows: Sequence[ResultRow], uri: str) -> None:
     _save_figure(fig, uri)
 
 
-def write_report(rows: Sequence[ResultRow], out: str, baseline: str = BASELINE) -> dict[str, str]:
-    """Write results.csv, results.md, heatmap.png and curves.png under `out`; returns their URIs."""
-    table = results_table(rows, baseline)
+def write_report(
+    rows: Sequence[ResultRow],
+    out: str,
+    baseline: str = BASELINE,
+    select_metric: str = SELECT_METRIC,
+) -> dict[str, str]:
+    """Write results.csv, results.md, heatmap.png and curves.png under `out`; returns their
+    URIs. `select_metric`: the validation metric the export was chosen on (the decision
+    table's "(decides)" column, the heatmap's metric)."""
+    table = results_table(rows, baseline, select_metric)
     paths = {
         name: storage.join(out, name)
         for name in ("results.csv", "results.md", "heatmap.png", "curves.png")
@@ -316,11 +380,13 @@ def write_report(rows: Sequence[ResultRow], out: str, baseline: str = BASELINE) 
     lines = "\n".join(trial_line(r) for r in rows)
     storage.write_text(
         paths["results.md"],
-        f"# Results\n\n{to_markdown(decision_table(table))}\n"
+        f"# Results\n\nThe model marked (selected) is exported: the best on validation "
+        f"{select_metric}, the column marked (decides); test columns are reported, never used "
+        f"to choose.\n\n{to_markdown(decision_table(table, select_metric))}\n"
         f"## Every metric\n\nTest split unless named val_; lift = over {baseline}.\n\n"
         f"{to_markdown(drop_empty_columns(table))}\n```\n{lines}\n```\n",
     )
-    plot_heatmap(rows, paths["heatmap.png"])
+    plot_heatmap(rows, paths["heatmap.png"], select_metric)
     plot_curves(rows, paths["curves.png"])
     return paths
 

@@ -8,15 +8,17 @@ memory map when local, a download from s3:// otherwise), trains with a checkpoin
 retrains) and reports validation metrics per epoch and, at the end, every metric on validation
 and test. Reference models (popularity, kNN) are scored once per experiment in the driver.
 
-The best trial is chosen on validation F1, never on test, and exported to OUT/model/ with what
-recommend needs and nothing of the training data: the embedder spec, the vocabulary, the decision
-rule, and a hashtag co-occurrence model fitted on the training labels (OUT/model/cooccurrence/).
+The exported model is chosen on validation (`--select-metric`, default F1@5), never on test,
+among the trials, references and blends (`compete`), and written to OUT/model/ with what
+recommend needs: the embedder spec, the vocabulary, the decision rule, and a hashtag
+co-occurrence model fitted on the labels it learnt from (OUT/model/cooccurrence/).
 
 Outputs under OUT:
     ray/grid-HASH/     Tune's experiment (trial checkpoints; what a rerun restores)
     references.json    the reference models' scores (reused by a rerun)
     results.csv/.md    every metric of every trial and reference, lift over popularity
-    heatmap.png        F1 over batch size x learning rate;  curves.png: per-epoch curves
+    heatmap.png        the selection metric over batch size x learning rate (the exported trial
+                       outlined);  curves.png: per-epoch curves
     model/             the exported model;  tune.json: this summary
 
 Rerunning the same command restores the experiment: finished trials are kept, unfinished and
@@ -27,7 +29,6 @@ starts a new experiment (the name carries a hash of those settings).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -399,9 +400,9 @@ def _model_config(grid: dict[str, Any], settings: TrialSettings):
 
 def reference_config(name: str, seed: int, blocks: tuple[int, ...] = ()) -> models.ModelConfig:
     """The settings of a reference model in the table: kNN as the shared sets' README measures
-    it (20 neighbours, weights exp(10 x similarity), no prior) but on centred features, which
-    lifts it 2-3% on real photos; ridge and kernel ridge on centred features, their penalties
-    chosen on validation."""
+    it (20 neighbours, weights exp(10 x similarity), no prior) but on centred features (the
+    features' common direction removed: cosine similarity then compares what differs); ridge
+    and kernel ridge on centred features, their penalties chosen on validation."""
     if name == "knn":
         return models.ModelConfig(
             seed=seed,
@@ -1046,9 +1047,10 @@ def _run_grid(config: TuneConfig, dataset, arrays):
 
 def completion_rows(config: TuneConfig, dataset) -> tuple[list[ResultRow], Any]:
     """Completion of label-only posts: popularity, plain co-occurrence P(tag | given) and the
-    weighted co-occurrence with its weights chosen on validation (never on test), each scored
-    on held-out tags (completion.held_out). Returns the rows (the chosen one `selected`) and
-    the chosen CooccurrenceConfig."""
+    weighted co-occurrence (its weights the best of COMPLETION_GRID on validation), each scored
+    on held-out tags (completion.held_out). Plain and weighted compete on validation by
+    `config.select_metric` (never on test; a tie keeps plain, the simpler): the winner is the
+    row marked `selected` and its CooccurrenceConfig is returned for export."""
     import itertools
 
     from hashtag.completion import (
@@ -1071,12 +1073,13 @@ def completion_rows(config: TuneConfig, dataset) -> tuple[list[ResultRow], Any]:
     counts = Cooccurrence(PLAIN).fit_blocks(label_blocks(dataset, dataset.rows("train")))
     fit_seconds = time.perf_counter() - started
     frequency = np.diag(counts.counts) / counts.n_posts
+    metric = config.select_metric
 
-    def scored(name: str, scores_given, seconds: float, selected: bool = False) -> ResultRow:
+    def scored(name: str, scores_given, seconds: float) -> ResultRow:
         started = time.perf_counter()
         val, test = (score_suggestions(scores_given(g), h) for g, h in parts.values())
         seconds += time.perf_counter() - started
-        return ResultRow(model=name, val=val, test=test, seconds=seconds, selected=selected)
+        return ResultRow(model=name, val=val, test=test, seconds=seconds)
 
     rows = [
         scored("popularity", lambda given: popularity_scores(frequency, given), 0.0),
@@ -1087,38 +1090,45 @@ def completion_rows(config: TuneConfig, dataset) -> tuple[list[ResultRow], Any]:
     candidates = [
         CooccurrenceConfig(*values) for values in itertools.product(*COMPLETION_GRID.values())
     ]
-    chosen = max(
+    weighted = max(
         candidates,
-        key=lambda c: score_suggestions(counts.with_config(c).scores_given(val_given), val_hidden)[
-            "f1"
-        ],
+        key=lambda c: _metric(
+            ResultRow(
+                model="",
+                val=score_suggestions(counts.with_config(c).scores_given(val_given), val_hidden),
+            ),
+            metric,
+        ),
     )
     rows.append(
         scored(
             "completion",
-            counts.with_config(chosen).scores_given,
+            counts.with_config(weighted).scores_given,
             fit_seconds + time.perf_counter() - started,
-            selected=True,
         )
     )
+    # Plain co-occurrence is a candidate too: the weights must earn their place on validation.
+    plain_wins = _metric(rows[1], metric) >= _metric(rows[2], metric)
+    chosen, winner = (PLAIN, "cooccurrence") if plain_wins else (weighted, "completion")
+    rows = [dataclasses.replace(r, selected=r.model == winner) for r in rows]
     return rows, chosen
 
 
 def _run_completion(config: TuneConfig, dataset, started: float) -> TuneResult:
     """Label-only posts: fit what needs no image, export a completion model, say so."""
     rows, chosen = completion_rows(config, dataset)
-    best = rows[-1]
+    (best,) = [r for r in rows if r.selected]
     X_train, Y_train = dataset.part("train")
     X_val, Y_val = dataset.part("val")
     recommender = models.create("popularity", models.ModelConfig(seed=config.seed))
     recommender.fit(X_train, Y_train, X_val, Y_val)
     model_uri = export_model(config, dataset, recommender, best, completion=chosen)
-    paths = write_report(rows, config.out)
-    print(decision_markdown(rows), end="")
+    paths = write_report(rows, config.out, select_metric=config.select_metric)
+    print(decision_markdown(rows, select_metric=config.select_metric), end="")
     weights = ", ".join(f"{k} {v:g}" for k, v in asdict(chosen).items())
     print(
-        f"label-only posts (no image): exported a completion model ({weights}; chosen on "
-        f"validation) -> {model_uri}\n"
+        f"label-only posts (no image): exported a completion model ({best.model}: {weights}; "
+        f"chosen on validation {config.select_metric}) -> {model_uri}\n"
         f"  complete tags with: hashtag recommend --model {model_uri} --tags TAG1,TAG2"
     )
     summary = {
@@ -1230,8 +1240,8 @@ def run(config: TuneConfig) -> TuneResult:
     )
     print(message)
     rows = [dataclasses.replace(r, selected=r.label == best["model"]) for r in trials + others]
-    paths = write_report(rows, grid_config.out)
-    print(decision_markdown(rows), end="")
+    paths = write_report(rows, grid_config.out, select_metric=config.select_metric)
+    print(decision_markdown(rows, select_metric=config.select_metric), end="")
     print(near_duplicate_line(dataset))
     print(f"every metric: {paths['results.md']}")
     summary = {

@@ -30,10 +30,23 @@ for _key, _value in (
     os.environ.setdefault(_key, _value)
 
 
+def on_ci() -> bool:
+    """CI (env CI=true, as GitHub Actions and most runners set it): what a developer's laptop
+    may lack, CI must have; a missing ../shared there is a failure, not a skip."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def missing(reason: str) -> None:
+    """Skip on a developer's machine, fail on CI: the real data is part of the suite there."""
+    if on_ci():
+        pytest.fail(f"{reason} (CI=true: the real data must be there)", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if SHARED is None:
-        pytest.skip("../shared (real data and models) is not beside this checkout")
+        missing("../shared (real data and models) is not beside this checkout")
     return SHARED
 
 

@@ -9,11 +9,9 @@ import os
 import cv2
 import numpy as np
 import pytest
+from conftest import missing
 
-from hashtag import embedders, storage
-
-pytest.importorskip("tensorflow")
-from hashtag import cnn  # noqa: E402  (after the TensorFlow check)
+from hashtag import cnn, embedders, storage
 
 V2 = "mobilenet_v2_1.0_224_quant.tflite"
 V1 = "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
@@ -24,7 +22,7 @@ V2_POOL = "MobilenetV2/Logits/AvgPool"
 def models_dir(shared_dir):
     folder = shared_dir / "models"
     if not (folder / V2).is_file() or not (folder / V1).is_file():
-        pytest.skip("the pretrained TFLite models are not in ../shared/models")
+        missing("the pretrained TFLite models are not in ../shared/models")
     return folder
 
 
@@ -32,7 +30,7 @@ def models_dir(shared_dir):
 def photos(shared_dir) -> list[np.ndarray]:
     files = sorted((shared_dir / "data" / "feedme-food" / "images").glob("*.jpg"))[:10]
     if len(files) < 10:
-        pytest.skip("the feedme-food photos are not in ../shared/data")
+        missing("the feedme-food photos are not in ../shared/data")
     return [cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB) for f in files]
 
 
@@ -293,6 +291,21 @@ def test_float_model_auto_pool_batches_and_input_range(float_classifier, photos)
 
 
 @pytest.fixture(scope="module")
+def pictures() -> list[np.ndarray]:
+    """Ten synthetic RGB pictures of several sizes: random-weight Keras tests need no real
+    photo, so they run (and fail) whether ../shared is there or not."""
+    rng = np.random.default_rng(7)
+    shapes = [(350, 525), (240, 240), (500, 300), (120, 160), (224, 224)] * 2
+    out = []
+    for n, (h, w) in enumerate(shapes):
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([(x * (n + 1)) % 256, (y * (n + 2)) % 256, (x + y) % 256], axis=-1)
+        noise = rng.integers(0, 40, (h, w, 3))
+        out.append(np.clip(base + noise, 0, 255).astype(np.uint8))
+    return out
+
+
+@pytest.fixture(scope="module")
 def keras_small():
     return embedders.create("keras:mobilenet_v3_small", weights=None)
 
@@ -309,50 +322,50 @@ def same_weights(a, b) -> bool:
 @pytest.mark.parametrize(
     ("which", "dim", "size"), [("keras_small", 576, 224), ("keras_vgg", 256, 64)]
 )
-def test_keras_shapes_and_determinism(which, dim, size, request, photos):
+def test_keras_shapes_and_determinism(which, dim, size, request, pictures):
     embedder = request.getfixturevalue(which)
     assert embedder.dim == dim and embedder.min_side == size
-    assert embedder.preprocess(photos[0]).shape == (size, size, 3)
-    vectors = embedder.embed(photos[:5])
+    assert embedder.preprocess(pictures[0]).shape == (size, size, 3)
+    vectors = embedder.embed(pictures[:5])
     check_vectors(vectors, 5, dim)
-    np.testing.assert_array_equal(vectors, embedder.embed(photos[:5]))
+    np.testing.assert_array_equal(vectors, embedder.embed(pictures[:5]))
     rebuilt = embedders.create_from_spec(embedder.spec)  # same seed: the same random weights
     assert same_weights(rebuilt.model, embedder.model)
 
 
-def test_keras_batches_match_single_images(keras_vgg, photos):
-    together = keras_vgg.embed(photos[:7])
+def test_keras_batches_match_single_images(keras_vgg, pictures):
+    together = keras_vgg.embed(pictures[:7])
     keras_vgg.config = dataclasses.replace(keras_vgg.config, batch_size=3)
     try:
-        in_threes = keras_vgg.embed(photos[:7])
+        in_threes = keras_vgg.embed(pictures[:7])
     finally:
         keras_vgg.config = dataclasses.replace(keras_vgg.config, batch_size=64)
-    alone = np.concatenate([keras_vgg.embed([p]) for p in photos[:3]])
+    alone = np.concatenate([keras_vgg.embed([p]) for p in pictures[:3]])
     np.testing.assert_allclose(in_threes, together, atol=1e-5)
     np.testing.assert_allclose(alone, together[:3], atol=1e-5)
 
 
-def test_vgg19_block3_unpooled_is_the_original_65536_vector(photos):
+def test_vgg19_block3_unpooled_is_the_original_65536_vector(pictures):
     embedder = embedders.create("keras:vgg19_block3", weights=None, pooled=False)
     assert embedder.spec.get("pooled") is False
-    check_vectors(embedder.embed(photos[:2]), 2, 16 * 16 * 256)
+    check_vectors(embedder.embed(pictures[:2]), 2, 16 * 16 * 256)
 
 
 @pytest.mark.slow
-def test_efficientnet_b0_builds(photos):
+def test_efficientnet_b0_builds(pictures):
     embedder = embedders.create("keras:efficientnet_b0", weights=None)
-    check_vectors(embedder.embed(photos[:2]), 2, 1280)
+    check_vectors(embedder.embed(pictures[:2]), 2, 1280)
 
 
 @pytest.mark.parametrize("which", ["keras_small", "keras_vgg"])
-def test_keras_weights_round_trip_through_s3(which, request, s3_bucket, photos):
+def test_keras_weights_round_trip_through_s3(which, request, s3_bucket, pictures):
     trained = request.getfixturevalue(which)
     name = trained.config.name
     uri = f"{s3_bucket}/weights/{name}.weights.h5"
     trained.save_weights(uri)
     loaded = embedders.create(f"keras:{name}", weights=uri)
     assert loaded.spec.get("weights") == uri and loaded.spec.get("seed") is None
-    np.testing.assert_array_equal(loaded.embed(photos[:3]), trained.embed(photos[:3]))
+    np.testing.assert_array_equal(loaded.embed(pictures[:3]), trained.embed(pictures[:3]))
     other_seed = embedders.create(f"keras:{name}", weights=None, seed=8)
     assert not same_weights(other_seed.model, trained.model)
 

@@ -61,6 +61,10 @@ def config(shards_root, out, **kw):
     return merge.MergeConfig(shards=shards_root, out=out, **kw)
 
 
+# Every post a training post: the small hand-made cases count their vocabulary on all of them.
+ALL_TRAIN = {"val_fraction": 0.0, "test_fraction": 0.0}
+
+
 def test_merge_dedupes_and_builds_vocab(tmp_path):
     make(str(tmp_path / "s"))
     summary = merge.run(config(str(tmp_path / "s"), str(tmp_path / "d"), min_count=2))
@@ -69,17 +73,24 @@ def test_merge_dedupes_and_builds_vocab(tmp_path):
     assert ds.ids.tolist() == ["a", "b", "c", "e", "f", "g"]
     assert summary["duplicates"] == {"id": 2, "image": 1} and summary["posts_in"] == 9
     assert summary["count"] == len(ds) == 6
-    # cat: a, b; dog: a, c, e; sun: c, e; rare: dropped (its post was a repost), Cat: once.
-    assert ds.vocab == ["dog", "cat", "sun"]
-    assert ds.tag_counts.tolist() == [3, 2, 2]
+    # The vocabulary is counted on the training posts only (c is a validation post, g a test
+    # post): cat: a, b; dog: a, e; sun: e (and c: not counted); rare: its post was a repost.
+    splits = dict(zip(ds.ids.tolist(), ds.split.tolist(), strict=True))
+    assert (splits["c"], splits["g"]) == (1, 2) and splits["a"] == splits["e"] == 0
+    assert ds.vocab == ["cat", "dog"] and ds.tag_counts.tolist() == [2, 2]
+    assert summary["distinct_tags"] == 4 and summary["distinct_train_tags"] == 3
     expected = np.array(
-        [[1, 1, 0], [0, 1, 0], [1, 0, 1], [1, 0, 1], [0, 0, 0], [0, 0, 0]], bool
+        [[1, 1], [1, 0], [0, 1], [0, 1], [0, 0], [0, 0]], bool
     )  # rows a, b, c, e, f, g
     np.testing.assert_array_equal(ds.labels(), expected)
     np.testing.assert_array_equal(ds.labels([4, 0]), expected[[4, 0]])
     np.testing.assert_array_equal(ds.labels(np.arange(6) == 2), expected[[2]])
-    assert ds.labels([]).shape == (0, 3)
+    assert ds.labels([]).shape == (0, 2)
     assert summary["unlabeled"] == ds.manifest["unlabeled"] == 2
+    # With every post a training post, every kept post counts: sun (c, e) joins.
+    everything = merge.run(config(str(tmp_path / "s"), str(tmp_path / "all"), **ALL_TRAIN))
+    assert Dataset.load(str(tmp_path / "all")).vocab == ["dog", "cat", "sun"]
+    assert everything["distinct_train_tags"] == 4
     # Rows keep their own embeddings: shard 1's "c" is row 0 of shard 1.
     np.testing.assert_array_equal(ds.embeddings[2], [1.0, 1.0])
     assert ds.embedder == SPEC and ds.dim == 2
@@ -89,10 +100,10 @@ def test_merge_dedupes_and_builds_vocab(tmp_path):
 def test_vocab_cap_and_min_count(tmp_path):
     make(str(tmp_path / "s"))
     ds_root = str(tmp_path / "d")
-    merge.run(config(str(tmp_path / "s"), ds_root, min_count=1, vocab_size=4))
+    merge.run(config(str(tmp_path / "s"), ds_root, min_count=1, vocab_size=4, **ALL_TRAIN))
     # ties (cat=2, sun=2; Cat=1 ...) broken by name, most frequent first
     assert Dataset.load(ds_root).vocab == ["dog", "cat", "sun", "Cat"]
-    merge.run(config(str(tmp_path / "s"), ds_root, min_count=3))
+    merge.run(config(str(tmp_path / "s"), ds_root, min_count=3, **ALL_TRAIN))
     ds = Dataset.load(ds_root)
     assert ds.vocab == ["dog"] and ds.manifest["unlabeled"] == 3
     assert len(ds) == 6  # ids do not depend on the vocabulary
@@ -259,7 +270,7 @@ def test_s3_round_trip(s3_bucket):
     summary = merge.run(config(root, out))
     ds = Dataset.load(out)
     assert ds.ids.tolist() == ["a", "b", "c", "e", "f", "g"] and summary["count"] == 6
-    assert ds.vocab == ["dog", "cat", "sun"]
+    assert ds.vocab == ["cat", "dog"]  # counted on the training posts
     assert storage.exists(f"{out}/merge.json")
     X, Y = ds.part("train")
     assert X.dtype == np.float32 and Y.dtype == bool and len(X) == len(Y)
@@ -304,7 +315,11 @@ def single_pass(root: str, vocab_size: int = 1000, min_count: int = 2):
                 seen_images.add(sha)
             if new:
                 kept.append(row)
-                counts.update({str(t) for t in row["tags"]})
+                split = merge.assign_split(
+                    [str(row["id"])], seed="hashtag", val_fraction=0.15, test_fraction=0.15
+                )
+                if split[0] == 0:  # the vocabulary is counted on the training posts only
+                    counts.update({str(t) for t in row["tags"]})
     ranked = sorted((t for t, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
     return kept, ranked[:vocab_size]
 

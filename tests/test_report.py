@@ -122,3 +122,36 @@ def test_plots_without_trials_or_history(tmp_path):
     assert (tmp_path / "heatmap.png").stat().st_size > 0
     assert "popularity" in (tmp_path / "results.md").read_text()
     assert paths["curves.png"].endswith("curves.png")
+
+
+def test_decision_table_names_the_column_that_decides(rows):
+    rows = [*rows[:-1], ResultRow(**{**rows[-1].__dict__, "selected": True})]
+    default = report.decision_markdown(rows)
+    assert "val F1@5 (decides)" in default and "test F1@5" in default
+    assert "knn (selected)" in default and default.count("(selected)") == 1
+    by_map = report.decision_markdown(rows, select_metric="map")
+    assert "val mAP (decides)" in by_map and "val F1@5 (decides)" not in by_map
+    header = by_map.splitlines()[0].split(" | ")
+    assert header.index("val mAP (decides)") == header.index("val F1@5") + 1
+
+
+def test_heatmap_outlines_the_exported_trial_not_the_best_val_f1(rows):
+    # The best validation F1@5 trial is bs=64 lr=0.01; the exported (selected) one is bs=16
+    # lr=0.001: the heatmap marks the exported one.
+    trials = [r for r in rows if r.is_trial and r.status == "ok"]
+    best_f1 = max(trials, key=lambda r: r.val["f1"])
+    assert (best_f1.batch_size, best_f1.learning_rate) == (64, 1e-2)
+    marked = [
+        ResultRow(**{**r.__dict__, "selected": (r.batch_size, r.learning_rate) == (16, 1e-3)})
+        for r in rows
+    ]
+    outlined, exported = report.outlined_trial(marked)
+    assert exported and (outlined.batch_size, outlined.learning_rate) == (16, 1e-3)
+    # A reference exported: the best trial on the selection metric is outlined (dashed).
+    by_metric = [
+        ResultRow(**{**r.__dict__, "val": {**r.val, "map": 1.0 if r.batch_size == 16 else 0.0}})
+        for r in rows
+    ]
+    by_metric[-1] = ResultRow(**{**by_metric[-1].__dict__, "selected": True})
+    outlined, exported = report.outlined_trial(by_metric, "map")
+    assert not exported and outlined.batch_size == 16

@@ -13,6 +13,8 @@ import time
 import cv2
 import numpy as np
 import pytest
+import ray
+from conftest import missing
 
 from hashtag import shards, storage
 from hashtag.dataset import Dataset
@@ -21,8 +23,6 @@ from hashtag.merge import MergeConfig
 from hashtag.merge import run as merge
 from hashtag.scrape import ScrapeConfig
 from hashtag.scrape import run as scrape
-
-ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +318,7 @@ def test_scrape_with_the_real_tflite_model_on_two_lanes(local_ray, shared_dir, t
     model = shared_dir / "models" / "mobilenet_v2_1.0_224_quant.tflite"
     photos = sorted((shared_dir / "data" / "feedme-food" / "images").glob("*.jpg"))[:20]
     if not model.is_file() or len(photos) < 20:
-        pytest.skip("the MobileNetV2 model or the feedme photos are not in ../shared")
+        missing("the MobileNetV2 model or the feedme photos are not in ../shared")
     rows = [{"id": f"f{i:02d}", "image": str(p), "tags": ["food"]} for i, p in enumerate(photos)]
     manifest = tmp_path / "posts.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import missing
 from test_merge import write as write_shard
 from test_tune import write_dataset
 
@@ -158,7 +159,7 @@ def test_a_two_embedder_export_recommends_on_new_photos(tmp_path, shared_dir):
     from hashtag.sources import open_source
 
     if not (shared_dir / "models" / V1).is_file():
-        pytest.skip("the TFLite models are not in ../shared/models")
+        missing("the TFLite models are not in ../shared/models")
     request = EmbedderSpec.ensemble(
         [EmbedderSpec.parse(f"tflite:{shared_dir / 'models' / name}") for name in (V2, V1)]
     )
@@ -198,3 +199,52 @@ def test_a_two_embedder_export_recommends_on_new_photos(tmp_path, shared_dir):
     # The same tags as the blend gives the scrape's vectors of those photos.
     top = blend.predict_scores(X[40:41])[0].argsort()[::-1][:2]
     assert [h["tag"] for h in results[0]["hashtags"]] == [vocab[i] for i in top]
+
+
+@pytest.mark.slow
+def test_a_two_embedder_scrape_through_merge_tune_and_recommend(tmp_path, shared_dir):
+    """`hashtag pipeline` with two --embedder flags on 40 real photos (scrape on Ray, merge,
+    tune, export), then `hashtag recommend` on a photo the model never saw: the ensemble's spec
+    travels from the shards to the dataset and the model, and recommend embeds with both."""
+    import subprocess
+    import sys
+
+    if not (shared_dir / "models" / V1).is_file():
+        missing("the TFLite models are not in ../shared/models")
+    folder = shared_dir / "data" / "feedme-food"
+    rows = [json.loads(line) for line in (folder / "posts.jsonl").read_text().splitlines()[:41]]
+    manifest = tmp_path / "posts.jsonl"
+    manifest.write_text(
+        "".join(
+            json.dumps({"id": f"p{n}", "image": str(folder / r["image"]), "tags": r["tags"]}) + "\n"
+            for n, r in enumerate(rows[:40])
+        )
+    )
+    out = tmp_path / "run"
+    models_dir = shared_dir / "models"
+    argv = [
+        "pipeline", "--source", str(manifest), "--out", str(out),
+        "--embedder", f"tflite:{models_dir / V2}", "--embedder", f"tflite:{models_dir / V1}",
+        "--shard-size", "20", "--epochs", "2", "--batch-sizes", "16", "--learning-rates", "1e-2",
+        "--examples", "1",
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "hashtag.cli", *argv], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    dataset = Dataset.load(str(out / "dataset"))
+    spec = EmbedderSpec.from_json(dataset.embedder)
+    assert spec.blocks == (1280, 1024) and dataset.dim == 2304
+    model = out / "tune" / "model"
+    exported = models.load(str(model))
+    assert EmbedderSpec.from_json(exported.metadata["embedder"]) == spec
+    photo = folder / rows[40]["image"]  # not among the 40 scraped
+    done = subprocess.run(
+        [sys.executable, "-m", "hashtag.cli", "recommend", "--model", str(model), "--json",
+         str(photo)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (answer,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert answer["image"] == str(photo) and answer["hashtags"]
+    assert {h["tag"] for h in answer["hashtags"]} <= set(dataset.vocab)
