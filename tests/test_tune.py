@@ -412,12 +412,11 @@ def test_plain_cooccurrence_is_exported_when_it_wins_on_validation(tmp_path, mon
 
 @pytest.mark.slow
 def test_over_the_memory_budget_with_another_select_metric(tmp_path, local_ray, monkeypatch):
-    """A tiny --memory-budget: trials stream the parts, the references train on the first
-    REFERENCE_ROWS training rows (a sample), the winner is refit streamed and exported; and a
+    """A tiny --memory-budget: trials stream the parts, the knn reference streams EVERY training
+    row into its faiss index (no sample), the winner is refit streamed and exported; and a
     non-default --select-metric (map) decides, in the summary, the table and the export."""
     data = str(tmp_path / "data")
     dataset = write_dataset(data, posts=300)
-    monkeypatch.setattr(tune, "REFERENCE_ROWS", 60)  # the references run in this process
     config = tune.TuneConfig(
         data=data, out=str(tmp_path / "out"), batch_sizes=(16,), learning_rates=(1e-2,),
         epochs=3, references=("popularity", "knn"), memory_budget=1e-6, select_metric="map",
@@ -428,13 +427,12 @@ def test_over_the_memory_budget_with_another_select_metric(tmp_path, local_ray, 
     (trial,) = summary["trials"]
     assert trial["status"] == "ok" and trial["epochs"] == 3
 
-    # The knn reference learnt from the first 60 training rows, not all of them.
+    # The knn reference learnt from every training row, streamed, as if it held them all.
     X_train, Y_train = dataset.part("train")
-    assert len(X_train) > 100
-    sample = models.create("knn", tune.reference_config("knn", config.seed))
-    sample.fit(X_train[:60], Y_train[:60], *dataset.part("val"), vocab=dataset.vocab)
+    whole = models.create("knn", tune.reference_config("knn", config.seed))
+    whole.fit(X_train, Y_train, *dataset.part("val"), vocab=dataset.vocab)
     knn = next(r for r in summary["references"] if r["model"] == "knn")
-    assert knn["val"]["map"] == pytest.approx(sample.score(*dataset.part("val"))["map"], abs=1e-6)
+    assert knn["val"]["map"] == pytest.approx(whole.score(*dataset.part("val"))["map"], abs=1e-6)
 
     # map decides: the winner has the best validation map of every candidate.
     contenders = [c for c in summary["trials"] + summary["candidates"] if c["val"]]
@@ -444,8 +442,8 @@ def test_over_the_memory_budget_with_another_select_metric(tmp_path, local_ray, 
     exported = models.load(summary["model"])
     assert exported.metadata["selection"]["metric"] == "map"
     assert exported.metadata["trained_on"]["splits"] == ["train", "val"]
-    if exported.name == "knn":  # refit on the sampled rows of train + validation
-        assert len(exported.train_embeddings) == 60
+    if exported.name == "knn":  # refit on every row of train + validation, streamed
+        assert exported.index.ntotal == len(dataset.rows("train")) + len(dataset.rows("val"))
     else:  # the mlp (or a blend holding it) refit from the streamed parts
         assert best["refit_test"] and best["kind"] in ("mlp", "blend")
     X_test, Y_test = dataset.part("test")
