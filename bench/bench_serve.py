@@ -200,22 +200,38 @@ def load(port: int, token: str, blobs: list[bytes], clients: int, requests: int)
     }
 
 
-def replica_pids() -> dict[str, int]:
-    """Serve's processes by role (controller, proxy, replicas), from their process titles."""
-    import psutil
-
-    found = {}
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            title = " ".join(process.info["cmdline"] or [])
-        except (psutil.Error, TypeError):
+def descendants(root: int) -> dict[int, str]:
+    """pid -> command line of every process below `root` (from /proc: Linux)."""
+    parents: dict[int, int] = {}
+    lines: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
             continue
-        if title.startswith("ray::ServeController"):
-            found["controller"] = process.info["pid"]
-        elif title.startswith("ray::ProxyActor"):
-            found["proxy"] = process.info["pid"]
-        elif title.startswith("ray::ServeReplica"):
-            found[f"replica {process.info['pid']}"] = process.info["pid"]
+        try:
+            stat = (entry / "stat").read_text()
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+            lines[int(entry.name)] = (
+                (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            )
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = {}, {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier}
+        found.update({pid: lines.get(pid, "") for pid in frontier})
+    return found
+
+
+def serve_pids() -> dict[str, int]:
+    """Serve's processes below this one (the local Ray it started), by role."""
+    found = {}
+    for pid, line in descendants(os.getpid()).items():
+        if line.startswith("ray::ServeController"):
+            found["controller"] = pid
+        elif line.startswith("ray::ProxyActor"):
+            found["proxy"] = pid
+        elif line.startswith("ray::ServeReplica"):
+            found[f"replica {pid}"] = pid
     return found
 
 
@@ -352,7 +368,7 @@ def main() -> None:
     if (True, top) in results and (False, top) in results:
         gain = results[(True, top)]["images_s"] / results[(False, top)]["images_s"]
         print(f"batching on / off at {top} clients: {gain:.2f}x")
-    for role, pid in replica_pids().items():
+    for role, pid in serve_pids().items():
         print(f"peak RSS {role}: {peak_rss_mb(pid):.0f} MB")
 
     if not args.no_kill:
