@@ -182,13 +182,17 @@ def test_answers_equal_hashtag_recommend_json(server, exported, photos):
 def test_batch_form_answers_each_post_in_order(server, exported, photos):
     expected = _cli_recommend(exported, photos)
     posts = [{"image_base64": base64.b64encode(p.read_bytes()).decode()} for p in photos]
-    posts.insert(1, {"image": "ftp://example.org/x.jpg"})
+    posts.insert(1, {"image": "ftp://example.org/x.jpg", "id": "p1"})
     posts.append({"tags": ["tag2"]})
     reply = _post(server, "/v1/recommend/batch", json={"posts": posts, "k": 5})
     assert reply.status_code == 200, reply.text
     results = reply.json()["results"]
     assert len(results) == len(posts)
-    assert results[1] == {"error": "`image` must be an http(s) URL", "reason": "bad-url"}
+    assert results[1] == {
+        "id": "p1",
+        "error": "`image` must be an http(s) URL",
+        "reason": "bad-url",
+    }
     good = [r["hashtags"] for i, r in enumerate(results[:-1]) if i != 1]
     assert good == [expected[str(p)] for p in photos]
     assert results[-1]["hashtags"]
