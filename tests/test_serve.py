@@ -27,7 +27,6 @@ from test_tune import CLASSIC_SPEC, write_dataset
 
 from hashtag import models, storage, tune
 from hashtag.report import ResultRow
-from hashtag.serve import ServeConfig, app
 
 pytestmark = pytest.mark.slow  # one Serve start (~15-30 s on a loaded machine) for the module
 
@@ -332,14 +331,3 @@ def test_a_client_that_dribbles_its_body_meets_the_deadline(server, photos):
         elapsed = time.monotonic() - started
     assert reply.startswith(b"HTTP/1.1 504"), reply[:200]
     assert elapsed < REQUEST_TIMEOUT_S + 10
-
-
-def test_config_refuses_an_open_host_without_a_token():
-    with pytest.raises(ValueError, match="token-file"):
-        ServeConfig(model="m", host="0.0.0.0")
-    assert ServeConfig(model="m").token_required is False
-    assert ServeConfig(model="m", token_file="t").token_required is True
-    with pytest.raises(ValueError, match="token_file"):
-        app({"model": "s3://bucket/model"})
-    with pytest.raises(ValueError, match="unknown"):
-        app({"model": "m", "token_file": "t", "modle": "x"})
