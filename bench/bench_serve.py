@@ -214,49 +214,26 @@ def load(port: int, token: str, blobs: list[bytes], clients: int, requests: int)
     }
 
 
-def descendants(root: int) -> dict[int, str]:
-    """pid -> command line of every process below `root` (from /proc: Linux)."""
-    parents: dict[int, int] = {}
-    lines: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-            lines[int(entry.name)] = (
-                (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            )
-        except (OSError, ValueError, IndexError):
-            continue
-    found, frontier = {}, {root}
+def serve_peaks_mb() -> dict[str, float]:
+    """Peak RSS (VmHWM, MB) of Serve's processes below this one (the local Ray it started),
+    by role; /proc read by bench_scale's `_processes`."""
+    from bench_scale import _processes
+
+    table = _processes()
+    below, frontier = set(), {os.getpid()}
     while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier}
-        found.update({pid: lines.get(pid, "") for pid in frontier})
-    return found
-
-
-def serve_pids() -> dict[str, int]:
-    """Serve's processes below this one (the local Ray it started), by role."""
-    found = {}
-    for pid, line in descendants(os.getpid()).items():
-        if line.startswith("ray::ServeController"):
-            found["controller"] = pid
-        elif line.startswith("ray::ProxyActor"):
-            found["proxy"] = pid
-        elif line.startswith("ray::ServeReplica"):
-            found[f"replica {pid}"] = pid
-    return found
-
-
-def peak_rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+        frontier = {pid for pid, (ppid, _, _) in table.items() if ppid in frontier}
+        below |= frontier
+    roles = {"ray::ServeController": "controller", "ray::ProxyActor": "proxy"}
+    peaks = {}
+    for pid in sorted(below):
+        _, title, hwm = table[pid]
+        role = next((r for prefix, r in roles.items() if title.startswith(prefix)), None)
+        if title.startswith("ray::ServeReplica"):
+            role = f"replica {pid}"
+        if role:
+            peaks[role] = hwm / 2**20
+    return peaks
 
 
 def kill_one_replica_under_load(port: int, token: str, blobs: list[bytes], seconds: float) -> None:
@@ -398,8 +375,8 @@ def main() -> None:
     if (True, top) in results and (False, top) in results:
         gain = results[(True, top)]["images_s"] / results[(False, top)]["images_s"]
         print(f"batching on / off at {top} clients: {gain:.2f}x")
-    for role, pid in serve_pids().items():
-        print(f"peak RSS {role}: {peak_rss_mb(pid):.0f} MB")
+    for role, peak in serve_peaks_mb().items():
+        print(f"peak RSS {role}: {peak:.0f} MB")
 
     if not args.no_kill:
         from ray import serve

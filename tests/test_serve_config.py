@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cluster_config import DIGEST, env_of
+from test_cluster_config import DIGEST, RESTRICTED, env_of
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_YAML = REPO / "infra" / "serve.yaml"
@@ -97,13 +97,7 @@ def test_rayservice_pods_are_restricted_with_both_tokens_as_files(serve_config, 
     cluster = rayservice["RayService"]["spec"]["rayClusterConfig"]
     assert cluster["authOptions"]["mode"] == "token"
     token_file = Path(serve_config["applications"][0]["args"]["token_file"])
-    required = {
-        "runAsNonRoot": True,
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    required = RESTRICTED
     for name, template in pods(rayservice).items():
         spec = template["spec"]
         assert spec["securityContext"]["runAsNonRoot"] is True
