@@ -10,7 +10,8 @@ What it does, all in one run on this machine:
    and exported by `tune.export_model`, into /tmp (never the repository).
 2. The batch reference: `hashtag recommend --manifest` (a subprocess, as a user runs it) over
    the photos; images/s end to end, and in steady state (the run of 1 photo subtracted: process
-   start, imports, model load).
+   start, imports, model load); and the same path warm in this process
+   (recommend.recommend_stream, second pass), before and after the serving loads.
 3. `hashtag serve`'s application (hashtag.serve.start, its own local Ray) on 127.0.0.1, posted
    the raw photo bytes by 1, 8 and 32 concurrent keep-alive clients (threads in this process):
    images/s, p50 and p99 latency; then redeployed with batching off (batch size 1) and the
@@ -125,6 +126,19 @@ def batch_reference(model: str, photos: list[Path], out: Path) -> dict:
     return {"end_to_end": len(photos) / every, "steady": steady, "peak_mb": peak_mb}
 
 
+def batch_in_process(model: str, manifest: Path) -> float:
+    """images/s of the same batch path warm: recommend.recommend_stream over the manifest
+    (what `recommend --manifest` runs after its start-up), the second of two passes."""
+    from hashtag import recommend
+
+    config = recommend.RecommendConfig(model=model, manifest=str(manifest), json=True)
+    for _ in range(2):
+        started = time.perf_counter()
+        answered = sum("hashtags" in result for result in recommend.recommend_stream(config))
+        seconds = time.perf_counter() - started
+    return answered / seconds
+
+
 class Client:
     """One keep-alive HTTP connection posting raw photo bytes."""
 
@@ -200,33 +214,26 @@ def load(port: int, token: str, blobs: list[bytes], clients: int, requests: int)
     }
 
 
-def replica_pids() -> dict[str, int]:
-    """Serve's processes by role (controller, proxy, replicas), from their process titles."""
-    import psutil
+def serve_peaks_mb() -> dict[str, float]:
+    """Peak RSS (VmHWM, MB) of Serve's processes below this one (the local Ray it started),
+    by role; /proc read by bench_scale's `_processes`."""
+    from bench_scale import _processes
 
-    found = {}
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            title = " ".join(process.info["cmdline"] or [])
-        except (psutil.Error, TypeError):
-            continue
-        if title.startswith("ray::ServeController"):
-            found["controller"] = process.info["pid"]
-        elif title.startswith("ray::ProxyActor"):
-            found["proxy"] = process.info["pid"]
-        elif title.startswith("ray::ServeReplica"):
-            found[f"replica {process.info['pid']}"] = process.info["pid"]
-    return found
-
-
-def peak_rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    table = _processes()
+    below, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, (ppid, _, _) in table.items() if ppid in frontier}
+        below |= frontier
+    roles = {"ray::ServeController": "controller", "ray::ProxyActor": "proxy"}
+    peaks = {}
+    for pid in sorted(below):
+        _, title, hwm = table[pid]
+        role = next((r for prefix, r in roles.items() if title.startswith(prefix)), None)
+        if title.startswith("ray::ServeReplica"):
+            role = f"replica {pid}"
+        if role:
+            peaks[role] = hwm / 2**20
+    return peaks
 
 
 def kill_one_replica_under_load(port: int, token: str, blobs: list[bytes], seconds: float) -> None:
@@ -308,6 +315,8 @@ def main() -> None:
     model, photos = build_model(photos_dir, spec, work)
     blobs = [p.read_bytes() for p in photos]
     reference = batch_reference(model, photos, work)
+    warm_before = batch_in_process(model, work / "all.jsonl")
+    print(f"recommend --manifest's path in this process, warm: {warm_before:.1f} images/s")
 
     token = "bench-" + os.urandom(16).hex()
     token_file = work / "token"
@@ -348,12 +357,26 @@ def main() -> None:
                 f"steady), p50 {result['p50_ms']:6.0f} ms, p99 {result['p99_ms']:6.0f} ms, "
                 f"statuses {result['statuses']}"
             )
+    warm_after = batch_in_process(model, work / "all.jsonl")
+    warm = (warm_before + warm_after) / 2
+    print(
+        f"recommend --manifest's path in this process, warm, after the loads: "
+        f"{warm_after:.1f} images/s (mean of before and after: {warm:.1f})"
+    )
     top = max(clients)
+    for batching in (True, False):
+        if (batching, top) in results:
+            print(
+                f"at {top} clients, batching {'on' if batching else 'off'}: "
+                f"{results[(batching, top)]['images_s'] / warm:.0%} of the warm batch path, "
+                f"{results[(batching, top)]['images_s'] / reference['steady']:.0%} of "
+                "recommend --manifest steady"
+            )
     if (True, top) in results and (False, top) in results:
         gain = results[(True, top)]["images_s"] / results[(False, top)]["images_s"]
         print(f"batching on / off at {top} clients: {gain:.2f}x")
-    for role, pid in replica_pids().items():
-        print(f"peak RSS {role}: {peak_rss_mb(pid):.0f} MB")
+    for role, peak in serve_peaks_mb().items():
+        print(f"peak RSS {role}: {peak:.0f} MB")
 
     if not args.no_kill:
         from ray import serve

@@ -15,6 +15,7 @@ API (version 1; every error is a 4xx/5xx with one JSON line {"error": ..., "reas
                                    ?tags=a,b&k=5) -> {"hashtags": [{"tag", "score"}], "model": ID}
     POST /v1/recommend/batch      {"posts": [post, ...] (at most MAX_BATCH_POSTS), "k": 5} ->
                                   {"results": [{"hashtags"} | {"error", "reason"}], "model": ID}
+                                  in order (a post's "id" echoed in its result)
 
 The answers are `hashtag recommend`'s: images go through ExportedModel.prepare (the scrape's
 admission: images.decode's format gating, pixel cap and decode limits), ExportedModel.
@@ -465,10 +466,14 @@ class Hashtags:
         k = _int_field(envelope.get("k", self.config.k), "k", 1, MAX_K)
 
         async def one(row: Any) -> dict[str, Any]:
+            # A post's own "id" (a string or a number) is echoed to help match the answers.
+            post_id = row.get("id") if isinstance(row, dict) else None
+            result = {"id": post_id} if isinstance(post_id, (str, int)) else {}
             try:
-                return {"hashtags": await self._answer(parse_post(row, k))}
+                result["hashtags"] = await self._answer(parse_post(row, k))
             except ClientError as error:
-                return error_body(error.reason, str(error))
+                result.update(error_body(error.reason, str(error)))
+            return result
 
         results = await asyncio.gather(*(one(row) for row in rows))
         return {"results": list(results), "model": self.model_id}

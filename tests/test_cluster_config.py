@@ -608,14 +608,18 @@ def test_kuberay_cluster_matches_cluster_yaml(cluster, kuberay):
             assert limits["nvidia.com/gpu"] == resources["GPU"]
 
 
+# Every KubeRay container's securityContext (restricted pod security).
+RESTRICTED = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
 def test_every_kuberay_container_runs_restricted(kuberay):
-    required = {
-        "runAsNonRoot": True,
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    required = RESTRICTED
     autoscaler = one(kuberay, "RayCluster")["spec"]["autoscalerOptions"]
     assert {k: autoscaler["securityContext"].get(k) for k in required} == required
     assert autoscaler["resources"]["requests"] == autoscaler["resources"]["limits"]

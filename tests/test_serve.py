@@ -27,7 +27,6 @@ from test_tune import CLASSIC_SPEC, write_dataset
 
 from hashtag import models, storage, tune
 from hashtag.report import ResultRow
-from hashtag.serve import ServeConfig, app
 
 pytestmark = pytest.mark.slow  # one Serve start (~15-30 s on a loaded machine) for the module
 
@@ -182,13 +181,17 @@ def test_answers_equal_hashtag_recommend_json(server, exported, photos):
 def test_batch_form_answers_each_post_in_order(server, exported, photos):
     expected = _cli_recommend(exported, photos)
     posts = [{"image_base64": base64.b64encode(p.read_bytes()).decode()} for p in photos]
-    posts.insert(1, {"image": "ftp://example.org/x.jpg"})
+    posts.insert(1, {"image": "ftp://example.org/x.jpg", "id": "p1"})
     posts.append({"tags": ["tag2"]})
     reply = _post(server, "/v1/recommend/batch", json={"posts": posts, "k": 5})
     assert reply.status_code == 200, reply.text
     results = reply.json()["results"]
     assert len(results) == len(posts)
-    assert results[1] == {"error": "`image` must be an http(s) URL", "reason": "bad-url"}
+    assert results[1] == {
+        "id": "p1",
+        "error": "`image` must be an http(s) URL",
+        "reason": "bad-url",
+    }
     good = [r["hashtags"] for i, r in enumerate(results[:-1]) if i != 1]
     assert good == [expected[str(p)] for p in photos]
     assert results[-1]["hashtags"]
@@ -328,14 +331,3 @@ def test_a_client_that_dribbles_its_body_meets_the_deadline(server, photos):
         elapsed = time.monotonic() - started
     assert reply.startswith(b"HTTP/1.1 504"), reply[:200]
     assert elapsed < REQUEST_TIMEOUT_S + 10
-
-
-def test_config_refuses_an_open_host_without_a_token():
-    with pytest.raises(ValueError, match="token-file"):
-        ServeConfig(model="m", host="0.0.0.0")
-    assert ServeConfig(model="m").token_required is False
-    assert ServeConfig(model="m", token_file="t").token_required is True
-    with pytest.raises(ValueError, match="token_file"):
-        app({"model": "s3://bucket/model"})
-    with pytest.raises(ValueError, match="unknown"):
-        app({"model": "m", "token_file": "t", "modle": "x"})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cluster_config import DIGEST, env_of
+from test_cluster_config import DIGEST, RESTRICTED, env_of
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_YAML = REPO / "infra" / "serve.yaml"
@@ -97,13 +97,7 @@ def test_rayservice_pods_are_restricted_with_both_tokens_as_files(serve_config, 
     cluster = rayservice["RayService"]["spec"]["rayClusterConfig"]
     assert cluster["authOptions"]["mode"] == "token"
     token_file = Path(serve_config["applications"][0]["args"]["token_file"])
-    required = {
-        "runAsNonRoot": True,
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    required = RESTRICTED
     for name, template in pods(rayservice).items():
         spec = template["spec"]
         assert spec["securityContext"]["runAsNonRoot"] is True
@@ -139,3 +133,91 @@ def test_rayservice_network_policy(rayservice):
             assert rule["from"] == [{"podSelector": spec["podSelector"]}]
         elif any("ipBlock" in source for source in rule["from"]):
             assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]
+
+
+# --- the request parsers and settings (no server) -------------------------------------------
+
+
+def test_config_refuses_an_open_host_without_a_token():
+    from hashtag.serve import ServeConfig, app
+
+    with pytest.raises(ValueError, match="token-file"):
+        ServeConfig(model="m", host="0.0.0.0")
+    assert ServeConfig(model="m").token_required is False
+    assert ServeConfig(model="m", host="::1").token_required is False
+    assert ServeConfig(model="m", token_file="t").token_required is True
+    with pytest.raises(ValueError, match="token_file"):
+        app({"model": "s3://bucket/model"})
+    with pytest.raises(ValueError, match="unknown"):
+        app({"model": "m", "token_file": "t", "modle": "x"})
+    with pytest.raises(ValueError, match="fetch-deadline"):
+        ServeConfig(model="m", fetch_deadline_s=20, request_timeout_s=10)
+
+
+def test_token_file_is_read_like_rays_and_refused_when_world_readable(tmp_path):
+    from hashtag.errors import UserError
+    from hashtag.serve import read_token
+
+    path = tmp_path / "token"
+    path.write_text("  s3cret\n")
+    path.chmod(0o600)
+    assert read_token(str(path)) == b"s3cret"
+    path.chmod(0o644)
+    with pytest.raises(UserError, match="chmod 600"):
+        read_token(str(path))
+    path.write_text("\n")
+    path.chmod(0o600)
+    with pytest.raises(UserError, match="one token"):
+        read_token(str(path))
+
+
+def test_multipart_parser_is_bounded():
+    import time
+
+    from hashtag.serve import ClientError, parse_multipart
+
+    body = (
+        b'--XX\r\nContent-Disposition: form-data; filename="a.jpg"; name="image"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\nDATA\r\n--XX\r\n"
+        b'Content-Disposition: form-data; name="tags"\r\n\r\npizza,food\r\n--XX--\r\n'
+    )
+    fields = parse_multipart(body, 'multipart/form-data; boundary="XX"')
+    assert fields == {"image": b"DATA", "tags": b"pizza,food"}
+    many = b"".join(
+        b'--XX\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nv\r\n' % i
+        for i in range(100_000)
+    )
+    started = time.monotonic()
+    for bad, kind in [(many, "multipart/form-data; boundary=XX"), (b"junk", "multipart/form-data")]:
+        with pytest.raises(ClientError) as refused:
+            parse_multipart(bad, kind)
+        assert refused.value.status == 400
+    assert time.monotonic() - started < 5  # linear: milliseconds here
+
+
+def test_posts_are_validated_at_the_boundary():
+    from hashtag.serve import ClientError, parse_post
+
+    post = parse_post({"image": "https://example.org/a.jpg", "tags": "#Pizza, food", "k": 3}, 5)
+    assert (post.image_url, post.tags, post.k) == (
+        "https://example.org/a.jpg",
+        ("pizza", "food"),
+        3,
+    )
+    assert parse_post({"image_base64": "QUJD"}, 5).image_bytes == b"ABC"
+    for bad in [
+        {"image": "/etc/passwd"},
+        {"image": "s3://bucket/key"},
+        {"image": "file:///etc/passwd"},
+        {"image": "https://a/b.jpg", "image_base64": "QUJD"},
+        {"image_base64": "not base64!"},
+        {"k": 0},
+        {"k": True},
+        {"tags": [1, 2]},
+        {"tags": ["x"] * 101},
+        {"unknown": 1},
+        [1, 2],
+    ]:
+        with pytest.raises(ClientError) as refused:
+            parse_post(bad, 5)
+        assert refused.value.status == 400, bad
