@@ -151,7 +151,15 @@ class Artifact:
         try:
             if mmap and not storage.is_remote(uri) and not verify:
                 self.check_size(name)
-                return storage.load_npy(uri, mmap=True)
+                # The file that was checked (inside the folder, regular) is the one mapped: the
+                # map opens the descriptor's own /proc entry, not the path again.
+                fd = storage.open_local(storage.filesystem(uri)[1], within=self._within)
+                try:
+                    proc = f"/proc/self/fd/{fd}"
+                    where = proc if os.path.exists(proc) else storage.filesystem(uri)[1]
+                    return np.load(where, mmap_mode="r", allow_pickle=False)
+                finally:
+                    os.close(fd)
             return np.load(io.BytesIO(self.read_bytes(name, verify=verify)), allow_pickle=False)
         except ArtifactError:
             raise
