@@ -156,14 +156,25 @@ class Artifact:
 
     def load_array(self, name: str, *, mmap: bool = False, verify: bool = False) -> np.ndarray:
         """Data file `name` as an array (allow_pickle=False; memory-mapped if local and `mmap`).
-        Otherwise read in chunks straight into the array (hashed on the way with `verify`):
-        one copy in memory, never the file's bytes and the array side by side."""
+        Local files go through the guarded open (regular, inside the folder); a remote one is
+        read in chunks straight into the array (hashed on the way with `verify`): one copy in
+        memory, never the object's bytes and the array side by side."""
         uri = self.path(name)
         try:
             if mmap and not storage.is_remote(uri) and not verify:
                 self.check_size(name)
-                return storage.load_npy(uri, mmap=True)
-            return self._read_array(name, verify)
+                # The file that was checked (inside the folder, regular) is the one mapped: the
+                # map opens the descriptor's own /proc entry, not the path again.
+                fd = storage.open_local(storage.filesystem(uri)[1], within=self._within)
+                try:
+                    proc = f"/proc/self/fd/{fd}"
+                    where = proc if os.path.exists(proc) else storage.filesystem(uri)[1]
+                    return np.load(where, mmap_mode="r", allow_pickle=False)
+                finally:
+                    os.close(fd)
+            if not storage.is_remote(uri):  # through the guarded open, inside the folder
+                return np.load(io.BytesIO(self.read_bytes(name, verify=verify)), allow_pickle=False)
+            return self._read_array(name, verify)  # remote: chunks into the array, one copy
         except ArtifactError:
             raise
         except (OSError, ValueError, EOFError) as error:
@@ -175,8 +186,7 @@ class Artifact:
         uri = self.path(name)
         try:
             if not storage.is_remote(uri):
-                self.check_size(name)
-                return storage.load_npy(uri, mmap=True)
+                return self.load_array(name, mmap=True)
             return NpyRanges(uri, self.files[name]["bytes"])
         except ArtifactError:
             raise

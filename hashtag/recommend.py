@@ -416,7 +416,9 @@ def _queries(lines, base: str) -> Iterator[Query]:
 
 
 def _query(row: dict, number: int, base: str) -> Query:
-    post_id = row.get("id", number)
+    post_id = row.get("id")
+    if post_id is None or post_id == "":
+        post_id = number
     if not isinstance(post_id, (str, int, float)) or isinstance(post_id, bool):
         raise ValueError("`id` must be a string or a number")
     if len(str(post_id)) > MAX_ECHO_CHARS:

@@ -35,11 +35,15 @@ file:// and s3:// all work):
 Rows that cannot be used are never fatal: each is logged with its post id and counted in
 `skipped` ("bad-row", "bad-id", "missing-image", "video", "no-image", "duplicate-id").
 
-Hostile files are read in bounded memory and linear time: a JSON row is at most MAX_ROW_BYTES
-(longer: a "bad-row", skipped without being held in memory), nesting too deep for the parser is a
-"bad-row", ids are at most MAX_ID_CHARS characters ("bad-id"), instaloader metadata (.json.xz)
-is inflated to at most MAX_METADATA_BYTES, and a CSV quote that is never closed (which would
-swallow the rest of the file into one cell) is a "bad-row" naming the line it starts on.
+Hostile files are read in bounded memory and linear time: a JSON row, a CSV record and an
+element of a JSON array are each at most MAX_ROW_BYTES (longer: a "bad-row", skipped without
+being held in memory; a JSON array is decoded one element at a time), nesting too deep for the
+parser is a "bad-row", ids are at most MAX_ID_CHARS characters ("bad-id"), tags are deduplicated
+in linear time, instaloader metadata (.json.xz) is inflated to at most MAX_METADATA_BYTES, and a
+CSV quote that is never closed (within MAX_ROW_BYTES) makes the line it starts on a "bad-row":
+parsing resumes on the next line, so it swallows no later row. An instaloader folder is walked
+without following symbolic links (a link is a counted "symlink" warning, never read), and its
+captions and metadata are read through storage.open_local, inside the folder only.
 """
 
 from __future__ import annotations
@@ -311,6 +315,9 @@ def _json_row(line: bytes, where: str) -> Any:
         return _Skip("bad-row", f"{where} is not JSON: {e}")
 
 
+_JSON_SPACE = re.compile(r"[ \t\r\n]*")
+
+
 def _json_array_rows(f: io.BufferedReader, uri: str) -> Iterator[tuple[int, Any]]:
     """The elements of one top-level JSON array, streamed: each element is decoded on its own
     from a window of at most MAX_ROW_BYTES + one chunk, so memory is one element whatever the
@@ -318,7 +325,6 @@ def _json_array_rows(f: io.BufferedReader, uri: str) -> Iterator[tuple[int, Any]
     decoder = json.JSONDecoder()
     reader = io.TextIOWrapper(f, encoding="utf-8", errors="replace")
     buffer, pos, eof, number = "", 0, False, 0
-    space = " \t\r\n"
 
     def fill() -> bool:
         """Append a chunk (dropping what was consumed); False at the end of the file."""
@@ -334,8 +340,7 @@ def _json_array_rows(f: io.BufferedReader, uri: str) -> Iterator[tuple[int, Any]
         """The next significant character ('' at the end of the file)."""
         nonlocal pos
         while True:
-            while pos < len(buffer) and buffer[pos] in space:
-                pos += 1
+            pos = _JSON_SPACE.match(buffer, pos).end()
             if pos < len(buffer) or not fill():
                 return buffer[pos : pos + 1]
 

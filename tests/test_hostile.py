@@ -663,3 +663,37 @@ def test_an_export_carries_its_tflite_weights(tmp_path, shared_dir):
         f.write(b"\xff")
     with pytest.raises(ArtifactError, match="damaged"):
         recommend.ExportedModel(model).embedder  # noqa: B018
+
+
+def test_a_model_file_linked_out_of_its_folder_is_not_read(tmp_path):
+    """An artifact's data file that is a link to a file elsewhere (even one with the listed
+    size and sha256) is refused: a folder is read inside the folder only."""
+    import shutil
+
+    from hashtag import models
+    from hashtag.errors import ArtifactError
+
+    model = _export_with_embedder(tmp_path, {"name": "classic", "version": 1}, dim=340)
+    name = next(n for n in os.listdir(model) if n.endswith(".npy"))
+    outside = tmp_path / "elsewhere.npy"
+    shutil.move(os.path.join(model, name), outside)
+    os.symlink(outside, os.path.join(model, name))
+    with pytest.raises(ArtifactError, match="leads outside"):
+        models.load(model)
+
+
+def test_a_dataset_array_linked_out_of_its_folder_is_not_mapped(tmp_path):
+    import shutil
+
+    from test_tune import write_dataset
+
+    from hashtag.dataset import Dataset
+    from hashtag.errors import ArtifactError
+
+    dataset = write_dataset(str(tmp_path / "data"), posts=60, dim=4, tags=3)
+    folder = tmp_path / "data"
+    (part,) = {p.parent for p in folder.rglob("embeddings.npy")}
+    shutil.move(part / "embeddings.npy", tmp_path / "elsewhere.npy")
+    os.symlink(tmp_path / "elsewhere.npy", part / "embeddings.npy")
+    with pytest.raises(ArtifactError, match="leads outside"):
+        Dataset.load(dataset.uri).part("train")
