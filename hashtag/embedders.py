@@ -233,10 +233,10 @@ def cached(spec: EmbedderSpec) -> Embedder:
 
 # --- where weights may come from when an artifact names them ----------------------------------
 
-# Weights shipped inside the package, by name (e.g. the default CNN's): name -> local path.
+# Weights shipped inside the package (pretrained.py: the default CNN's), by name -> local path.
 # A spec read from an artifact may name these; every other location it names must be a copy
 # inside the artifact's own folder.
-PACKAGED_WEIGHTS: dict[str, str] = {}
+PACKAGED_WEIGHTS: dict[str, str] = {name: str(s.path) for name, s in pretrained.SHIPPED.items()}
 WEIGHTS_FORMAT = "hashtag-weights"
 MAX_WEIGHTS_BYTES = 1 << 30  # a TFLite or Keras weights file; larger is refused, not read
 
