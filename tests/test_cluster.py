@@ -1,6 +1,6 @@
 """The batch job on real Ray clusters: `ray start` processes, `ray job submit`, token auth.
 
-    pytest -m cluster tests/test_cluster.py -s      # ~6-8 minutes on 2 cores
+    pytest -m cluster tests/test_cluster.py -s      # ~9-11 minutes on 2 cores
 
 - a local cluster runs `jobs/pipeline.py --demo` end to end, and refuses a submission without
   (or with a wrong) token;
