@@ -482,7 +482,7 @@ class RayCluster:
 # --- a fetch-bound source ---------------------------------------------------------------------
 
 
-class _SlowFiles(http.server.SimpleHTTPRequestHandler):
+class SlowFiles(http.server.SimpleHTTPRequestHandler):
     """Serves a folder, each answer after `delay_s` (a remote server's latency)."""
 
     delay_s = 0.1
@@ -506,7 +506,7 @@ def slow_image_source(root: Path, posts: int, delay_s: float = 0.1) -> Iterator[
 
     folder = root / "demo"
     demo.run(demo.DemoConfig(out=str(folder), posts=posts, image_size=64))
-    handler = type("Handler", (_SlowFiles,), {"delay_s": delay_s})
+    handler = type("Handler", (SlowFiles,), {"delay_s": delay_s})
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), lambda *a, **k: handler(*a, directory=str(folder), **k)
     )

@@ -1,6 +1,6 @@
 """The batch job on real Ray clusters: `ray start` processes, `ray job submit`, token auth.
 
-    pytest -m cluster tests/test_cluster.py -s      # ~6-8 minutes on 2 cores
+    pytest -m cluster tests/test_cluster.py -s      # ~9-11 minutes on 2 cores
 
 - a local cluster runs `jobs/pipeline.py --demo` end to end, and refuses a submission without
   (or with a wrong) token;
@@ -228,7 +228,7 @@ def test_scrape_and_merge_keep_the_autoscaler_fed(out, tmp_path):
         gcs_port, cpu_workers=max_workers, gpu_workers=0, idle_timeout_minutes=0.5
     )
     with (
-        slow_image_source(tmp_path, posts=1200, delay_s=0.1) as manifest,
+        slow_image_source(tmp_path, posts=1200, delay_s=0.15) as manifest,
         RayCluster.start(num_cpus=0, autoscaling=config) as cluster,
     ):
         scrape = [

@@ -260,6 +260,9 @@ def test_config_validation():
         merge.MergeConfig(shards="s", out="d", min_count=0)
     with pytest.raises(ValueError, match="needs shards"):
         merge.MergeConfig(shards="", out="d")
+    for bad in ({"memory_per_task_mb": -1}, {"max_retries": -1}):
+        with pytest.raises(ValueError, match="must be >= 0"):
+            merge.MergeConfig(shards="s", out="d", **bad)
     fields = merge.MergeConfig.__dataclass_fields__
     assert all(f.metadata.get("help") for f in fields.values())
 

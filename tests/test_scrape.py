@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import ray
+from cluster_util import SlowFiles
 from conftest import missing
 
 from hashtag import shards, storage
@@ -110,15 +111,8 @@ def test_scrape_writes_shards_counts_skips_and_resumes(local_ray, tmp_path):
     assert shards.finished_shards(out).keys() == {0, 1, 2}
 
 
-class _SlowImages(http.server.SimpleHTTPRequestHandler):
+class _SlowImages(SlowFiles):
     delay_s = 0.15
-
-    def do_GET(self):  # noqa: N802 (http.server's naming)
-        time.sleep(self.delay_s)
-        super().do_GET()
-
-    def log_message(self, *args):
-        pass
 
 
 def _our_embed_workers() -> list[int]:
