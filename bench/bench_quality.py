@@ -5,8 +5,8 @@
     python bench/bench_quality.py --embedders v2                   # MobileNetV2 alone
 
 For each shared photo set (../shared/data/feedme-food, ../shared/data/flickr8k-dev) it embeds
-every photo once with the product's embedders (the `--embedder v2 --embedder v1` ensemble:
-MobileNetV2 and the MobileNetV1 extractor of ../shared/models, through hashtag.ingest), cached
+every photo once with the product's default embedder (MobileNetV2 and the MobileNetV1 extractor
+shipped in hashtag/weights, side by side, through hashtag.ingest), cached
 in /tmp across runs (never in the repository). Then, over `--splits` random 70/15/15 splits
 (vocabulary: tags on >= 2 training posts), it does what `hashtag tune` does, with the product's
 own functions: an MLP grid (`--grid`, trained in this process, no Ray), the references (knn,
@@ -37,7 +37,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-MODELS = {"v2": "mobilenet_v2_1.0_224_quant.tflite", "v1": "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"}  # fmt: skip
 KS = (5, 10)
 
 
@@ -202,7 +201,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default="feedme-food,flickr8k-dev")
     parser.add_argument("--data", type=Path, default=shared / "data")
-    parser.add_argument("--models", type=Path, default=shared / "models")
     parser.add_argument("--embedders", default="v2,v1", help="comma list of v2, v1 (an ensemble)")
     parser.add_argument("--splits", type=int, default=6)
     parser.add_argument(
@@ -220,7 +218,7 @@ def main() -> None:
     args.grid = [(int(b), float(lr)) for b, lr in (c.split(":") for c in args.grid.split(",") if c)]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     names = args.embedders.split(",")
-    specs = {n: EmbedderSpec.parse(f"tflite:{args.models / MODELS[n]}") for n in ("v2", "v1")}
+    specs = {"v2": EmbedderSpec.parse("mobilenet_v2"), "v1": EmbedderSpec.parse("mobilenet_v1")}
     lines, everything = [], []
     for name in args.sets.split(","):
         posts = list(open_source(str(args.data / name / "posts.jsonl")).posts())
