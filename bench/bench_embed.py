@@ -3,6 +3,7 @@
     python bench/bench_embed.py                       # the 603 feedme photos, 1 and 2 CPUs
     python bench/bench_embed.py --quick               # fewer settings and images
     python bench/bench_embed.py --images DIR --models DIR --cpus 2
+    python bench/bench_embed.py --only default,classic   # the default embedder, and classic
 
 The pipeline measured is the product's, ingest.embed_posts: a thread pool reads, decodes
 (images.decode, which lets libjpeg shrink large photos) and preprocesses while embedding lanes
@@ -75,7 +76,10 @@ def cases_for(cpus: int, models: Path, quick: bool) -> list[Case]:
     else:
         settings = [(1, 1, 1), (1, cpus, 1), (1, cpus, cpus), (1, cpus, cpus + 1)]
         settings += [(cpus, cpus, 1), (cpus, cpus, cpus), (cpus, cpus, cpus + 1)]
-    cases = [Case("tflite V2", v2, {}, threads, n, decode) for n, threads, decode in settings]
+    # The default embedder (the shipped V2 + V1 side by side), as a scrape task of `cpus` CPUs
+    # runs it: one single-threaded interpreter per CPU in each part, `cpus` decode threads.
+    cases = [Case("default (V2 + V1, shipped)", "default", {}, cpus, cpus, cpus)]
+    cases += [Case("tflite V2", v2, {}, threads, n, decode) for n, threads, decode in settings]
     # What bounds it: the model on decoded arrays, one thread's decoding, and the model file as
     # stored (uint8 kernels, no int8 rewrite) through the same pipeline.
     for n in sorted({n for n, _, _ in settings}):  # every layout the pipeline runs
@@ -313,6 +317,7 @@ def main() -> None:
         "--original-limit", type=int, default=0, help="photos for predict-per-image (0: all)"
     )
     parser.add_argument("--quick", action="store_true", help="fewer settings, 200 photos")
+    parser.add_argument("--only", default="", help="cases whose label starts so, comma list")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cases", help=argparse.SUPPRESS)
@@ -335,7 +340,10 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {available} CPU(s)", flush=True)
     results = []
     for cpus in counts:
-        results += run_pinned(cpus, cases_for(cpus, args.models, args.quick), args)
+        cases = cases_for(cpus, args.models, args.quick)
+        if args.only:
+            cases = [c for c in cases if c.label.startswith(tuple(args.only.split(",")))]
+        results += run_pinned(cpus, cases, args)
     print_table(results)
     summarise(results)
     if args.json:

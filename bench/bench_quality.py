@@ -5,9 +5,9 @@
     python bench/bench_quality.py --embedders v2                   # MobileNetV2 alone
 
 For each shared photo set (../shared/data/feedme-food, ../shared/data/flickr8k-dev) it embeds
-every photo once with the product's embedders (the `--embedder v2 --embedder v1` ensemble:
-MobileNetV2 and the MobileNetV1 extractor of ../shared/models, through hashtag.ingest), cached
-in /tmp across runs (never in the repository).
+every photo once with the product's default embedder (MobileNetV2 and the MobileNetV1 extractor
+shipped in hashtag/weights, side by side, through hashtag.ingest), cached in /tmp across runs
+(never in the repository).
 
 A design set is kept apart: the held-out share (`HELD_OUT`, 20%) of each set, chosen by a hash
 of the post id (`held_out_mask`), is never in a split: no design choice (kernel temperature,
@@ -45,7 +45,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-MODELS = {"v2": "mobilenet_v2_1.0_224_quant.tflite", "v1": "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"}  # fmt: skip
 KS = (5, 10)
 HELD_OUT = 0.20  # share of each photo set kept apart from every design choice
 HELD_OUT_SALT = "hashtag-design-held-out"
@@ -258,7 +257,7 @@ def load_set(args, name: str):
     from hashtag.embedders import EmbedderSpec
     from hashtag.sources import open_source
 
-    specs = {n: EmbedderSpec.parse(f"tflite:{args.models / MODELS[n]}") for n in ("v2", "v1")}
+    specs = {"v2": EmbedderSpec.parse("mobilenet_v2"), "v1": EmbedderSpec.parse("mobilenet_v1")}
     posts = list(open_source(str(args.data / name / "posts.jsonl")).posts())
     tags = [p.tags for p in posts]
     # One pass of the product's ensemble embedder; V2 alone is its first block, renormalised.
@@ -279,7 +278,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default="feedme-food,flickr8k-dev")
     parser.add_argument("--data", type=Path, default=shared / "data")
-    parser.add_argument("--models", type=Path, default=shared / "models")
     parser.add_argument("--embedders", default="v2,v1", help="comma list of v2, v1 (an ensemble)")
     parser.add_argument("--splits", type=int, default=6)
     parser.add_argument(

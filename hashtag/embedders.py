@@ -90,7 +90,9 @@ class EmbedderSpec:
         """From the command line's string: "default", "classic", "mobilenet_v2",
         "tflite:PATH_OR_URI[#tensor]", "keras:NAME". "default" gives the ensemble it stands for."""
         kind, _, arg = str(text).strip().partition(":")
-        if kind == DEFAULT and not arg:
+        if kind == DEFAULT:
+            if arg:
+                raise UserError(f"'default' takes no argument, got {text!r}")
             return cls.ensemble([cls.parse(name, **options) for name in pretrained.DEFAULT])
         if kind not in available() and kind != LABEL_ONLY:
             raise UserError(f"unknown embedder {text!r}; use one of: {', '.join(available())}")

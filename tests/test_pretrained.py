@@ -4,6 +4,7 @@ checksum, carried by the wheel and the job upload."""
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import hashlib
 import json
@@ -19,7 +20,7 @@ import tomllib
 import yaml
 from conftest import SHARED
 
-from hashtag import embedders, merge, pretrained, shards
+from hashtag import cli, embedders, merge, pretrained, shards
 from hashtag.embedders import EmbedderSpec
 from hashtag.errors import UserError
 from hashtag.posts import Post
@@ -164,6 +165,13 @@ def test_the_default_spec_names_its_parts_and_scrape_uses_it():
         ScrapeConfig(source="p", out="o", embedder=("default", "mobilenet_v1"))
     with pytest.raises(ValueError, match="takes no argument"):
         embedders.create("mobilenet_v2:/elsewhere/model.tflite")
+    with pytest.raises(UserError, match="takes no argument"):
+        EmbedderSpec.parse("default:/elsewhere")
+    # On the command line, one --embedder replaces the default (it is not added to it).
+    parser = argparse.ArgumentParser()
+    cli.add_config_arguments(parser, ScrapeConfig)
+    args = parser.parse_args(["--source", "s", "--out", "o", "--embedder", "classic"])
+    assert cli.config_from_args(ScrapeConfig, args).embedder == ("classic",)
 
 
 def test_embeddings_of_other_weights_are_refused(tmp_path):
