@@ -624,11 +624,14 @@ class Recommender:
         """Hook: the counterpart of `_save_parts`."""
 
 
-def load(uri: str) -> Recommender:
+def load(uri: str, check_extra: Callable[[str, Any], Any] | None = None) -> Recommender:
     """Load a model folder written by `Recommender.save`; ArtifactError if it is missing,
-    foreign or damaged (names outside the folder, wrong shapes, a vocabulary of another size)."""
+    foreign or damaged (names outside the folder, wrong shapes, a vocabulary of another size).
+    `check_extra(uri, metadata)` checks the saved metadata before any array is read."""
     artifact = artifacts.read(uri, FORMAT, VERSION, what="model", fix=_FIX)
     manifest = artifact.manifest
+    if check_extra is not None:
+        check_extra(artifact.uri, manifest.get("extra") or {})
     names = manifest.get("arrays")
     if not isinstance(names, list) or manifest.get("model") not in _REGISTRY:
         raise artifact.error(
