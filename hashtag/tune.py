@@ -301,7 +301,6 @@ class TrialSettings:
 VAL_SAMPLE = 10_000
 BLOCK_ROWS = 65_536
 SCORE_ROWS = 8_192
-SPLIT_ARRAYS = ("X", "indptr", "indices")
 
 
 def split_arrays(dataset, name: str) -> dict[str, np.ndarray]:
