@@ -72,3 +72,13 @@ def test_a_foreign_or_newer_export_is_one_clear_error(exported, tmp_path, change
 def test_no_export_at_all_says_what_to_give(tmp_path):
     with pytest.raises(ArtifactError, match="give --model the folder `hashtag tune` exported"):
         export.ExportedModel(str(tmp_path / "nothing"))
+
+
+def test_a_manifest_with_the_retired_seed_sigmoid_bug_setting_still_loads(exported, tmp_path):
+    folder = str(tmp_path / "old")
+    shutil.copytree(exported, folder)
+    path = os.path.join(folder, artifacts.MANIFEST)
+    manifest = json.loads(open(path).read())
+    manifest["config"]["seed_sigmoid_bug"] = False  # what every model saved before carries
+    open(path, "w").write(json.dumps(manifest))
+    assert export.ExportedModel(folder).vocab == export.ExportedModel(exported).vocab
