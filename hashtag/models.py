@@ -14,8 +14,8 @@ Models (`available()`):
   cross-entropy on every (image, hashtag) cell of the training matrix (missing pairs are
   negatives). A new image gets the mean latent vector - and, our choice, the mean bias - of its
   `neighbours` nearest training images by cosine similarity of the embeddings; tags with
-  p >= 0.5 are recommended. The original added the biases but then applied the sigmoid to the
-  raw dot product: `seed_sigmoid_bug=True` reproduces that (biases are then unused).
+  p >= 0.5 are recommended. (The original added the biases but then applied the sigmoid to
+  the raw dot product; we use the biases.)
 - knn: tag transfer: a similarity-weighted vote of the tags of the `knn_neighbours` nearest
   training images, blended with the popularity prior (`prior_weight`).
 - mlp: Dense(hidden, relu) + dropout + Dense(V) on the embedding, scaled to unit-size features
@@ -87,9 +87,6 @@ class ModelConfig:
     hidden: int = field(default=512, metadata=_help("mlp: hidden units"))
     loss: str = field(default="sigmoid", metadata=_help("mlp: 'sigmoid' or 'softmax'"))
     prior_weight: float = field(default=0.1, metadata=_help("knn: weight of the popularity prior"))
-    seed_sigmoid_bug: bool = field(
-        default=False, metadata=_help("seed: sigmoid of the raw dot product, as the original")
-    )
     seed: int = field(default=0, metadata=_help("random seed"))
     knn_neighbours: int = field(default=15, metadata=_help("knn: neighbours that vote"))
     dropout: float = field(default=0.5, metadata=_help("mlp: dropout rate"))
@@ -624,11 +621,14 @@ class Recommender:
         """Hook: the counterpart of `_save_parts`."""
 
 
-def load(uri: str) -> Recommender:
+def load(uri: str, check_extra: Callable[[str, Any], Any] | None = None) -> Recommender:
     """Load a model folder written by `Recommender.save`; ArtifactError if it is missing,
-    foreign or damaged (names outside the folder, wrong shapes, a vocabulary of another size)."""
+    foreign or damaged (names outside the folder, wrong shapes, a vocabulary of another size).
+    `check_extra(uri, metadata)` checks the saved metadata before any array is read."""
     artifact = artifacts.read(uri, FORMAT, VERSION, what="model", fix=_FIX)
     manifest = artifact.manifest
+    if check_extra is not None:
+        check_extra(artifact.uri, manifest.get("extra") or {})
     names = manifest.get("arrays")
     if not isinstance(names, list) or manifest.get("model") not in _REGISTRY:
         raise artifact.error(
@@ -656,7 +656,9 @@ def load(uri: str) -> Recommender:
     ):
         raise artifact.error("its 'arrays', 'data_files' and 'files' do not match")
     try:
-        model = create(manifest["model"], ModelConfig(**manifest["config"]))
+        # seed_sigmoid_bug, a retired setting, is in older manifests (its biases were zeros).
+        settings = {k: v for k, v in manifest["config"].items() if k != "seed_sigmoid_bug"}
+        model = create(manifest["model"], ModelConfig(**settings))
         arrays = {
             name: (
                 artifact.load_array(f"{name}.npy", verify=True)
@@ -1363,22 +1365,13 @@ class Seed(_KerasTrained):
         )(tag)
         image_bias = layers.Embedding(n_images, 1, name=self._LAYERS[2])(image)
         tag_bias = layers.Embedding(n_tags, 1, name=self._LAYERS[3])(tag)
-        logit = layers.Dot(axes=1)([image_vec, tag_vec])
-        if not self.config.seed_sigmoid_bug:
-            logit = layers.Add()([logit, image_bias, tag_bias])
+        logit = layers.Add()([layers.Dot(axes=1)([image_vec, tag_vec]), image_bias, tag_bias])
         return keras.Model([image, tag], logit)  # (batch, 1) logits
 
     def _get_weights(self, model) -> list[np.ndarray]:
         layers = {layer.name: layer for layer in model.layers}
         image_latent, tag_latent = (np.array(layers[n].get_weights()[0]) for n in self._LAYERS[:2])
-        # With seed_sigmoid_bug the bias layers are not in the graph (as in the original, they
-        # never train): keep zeros.
-        biases = [
-            np.array(layers[n].get_weights()[0])
-            if n in layers
-            else np.zeros((len(rows), 1), np.float32)
-            for n, rows in zip(self._LAYERS[2:], (image_latent, tag_latent), strict=True)
-        ]
+        biases = [np.array(layers[n].get_weights()[0]) for n in self._LAYERS[2:]]
         return [image_latent, tag_latent, *biases]
 
     def _set_weights(self, model, weights: list[np.ndarray]) -> None:
@@ -1408,8 +1401,7 @@ class Seed(_KerasTrained):
         indices, _ = nearest_neighbours(X, self.train_embeddings, self.config.neighbours)
         latent = self.image_latent[indices].mean(axis=1)
         logits = latent @ self.tag_latent.T
-        if not self.config.seed_sigmoid_bug:
-            logits += self.image_bias[indices, 0].mean(axis=1, keepdims=True) + self.tag_bias[:, 0]
+        logits += self.image_bias[indices, 0].mean(axis=1, keepdims=True) + self.tag_bias[:, 0]
         return _sigmoid(logits)
 
     def _arrays(self) -> dict[str, np.ndarray]:

@@ -6,7 +6,7 @@
     hashtag recommend --model out/tune/model --manifest posts.jsonl --json    # one line per post
     hashtag evaluate --model out/tune/model --data out/dataset                 # Markdown table
 
-The exported model folder (tune.py writes it) is self-contained: the recommender's weights and
+The exported model folder (export.py owns its format; tune.py writes it) is self-contained: the recommender's weights and
 decision, its metadata (the embedder spec, the vocabulary) and a co-occurrence model fitted on
 the training labels in `cooccurrence/`. Images go through the same fetch -> decode -> embed path
 as the scrape (hashtag/ingest.py), with the embedder the model was trained on.
@@ -35,11 +35,10 @@ from typing import Any
 import numpy as np
 
 from hashtag import storage, tags
-from hashtag.embedders import LABEL_ONLY, EmbedderSpec
-from hashtag.errors import ArtifactError, UserError
+from hashtag.embedders import EmbedderSpec
+from hashtag.errors import UserError
+from hashtag.export import EMBEDDER_WEIGHTS, ExportedModel  # noqa: F401 (ExportedModel's old home)
 
-COOCCURRENCE = "cooccurrence"
-EMBEDDER_WEIGHTS = "embedder"  # tune.EMBEDDER_WEIGHTS: the folder's copy of the weights
 BATCH = 64  # posts embedded and scored together in --manifest mode
 MAX_LINE_BYTES = 1 << 20  # one --manifest line (sources.MAX_ROW_BYTES): longer is an error line
 MAX_ECHO_CHARS = 256  # an id or image echoed back in a result is cut to this
@@ -115,105 +114,6 @@ class RecommendConfig:
 class EvaluateConfig:
     model: str = field(metadata={"help": "exported model folder (tune's OUT/model)"})
     data: str = field(metadata={"help": "merged dataset whose test split is scored"})
-
-
-class ExportedModel:
-    """An exported model folder, loaded: recommender, vocabulary, embedder spec, completion."""
-
-    def __init__(self, uri: str):
-        from hashtag import models
-
-        self.uri = str(uri)
-        try:
-            self.recommender = models.load(self.uri)
-        except FileNotFoundError as error:
-            raise ArtifactError(
-                f"{error}; give --model the folder `hashtag tune` exported (OUT/tune/model)"
-            ) from error
-        self.metadata: dict[str, Any] = dict(getattr(self.recommender, "metadata", None) or {})
-        if "vocab" not in self.metadata or "embedder" not in self.metadata:
-            raise ArtifactError(
-                f"{uri} has no vocabulary or embedder in its metadata: it is not a model "
-                "exported by `hashtag tune` (OUT/model); export one with `hashtag tune`"
-            )
-        self.vocab: list[str] = [str(t) for t in self.metadata["vocab"]]
-        self.index = {tag: i for i, tag in enumerate(self.vocab)}
-        self.embedder_spec = EmbedderSpec.from_json(self.metadata["embedder"])
-        self._cooccurrence = None
-        self._embedder = None
-
-    @property
-    def embedder(self):
-        """The model's embedder, built once (a --manifest run embeds many batches with it)."""
-        from hashtag import embedders
-
-        if self._embedder is None:
-            self._embedder = embedders.create_from_spec(self.runnable_spec())
-        return self._embedder
-
-    def runnable_spec(self) -> EmbedderSpec:
-        """The embedder spec with its weights read from this folder's own copy (tune's export
-        puts them in `embedder/`, listed with sha256) or shipped with the package; a spec that
-        points anywhere else (a path, s3://, http://) is refused, naming the folder."""
-        from hashtag import artifacts, embedders
-
-        folder = storage.join(self.uri, EMBEDDER_WEIGHTS)
-        copies = self.metadata.get("embedder_files") or {}
-        if not isinstance(copies, dict):
-            raise ArtifactError(f"{self.uri}: its embedder_files is not a mapping; re-export it")
-        if copies:
-            weights = artifacts.read(
-                folder, embedders.WEIGHTS_FORMAT, (1,), what="embedder weights",
-                fix="re-export the model with `hashtag tune`",
-            )  # fmt: skip
-            for name in copies.values():
-                weights.path(name)  # listed in the manifest, else ArtifactError
-            weights.verify([n for n in copies.values() if isinstance(n, str)])
-        return embedders.confined(self.embedder_spec, folder, copies)
-
-    def prepare(self, data: bytes, max_pixels: int | None = None) -> np.ndarray:
-        """Image bytes -> the embedder's input, through the scrape's admission rule
-        (images.decode: format gating, pixel cap, decode limits); ImageError otherwise."""
-        from hashtag import images, ingest
-
-        embedder = self.embedder
-        rgb = images.decode(
-            data, max_pixels=max_pixels or ingest.MAX_PIXELS, min_side=embedder.min_side
-        )
-        return embedder.preprocess(rgb)
-
-    def image_scores(self, inputs: np.ndarray) -> np.ndarray:
-        """A stack of prepared images (n, ...) -> the model's scores (n, V): embed, predict."""
-        vectors = np.asarray(self.embedder.embed_batch(inputs)).astype(np.float32, copy=False)
-        return np.asarray(self.recommender.predict_scores(vectors), np.float32)
-
-    @property
-    def cooccurrence(self):
-        from hashtag.completion import Cooccurrence
-
-        if self._cooccurrence is None:
-            location = storage.join(self.uri, COOCCURRENCE)
-            if not storage.exists(storage.join(location, "manifest.json")):
-                raise ArtifactError(
-                    f"{self.uri} has no {COOCCURRENCE}/: re-export it to use --tags"
-                )
-            self._cooccurrence = Cooccurrence.load(location)
-        return self._cooccurrence
-
-    @property
-    def has_images(self) -> bool:
-        return self.embedder_spec.kind != LABEL_ONLY
-
-    def tag_mask(self, names: list[str]) -> tuple[np.ndarray, list[str]]:
-        """bool (V,) of the known tags among `names`, and the unknown ones."""
-        mask = np.zeros(len(self.vocab), bool)
-        unknown = []
-        for name in names:
-            if name in self.index:
-                mask[self.index[name]] = True
-            else:
-                unknown.append(name)
-        return mask, unknown
 
 
 def parse_tag_list(text: str) -> list[str]:

@@ -17,7 +17,7 @@ API (version 1; every error is a 4xx/5xx with one JSON line {"error": ..., "reas
                                   {"results": [{"hashtags"} | {"error", "reason"}], "model": ID}
                                   in order (a post's "id" echoed in its result)
 
-The answers are `hashtag recommend`'s: images go through ExportedModel.prepare (the scrape's
+The answers are `hashtag recommend`'s: images go through export.ExportedModel.prepare (the scrape's
 admission: images.decode's format gating, pixel cap and decode limits), ExportedModel.
 image_scores (embed + predict) and recommend.suggest (completion, blocklist, top k), the same
 functions `recommend` uses. Only the embed + predict step is batched across requests
@@ -58,6 +58,7 @@ import numpy as np
 from ray import serve
 
 from hashtag import storage
+from hashtag.artifacts import MANIFEST
 from hashtag.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -335,13 +336,14 @@ class Hashtags:
 
     def __init__(self, settings: dict[str, Any]):
         from hashtag import recommend
+        from hashtag.export import ExportedModel
         from hashtag.fetch import FetchConfig, Fetcher
 
         self.config = config = ServeConfig(**settings)
         if config.token_required and not config.token_file:
             raise UserError("token auth is on but no token_file was given")
         self._token = read_token(config.token_file) if config.token_file else None
-        self.exported = exported = recommend.ExportedModel(config.model)
+        self.exported = exported = ExportedModel(config.model)
         self.blocked, _ = exported.tag_mask(recommend.read_blocklist(config.exclude))
         self.has_completion = True
         try:
@@ -604,7 +606,7 @@ _REFUSED_URLS = {"private-address", "metadata-address", "bad-location", "bad-red
 def _exported_at(model: str) -> str | None:
     """When the model folder's manifest was written (UTC, ISO 8601), from storage."""
     try:
-        fs, path = storage.filesystem(storage.join(model, "manifest.json"))
+        fs, path = storage.filesystem(storage.join(model, MANIFEST))
         info = fs.info(path)
     except Exception:  # the time is informative only
         return None

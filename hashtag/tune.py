@@ -41,17 +41,13 @@ from typing import Any
 
 import numpy as np
 
-from hashtag import embedders, models, storage, tfimport
+from hashtag import export, models, storage, tfimport
 from hashtag.errors import UserError
 from hashtag.report import ResultRow, decision_markdown, trial_line, write_report
 from hashtag.results import StageResult
 
 log = logging.getLogger(__name__)
 
-# The exported model's metadata (inside models' own manifest) says what wrote it.
-EXPORT_FORMAT = "hashtag-export"
-EXPORT_VERSION = 1
-EMBEDDER_WEIGHTS = "embedder"  # the model folder's copy of its embedder's weights
 REFERENCE_MODELS = ("popularity", "knn", "ridge", "kernel")
 REFIT_MODES = ("train+val", "all", "none")
 # Blends that compete beside the grid: "best" is the grid's best trial on validation. Kernel
@@ -305,7 +301,6 @@ class TrialSettings:
 VAL_SAMPLE = 10_000
 BLOCK_ROWS = 65_536
 SCORE_ROWS = 8_192
-SPLIT_ARRAYS = ("X", "indptr", "indices")
 
 
 def split_arrays(dataset, name: str) -> dict[str, np.ndarray]:
@@ -714,42 +709,32 @@ def export_model(
     from hashtag.dataset import dense_labels
 
     uri = storage.join(config.out, "model")
-    storage.remove(uri)  # no file of an older export may survive beside the new one
-    # The folder carries its embedder's weights: loading it never reads a location it names.
-    weights = embedders.export_weights(dataset.embedder, storage.join(uri, EMBEDDER_WEIGHTS))
     count = (
         sum(data.count(name) for name in trained_on)
         if data is not None
         else sum(len(dataset.rows(name)) for name in trained_on)
     )
-    metadata = {
-        "format": EXPORT_FORMAT,
-        "version": EXPORT_VERSION,
-        "model": recommender.name,
-        "selected": row.label,
-        "embedder": dataset.embedder,
-        "embedder_files": weights,
-        "vocab": list(dataset.vocab),
-        "decision": asdict(recommender.decision),
-        "batch_size": row.batch_size,
-        "learning_rate": row.learning_rate,
-        "epochs": row.epochs,
-        "loss": config.loss,
-        "val": row.val,
-        "test": row.test,
-        "selection": selection or {},
-        "trained_on": {
+    export.write(
+        uri,
+        recommender,
+        selected=row.label,
+        embedder=dataset.embedder,
+        vocab=list(dataset.vocab),
+        decision=asdict(recommender.decision),
+        batch_size=row.batch_size,
+        learning_rate=row.learning_rate,
+        epochs=row.epochs,
+        loss=config.loss,
+        val=row.val,
+        test=row.test,
+        selection=selection or {},
+        trained_on={
             "data": config.data,
             "splits": list(trained_on),
             "count": count,
             "dim": dataset.dim,
         },
-    }
-    for part in [recommender, *getattr(recommender, "parts", [])]:
-        if getattr(part, "optimizer_state", None):
-            # Recommending needs no Adam moments (twice the weights); checkpoints keep them.
-            part.optimizer_state = []
-    recommender.save(uri, metadata=metadata)
+    )
     # From the labels the model learnt from, a block of posts at a time.
     if data is not None:
         blocks = (
@@ -760,7 +745,7 @@ def export_model(
     else:
         rows = np.sort(np.concatenate([dataset.rows(name) for name in trained_on]))
         blocks = label_blocks(dataset, rows)
-    Cooccurrence(completion).fit_blocks(blocks).save(storage.join(uri, "cooccurrence"))
+    export.write_cooccurrence(uri, Cooccurrence(completion).fit_blocks(blocks))
     return uri
 
 

@@ -6,13 +6,9 @@ Same flags as `hashtag pipeline`, plus --config FILE.yaml. Inside `ray job submi
 cluster; run by hand, it starts a local Ray.
 """
 
-import os
 import sys
 
-# Submitted with --working-dir, the package may not be installed on the node: use the copy.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from hashtag.cli import run_stage  # noqa: E402
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(run_stage("pipeline", sys.argv[1:], prog="jobs/pipeline.py"))
+    sys.exit(run("pipeline", __file__))

@@ -6,13 +6,9 @@ Same flags as `hashtag scrape`, plus --config FILE.yaml. Inside `ray job submit`
 cluster; run by hand, it starts a local Ray.
 """
 
-import os
 import sys
 
-# Submitted with --working-dir, the package may not be installed on the node: use the copy.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from hashtag.cli import run_stage  # noqa: E402
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(run_stage("scrape", sys.argv[1:], prog="jobs/scrape_embed.py"))
+    sys.exit(run("scrape", __file__))

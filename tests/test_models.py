@@ -120,9 +120,8 @@ def test_callback_can_stop_training(data):
     assert model.epochs_done == 2
 
 
-@pytest.mark.parametrize("bug", [False, True])
-def test_seed_model_trains_with_fixed_threshold(data, popularity_score, bug):
-    config = ModelConfig(**{**FAST, "epochs": 2, "batch_size": 256}, seed_sigmoid_bug=bug)
+def test_seed_model_trains_with_fixed_threshold(data, popularity_score):
+    config = ModelConfig(**{**FAST, "epochs": 2, "batch_size": 256})
     model = models.create("seed", config).fit(*data["train"], *data["val"])
     assert model.decision == Decision("threshold", 0.5)
     scores = model.predict_scores(data["test"][0])

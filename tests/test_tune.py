@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from hashtag import models, storage, tune
+from hashtag import export, models, storage, tune
 from hashtag.completion import Cooccurrence
 from hashtag.dataset import Dataset, DatasetWriter, csr_from_lists
 
@@ -163,7 +163,7 @@ def test_grid_on_ray_writes_report_and_model_then_resumes(tmp_path, local_ray, c
     exported = models.load(summary["model"])
     assert exported.metadata["vocab"] == dataset.vocab
     assert exported.metadata["embedder"] == CLASSIC_SPEC
-    assert exported.metadata["format"] == tune.EXPORT_FORMAT
+    assert exported.metadata["format"] == export.FORMAT
     assert exported.metadata["decision"]["kind"] in ("top_k", "threshold")
     X_test, Y_test = dataset.part("test")
     assert exported.score(X_test, Y_test)["f1"] == pytest.approx(best["refit_test"]["f1"])
