@@ -40,10 +40,11 @@ def cluster() -> dict:
 
 @pytest.fixture(scope="module")
 def kuberay() -> dict[str, list[dict]]:
-    """The batch cluster's KubeRay manifests' documents by kind (two ServiceAccounts, one of
-    each other kind); the serving cluster (rayservice.yaml) is tests/test_serve_config.py's."""
+    """The batch cluster's KubeRay manifests' documents by kind (namespace, cluster, job); the
+    serving cluster (rayservice.yaml) is tests/test_serve_config.py's."""
     documents: dict[str, list[dict]] = {}
-    for path in (INFRA / "kuberay" / "raycluster.yaml", INFRA / "kuberay" / "rayjob.yaml"):
+    for name in ("namespace.yaml", "raycluster.yaml", "rayjob.yaml"):
+        path = INFRA / "kuberay" / name
         for document in yaml.safe_load_all(path.read_text()):
             documents.setdefault(document["kind"], []).append(document)
     return documents
