@@ -814,7 +814,7 @@ def _near_duplicate_step(
         [f"near-duplicates of shards {g[0]}-{g[-1]}" for g in chunks],
     )
     near = near_groups(config, chunks, results, work)
-    log.info(
+    log.debug(  # merge.json and tune's table say it; the run's output stays one line a stage
         "near-duplicates (cosine >= %g): %d groups of %d posts; %d test posts had a copy in "
         "train (%d after, --near-duplicates %s)",
         config.near_duplicate_similarity,
