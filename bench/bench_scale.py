@@ -133,7 +133,14 @@ def child_main(args: argparse.Namespace) -> None:
     import ray
 
     logging.disable(logging.WARNING)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
+    for attempt in range(3):  # on a loaded machine Ray's start-up can miss its 30 s deadline
+        try:
+            ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     if args.merge_only:
         from hashtag import merge
 

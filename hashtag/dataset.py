@@ -38,14 +38,16 @@ load.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
+import mmap
 import os
 import shutil
 import struct
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -594,6 +596,46 @@ def array_blocks(
         yield (np.asarray(X[block], np.float32), *csr_rows(indptr, indices, block))
 
 
+class SharedPages:
+    """The pages of read-only arrays that live in shared memory (views of Ray's object store),
+    which this process may drop from its resident set once it has copied what it needs:
+    `madvise(MADV_DONTNEED)` on a shared mapping only unmaps them here (the object store keeps
+    the data; a later read maps them again). Without it, a trial that reads a split from the
+    object store every epoch ends up with the whole split in its resident memory. Arrays in
+    private memory are never touched (there the call would zero them)."""
+
+    _MADV_DONTNEED = 4
+
+    def __init__(self, arrays: Iterable[np.ndarray]):
+        self.spans: list[tuple[int, int]] = []
+        try:
+            with open("/proc/self/maps") as f:
+                shared = [
+                    tuple(int(x, 16) for x in fields[0].split("-"))
+                    for fields in (line.split() for line in f)
+                    if len(fields) > 1 and fields[1][3:4] == "s"
+                ]
+            self._libc = ctypes.CDLL(None, use_errno=True)
+        except (OSError, AttributeError):  # not Linux: nothing to drop
+            return
+        page = mmap.PAGESIZE
+        for array in arrays:
+            if array.flags.writeable or array.nbytes < page:
+                continue
+            start = array.__array_interface__["data"][0]
+            end = start + array.nbytes
+            if any(lo <= start and end <= hi for lo, hi in shared):
+                first, last = -(-start // page) * page, end // page * page  # whole pages inside
+                if last > first:
+                    self.spans.append((first, last - first))
+
+    def drop(self) -> None:
+        for address, length in self.spans:
+            self._libc.madvise(
+                ctypes.c_void_p(address), ctypes.c_size_t(length), self._MADV_DONTNEED
+            )
+
+
 def piece_blocks(
     pieces: Sequence[dict[str, np.ndarray]],
     order: np.random.Generator | None = None,
@@ -605,6 +647,7 @@ def piece_blocks(
     e.g. read-only views of the object store, one object per piece): blocks of at most
     `block_rows` rows copied one at a time; with `order`, the rows of all pieces are one random
     permutation. `embeddings=False`: labels only (X is (b, 0))."""
+    pages = SharedPages(array for piece in pieces for array in piece.values())
     sizes = [len(p["indptr"]) - 1 for p in pieces]
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     dim = pieces[0]["X"].shape[1] if pieces else 0
@@ -630,6 +673,7 @@ def piece_blocks(
             where = np.repeat(indptr[mine] - local_indptr[:-1], np.diff(local_indptr))
             indices[where + np.arange(len(local_indices))] = local_indices
         yield X, indptr, indices
+        pages.drop()  # the block is a copy: the pieces' pages need not stay resident
 
 
 def split_code_name(name: str) -> str:
