@@ -104,6 +104,7 @@ class PeakSampler:
         return {
             "peak_rss_mb": round(top / 2**20, 1),
             "process": top_name,
+            "driver_peak_mb": round(self.peaks.get(self.root, ("", 0))[1] / 2**20, 1),
             "ray_daemon_peak_mb": round(ray_top / 2**20, 1),
             "ray_daemon": ray_name.split("/")[-1][:40],
         }
