@@ -647,7 +647,7 @@ def piece_blocks(
     e.g. read-only views of the object store, one object per piece): blocks of at most
     `block_rows` rows copied one at a time; with `order`, the rows of all pieces are one random
     permutation. `embeddings=False`: labels only (X is (b, 0))."""
-    pages = SharedPages(array for piece in pieces for array in piece.values())
+    pages = [SharedPages(piece.values()) for piece in pieces]
     sizes = [len(p["indptr"]) - 1 for p in pieces]
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     dim = pieces[0]["X"].shape[1] if pieces else 0
@@ -666,6 +666,7 @@ def piece_blocks(
             indptr, indices = csr_rows(pieces[k]["indptr"], pieces[k]["indices"], local)
             lengths[mine] = np.diff(indptr)
             gathered.append((mine, indptr, indices))
+            pages[k].drop()  # copied: a random block touches one piece's pages at a time
         indptr = np.zeros(len(block) + 1, np.int64)
         np.cumsum(lengths, out=indptr[1:])
         indices = np.empty(int(indptr[-1]), np.int32)
@@ -673,7 +674,6 @@ def piece_blocks(
             where = np.repeat(indptr[mine] - local_indptr[:-1], np.diff(local_indptr))
             indices[where + np.arange(len(local_indices))] = local_indices
         yield X, indptr, indices
-        pages.drop()  # the block is a copy: the pieces' pages need not stay resident
 
 
 def split_code_name(name: str) -> str:
