@@ -105,6 +105,7 @@ class PeakSampler:
         return {
             "peak_rss_mb": round(top / 2**20, 1),
             "process": top_name,
+            "driver_peak_mb": round(self.peaks.get(self.root, ("", 0))[1] / 2**20, 1),
             "ray_daemon_peak_mb": round(ray_top / 2**20, 1),
             "ray_daemon": ray_name.split("/")[-1][:40],
         }
@@ -134,7 +135,14 @@ def child_main(args: argparse.Namespace) -> None:
     import ray
 
     logging.disable(logging.WARNING)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
+    for attempt in range(3):  # on a loaded machine Ray's start-up can miss its 30 s deadline
+        try:
+            ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     if args.merge_only:
         from hashtag import merge
 

@@ -38,14 +38,16 @@ load.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
+import mmap
 import os
 import shutil
 import struct
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -594,6 +596,61 @@ def array_blocks(
         yield (np.asarray(X[block], np.float32), *csr_rows(indptr, indices, block))
 
 
+class SharedPages:
+    """The pages of read-only arrays that live in shared memory (views of Ray's object store),
+    which this process may drop from its resident set once it has copied what it needs:
+    `madvise(MADV_DONTNEED)` on a shared mapping only unmaps them here (the object store keeps
+    the data; a later read maps them again). Without it, a trial that reads a split from the
+    object store every epoch ends up with the whole split in its resident memory. Arrays in
+    private memory are never touched (there the call would zero them)."""
+
+    _MADV_DONTNEED = 4
+
+    def __init__(self, arrays: Iterable[np.ndarray]):
+        self.spans: list[tuple[int, int]] = []
+        try:
+            with open("/proc/self/maps") as f:
+                shared = [
+                    tuple(int(x, 16) for x in fields[0].split("-"))
+                    for fields in (line.split() for line in f)
+                    if len(fields) > 1 and fields[1][3:4] == "s"
+                ]
+            self._libc = ctypes.CDLL(None, use_errno=True)
+        except (OSError, AttributeError):  # not Linux: nothing to drop
+            return
+        page = mmap.PAGESIZE
+        for array in arrays:
+            if array.flags.writeable or array.nbytes < page:
+                continue
+            start = array.__array_interface__["data"][0]
+            end = start + array.nbytes
+            if any(lo <= start and end <= hi for lo, hi in shared):
+                first, last = -(-start // page) * page, end // page * page  # whole pages inside
+                if last > first:
+                    self.spans.append((first, last - first))
+
+    @classmethod
+    def object_store(cls) -> SharedPages:
+        """Every page of Ray's object store mapped in this process (e.g. what a task wrote there
+        when it returned or yielded a block): drop() unmaps them here, the store keeps them."""
+        pages = cls(())
+        try:
+            with open("/proc/self/maps") as f:
+                for fields in (line.split() for line in f):
+                    if len(fields) > 5 and fields[1][3:4] == "s" and "plasma" in fields[5]:
+                        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                        pages.spans.append((lo, hi - lo))
+        except OSError:
+            pages.spans = []
+        return pages
+
+    def drop(self) -> None:
+        for address, length in self.spans:
+            self._libc.madvise(
+                ctypes.c_void_p(address), ctypes.c_size_t(length), self._MADV_DONTNEED
+            )
+
+
 def piece_blocks(
     pieces: Sequence[dict[str, np.ndarray]],
     order: np.random.Generator | None = None,
@@ -605,6 +662,7 @@ def piece_blocks(
     e.g. read-only views of the object store, one object per piece): blocks of at most
     `block_rows` rows copied one at a time; with `order`, the rows of all pieces are one random
     permutation. `embeddings=False`: labels only (X is (b, 0))."""
+    pages = [SharedPages(piece.values()) for piece in pieces]
     sizes = [len(p["indptr"]) - 1 for p in pieces]
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     dim = pieces[0]["X"].shape[1] if pieces else 0
@@ -623,6 +681,7 @@ def piece_blocks(
             indptr, indices = csr_rows(pieces[k]["indptr"], pieces[k]["indices"], local)
             lengths[mine] = np.diff(indptr)
             gathered.append((mine, indptr, indices))
+            pages[k].drop()  # copied: a random block touches one piece's pages at a time
         indptr = np.zeros(len(block) + 1, np.int64)
         np.cumsum(lengths, out=indptr[1:])
         indices = np.empty(int(indptr[-1]), np.int32)

@@ -349,11 +349,17 @@ def load_npy(uri: str, mmap: bool = False) -> np.ndarray:
     return np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False)
 
 
+UPLOAD_PART = 16 * 2**20
+
+
 def upload(local_path: str, uri: str) -> None:
-    """Copy a local file to `uri` (atomically for local destinations)."""
+    """Copy a local file to `uri` (atomically: an S3 multipart upload is visible only once it
+    completes). Remote copies go UPLOAD_PART bytes at a time, so memory stays bounded whatever
+    the file's size (a whole-file put holds all of its parts in flight at once)."""
     fs, path = filesystem(uri)
     if is_remote(uri):
-        fs.put_file(local_path, path)
+        with open(local_path, "rb") as source, fs.open(path, "wb", block_size=UPLOAD_PART) as f:
+            shutil.copyfileobj(source, f, UPLOAD_PART)
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"

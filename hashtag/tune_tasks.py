@@ -45,10 +45,13 @@ def options(config: tune.TuneConfig, *, cpus: float = 1.0, gpus: float = 0.0) ->
 
 
 def _split_pieces(data: str, name: str, rows: int):
-    from hashtag.dataset import Dataset
+    from hashtag.dataset import Dataset, SharedPages
 
     for X, indptr, indices in Dataset.load(data).blocks(name, rows):
         yield {"X": X, "indptr": indptr, "indices": indices}
+        # The piece now lives in the object store; the pages this worker wrote it through
+        # would otherwise stay in its resident memory, the whole split by the end.
+        SharedPages.object_store().drop()
 
 
 def put_splits(config: tune.TuneConfig, dataset) -> dict[str, list] | None:
