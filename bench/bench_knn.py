@@ -193,12 +193,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100000", help="synthetic sizes ('' none)")
     parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--queries", type=int, default=QUERIES, help="synthetic queries")
     parser.add_argument("--sets", default="feedme-food,flickr8k-dev", help="('' none)")
     parser.add_argument("--splits", type=int, default=6)
     parser.add_argument("--approximate", default="ivf-flat", help="the forced index on the sets")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/hashtag-quality-cache"))
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    global QUERIES
+    QUERIES = args.queries
     lines = []
     if args.sizes:
         lines += synthetic_rows([int(s) for s in args.sizes.split(",")], args.dim)

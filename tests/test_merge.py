@@ -422,6 +422,11 @@ def test_a_planted_near_copy_ends_on_its_originals_side(tmp_path, mode):
     assert near["groups"] == 1 and near["posts_in_groups"] == 2
     assert near["test_with_train_copy"]["before"] == 1
     assert ds.manifest["near_duplicates"] == near
+    from hashtag import tune
+
+    line = tune.near_duplicate_line(ds)  # printed under tune's table
+    after = 1 if mode == "keep" else 0
+    assert f"1 test posts had a near-duplicate in train before grouping, {after} after" in line
     if mode == "group":
         assert ds.split[ids.index(copy)] == ds.split[ids.index(original)] == 0
         assert near["moved"] == 1 and near["test_with_train_copy"]["after"] == 0
