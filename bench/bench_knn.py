@@ -90,16 +90,16 @@ def measure(label: str, X, indptr, indices, n_tags: int, index: str, queries, fo
     return model, {"build": build, "qps": per_second, "bytes": size, "found": found}
 
 
-def synthetic_rows(sizes: list[int], dim: int) -> list[str]:
+def synthetic_rows(sizes: list[int], dim: int, queries_n: int = QUERIES) -> list[str]:
     lines = [
-        f"\nsynthetic {dim}-D, 1,000 tags; {QUERIES} queries, k={K}",
+        f"\nsynthetic {dim}-D, 1,000 tags; {queries_n} queries, k={K}",
         f"{'N':>9} {'index':34} {'build s':>8} {'query img/s':>12} {'export MB':>10} "
         f"{'recall@20':>10} {'peak RSS GB':>12}",
     ]
     from hashtag import neighbours
 
     for n in sizes:
-        X, indptr, indices = synthetic(n + QUERIES, dim)  # the last rows are the queries
+        X, indptr, indices = synthetic(n + queries_n, dim)  # the last rows are the queries
         queries, X = X[n:].copy(), X[:n]
         indptr, indices = indptr[: n + 1], indices[: 3 * n]
         with tempfile.TemporaryDirectory(prefix="hashtag-bench-knn-") as folder:
@@ -200,11 +200,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/hashtag-quality-cache"))
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    global QUERIES
-    QUERIES = args.queries
     lines = []
     if args.sizes:
-        lines += synthetic_rows([int(s) for s in args.sizes.split(",")], args.dim)
+        lines += synthetic_rows([int(s) for s in args.sizes.split(",")], args.dim, args.queries)
     if args.sets:
         lines += shared_rows(args)
     print("\n".join(lines))

@@ -44,7 +44,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -70,7 +70,12 @@ from hashtag.shards import ShardError, finished_shards, read_embeddings, read_ro
 log = logging.getLogger(__name__)
 
 NEAR_DUPLICATE_MODES = ("group", "drop", "keep")
-NEAR_DUPLICATE_SIMILARITY = 0.85  # see bench/bench_neardup.py for recall and false merges
+# The cosine similarity at which two posts are near-duplicates, per embedder kind: calibrated
+# by bench/bench_neardup.py on transformed copies of the shared photo sets (recall and false
+# merges in docs/design.md). CNN features (tflite, keras, their ensembles): 0.85; the classic
+# colour/texture features are all positive, so distinct photos sit closer: a higher bar.
+NEAR_DUPLICATE_SIMILARITY = 0.85
+NEAR_DUPLICATE_SIMILARITY_CLASSIC = 0.97
 NEAR_CHUNK_ROWS = 65_536  # rows per near-duplicate index (one task each)
 NEAR_EXACT_ROWS = 16_384  # a chunk's index is exact up to this, IVF above
 NEAR_LINKS = 32  # at most this many near-duplicates kept per post (the most similar)
@@ -111,10 +116,11 @@ class MergeConfig:
         },
     )
     near_duplicate_similarity: float = field(
-        default=NEAR_DUPLICATE_SIMILARITY,
+        default=0.0,
         metadata={
-            "help": "cosine similarity at or above which two posts are near-duplicates "
-            "(calibrated on re-encoded, resized, cropped, mirrored photos: bench/bench_neardup.py)"
+            "help": "cosine similarity at or above which two posts are near-duplicates; 0: the "
+            f"value calibrated for the embedder ({NEAR_DUPLICATE_SIMILARITY} for CNN features, "
+            f"{NEAR_DUPLICATE_SIMILARITY_CLASSIC} for classic; bench/bench_neardup.py)"
         },
     )
 
@@ -134,9 +140,10 @@ class MergeConfig:
                 f"near_duplicates must be one of {', '.join(NEAR_DUPLICATE_MODES)}, got "
                 f"{self.near_duplicates!r}"
             )
-        if not 0.0 < self.near_duplicate_similarity <= 1.0:
+        if not 0.0 <= self.near_duplicate_similarity <= 1.0:
             raise ValueError(
-                f"near_duplicate_similarity must be in (0, 1], got {self.near_duplicate_similarity}"
+                "near_duplicate_similarity must be in [0, 1] (0: the calibrated default), got "
+                f"{self.near_duplicate_similarity}"
             )
         if self.part_rows < 1:
             raise ValueError(f"part_rows must be >= 1, got {self.part_rows}")
@@ -420,6 +427,15 @@ def near_task(
     done = {"rows": len(base_order), "pairs": int(sum(len(p) for p in pairs)), "capped": capped}
     storage.write_json(storage.join(uri, _DONE), done)
     return done
+
+
+def near_duplicate_similarity(embedder: EmbedderSpec | dict, given: float = 0.0) -> float:
+    """`given`, or (0) the threshold calibrated for this embedder kind."""
+    if given:
+        return float(given)
+    spec = EmbedderSpec.from_json(embedder)
+    kinds = {part.kind for part in spec.parts} if spec.parts else {spec.kind}
+    return NEAR_DUPLICATE_SIMILARITY_CLASSIC if "classic" in kinds else NEAR_DUPLICATE_SIMILARITY
 
 
 def _own_split(config: MergeConfig, ids: list[str]) -> np.ndarray:
@@ -747,6 +763,12 @@ def run(config: MergeConfig) -> MergeResult:
     _check_compatible(manifests)
     first = next(iter(manifests.values()))
     embedder, dim = first["embedder"], first["dim"]
+    config = replace(  # 0: the threshold calibrated for this embedder, recorded as such
+        config,
+        near_duplicate_similarity=near_duplicate_similarity(
+            embedder, config.near_duplicate_similarity
+        ),
+    )
     indices = sorted(manifests)
     missing = sorted(set(range(indices[-1] + 1)) - set(indices))
     if missing:
