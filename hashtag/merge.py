@@ -727,16 +727,6 @@ def _near_duplicate_step(
         ],
     )
     near = near_groups(config, chunks, results, work)
-    log.info(
-        "near-duplicates (cosine >= %g): %d groups of %d posts; %d test posts had a copy in "
-        "train (%d after, --near-duplicates %s)",
-        config.near_duplicate_similarity,
-        near["groups"],
-        near["posts_in_groups"],
-        near["test_with_train_copy"]["before"],
-        near["test_with_train_copy"]["after"],
-        config.near_duplicates,
-    )
     return near
 
 
@@ -880,11 +870,15 @@ def run(config: MergeConfig) -> MergeResult:
     }
     storage.write_json(storage.join(config.out, "merge.json"), summary)
     log.info(
-        "merged %d shards: %d posts in, %d kept, %d tags in the vocabulary",
+        "merged %d shards: %d posts in, %d kept, %d tags in the vocabulary%s",
         len(good),
         posts_in,
         manifest["count"],
         len(vocab),
+        f"; {near['groups']} near-duplicate groups ({near['posts_in_groups']} posts, "
+        f"--near-duplicates {near['mode']})"
+        if near
+        else "",
     )
     return MergeResult(summary, config.out, summary["count"], summary["vocab_size"])
 
