@@ -299,3 +299,21 @@ def test_a_damaged_index_file_is_refused_by_name(tmp_path, data, damage):
     path.write_bytes(bytes(raw))
     with pytest.raises(ArtifactError, match="index.faiss"):
         models.load(str(uri))
+
+
+def test_knn_export_on_s3_round_trips_and_refuses_damage(s3_bucket, data):
+    """On object storage the index is downloaded, checked (size, sha256), then parsed."""
+    from hashtag import storage
+
+    model = models.create("knn").fit(*data["train"])
+    uri = f"{s3_bucket}/knn"
+    model.save(uri)
+    X_test = data["test"][0]
+    np.testing.assert_allclose(
+        models.load(uri).predict_scores(X_test), model.predict_scores(X_test)
+    )
+    raw = bytearray(storage.read_bytes(f"{uri}/index.faiss"))
+    raw[100] ^= 0xFF
+    storage.write_bytes(f"{uri}/index.faiss", bytes(raw))
+    with pytest.raises(ArtifactError, match="index.faiss"):
+        models.load(uri)
