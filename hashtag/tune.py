@@ -1066,8 +1066,8 @@ def run(config: TuneConfig) -> TuneResult:
     rows = [dataclasses.replace(r, selected=r.label == best["model"]) for r in trials + others]
     paths = write_report(rows, config.out)
     print(decision_markdown(rows), end="")
-    print(near_duplicate_line(dataset))
-    print(f"every metric: {paths['results.md']}")
+    # One line under the table (the CLI's output stays as short as it was).
+    print(f"{near_duplicate_line(dataset)}; every metric: {paths['results.md']}")
     summary = {
         "stage": "tune",
         "config": asdict(config),
