@@ -90,16 +90,16 @@ def measure(label: str, X, indptr, indices, n_tags: int, index: str, queries, fo
     return model, {"build": build, "qps": per_second, "bytes": size, "found": found}
 
 
-def synthetic_rows(sizes: list[int], dim: int) -> list[str]:
+def synthetic_rows(sizes: list[int], dim: int, queries_n: int = QUERIES) -> list[str]:
     lines = [
-        f"\nsynthetic {dim}-D, 1,000 tags; {QUERIES} queries, k={K}",
+        f"\nsynthetic {dim}-D, 1,000 tags; {queries_n} queries, k={K}",
         f"{'N':>9} {'index':34} {'build s':>8} {'query img/s':>12} {'export MB':>10} "
         f"{'recall@20':>10} {'peak RSS GB':>12}",
     ]
     from hashtag import neighbours
 
     for n in sizes:
-        X, indptr, indices = synthetic(n + QUERIES, dim)  # the last rows are the queries
+        X, indptr, indices = synthetic(n + queries_n, dim)  # the last rows are the queries
         queries, X = X[n:].copy(), X[:n]
         indptr, indices = indptr[: n + 1], indices[: 3 * n]
         with tempfile.TemporaryDirectory(prefix="hashtag-bench-knn-") as folder:
@@ -193,6 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100000", help="synthetic sizes ('' none)")
     parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--queries", type=int, default=QUERIES, help="synthetic queries")
     parser.add_argument("--sets", default="feedme-food,flickr8k-dev", help="('' none)")
     parser.add_argument("--splits", type=int, default=6)
     parser.add_argument("--approximate", default="ivf-flat", help="the forced index on the sets")
@@ -201,7 +202,7 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     lines = []
     if args.sizes:
-        lines += synthetic_rows([int(s) for s in args.sizes.split(",")], args.dim)
+        lines += synthetic_rows([int(s) for s in args.sizes.split(",")], args.dim, args.queries)
     if args.sets:
         lines += shared_rows(args)
     print("\n".join(lines))

@@ -5,7 +5,7 @@
 
 For each shared photo set (../shared/data/feedme-food, flickr8k-dev) it embeds every photo with
 the product's embedder (the V2 + V1 TFLite ensemble of ../shared/models, through hashtag.ingest,
-as bench_quality.py; cached in /tmp), then `--photos` of them (seeded) again after each
+as bench_quality.py; cached in /tmp; `--embedder classic` for the colour/texture one), then `--photos` of them (seeded) again after each
 transformation a repost goes through: JPEG re-encoding (quality 50, 75, 95), resizing (50%,
 75%, 200%), cropping (5% and 10% off the sides), mirroring, a colour shift (hue, saturation,
 brightness) and a combination (75% + crop 5% + JPEG 70). Cosine similarity on the stored
@@ -196,16 +196,23 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=shared / "models")
     parser.add_argument("--photos", type=int, default=150, help="photos copied per set")
     parser.add_argument("--thresholds", default="0.8,0.85,0.88,0.9,0.92,0.94,0.96")
-    parser.add_argument("--similarity", type=float, default=merge.NEAR_DUPLICATE_SIMILARITY)
+    parser.add_argument(
+        "--embedder", default="v2+v1", help="v2+v1 (the product's ensemble) or classic"
+    )
+    parser.add_argument("--similarity", type=float, default=0.0, help="0: merge's default")
     parser.add_argument("--splits", type=int, default=6)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/hashtag-quality-cache"))
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    specs = [EmbedderSpec.parse(f"tflite:{args.models / MODELS[n]}") for n in ("v2", "v1")]
-    both = EmbedderSpec.ensemble(specs)
-    built = embedders.create_from_spec(both)
-    spec = EmbedderSpec.ensemble([p.spec for p in built.parts])
+    if args.embedder == "classic":
+        both = spec = EmbedderSpec.parse("classic")
+    else:
+        specs = [EmbedderSpec.parse(f"tflite:{args.models / MODELS[n]}") for n in ("v2", "v1")]
+        both = EmbedderSpec.ensemble(specs)
+        built = embedders.create_from_spec(both)
+        spec = EmbedderSpec.ensemble([p.spec for p in built.parts])
+    similarity = args.similarity or merge.near_duplicate_similarity(spec)
     lines = []
     for name in args.sets.split(","):
         started = time.perf_counter()
@@ -214,11 +221,12 @@ def main() -> None:
         chosen = np.sort(np.random.default_rng(1).choice(len(posts), args.photos, replace=False))
         with tempfile.TemporaryDirectory(prefix="hashtag-neardup-") as folder:
             copied = copies(posts, chosen, Path(folder))
-            C = normalised(embed(copied, both, args.cache, f"{name}-copies-{args.photos}"))
+            label = f"{name}-copies-{args.photos}"
+            C = normalised(embed(copied, both, args.cache, label))
         C = C.reshape(len(chosen), len(TRANSFORMS), -1)
         lines += calibration(name, X, C, chosen, thresholds)
         tags = [p.tags for p in posts]
-        lines += flattering(name, X, C, chosen, tags, spec, args.splits, args.similarity)
+        lines += flattering(name, X, C, chosen, tags, spec, args.splits, similarity)
         print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
     print("\n".join(lines))
 

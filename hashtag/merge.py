@@ -14,6 +14,10 @@ cluster; each step submits all its tasks at once, which is what the autoscaler s
    row in (shard index, row) order had the same post id, or the same image_sha256 (rows without
    an image, sha null, dedupe by id only): the first occurrence wins, exactly as a single pass
    over the shards in order would decide. Writes the order keys of the duplicates.
+2b. near-duplicates (C tasks over chunks of ~65,536 rows, then the driver): pairs of kept rows
+   at cosine similarity >= --near-duplicate-similarity by faiss range search (chunk c's index
+   against the rows of chunks 0..c), joined into groups; a group's first post decides the split
+   of all (`split_of`) or is the only one kept (`--near-duplicates drop`). See the section below.
 3. count (G tasks): a group's kept rows and their tag counts (from the CSR of step 1), over the
    kept training posts (the vocabulary's) and over all kept posts (recorded only).
 4. The driver adds the counts (per group: rows kept; per tag: training posts) and builds the
@@ -27,7 +31,8 @@ Global ids are 0..N-1 in (shard index, row) order: the same shards give the same
 order they finished in. Posts left with no tag in the vocabulary are kept (they are true
 negatives for every tag, and dropping them would make ids depend on vocab_size); their number is
 reported as "unlabeled". The split of a post is a hash of (seed, post id), so it never moves
-when shards are added or the vocabulary changes. Ids and image digests are compared as 64-bit
+when shards are added or the vocabulary changes, except that a near-duplicate group takes its
+first post's split (a repost added later joins its original's side). Ids and image digests are compared as 64-bit
 blake2b hashes (a collision among a million posts has odds of about 1e-8).
 
 Every task's output has its own manifest, written last, under OUT/.merge-work/<fingerprint of
@@ -44,7 +49,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -77,7 +82,12 @@ from hashtag.shards import (
 log = logging.getLogger(__name__)
 
 NEAR_DUPLICATE_MODES = ("group", "drop", "keep")
-NEAR_DUPLICATE_SIMILARITY = 0.85  # see bench/bench_neardup.py for recall and false merges
+# The cosine similarity at which two posts are near-duplicates, per embedder kind: calibrated
+# by bench/bench_neardup.py on transformed copies of the shared photo sets (recall and false
+# merges in docs/design.md). CNN features (tflite, keras, their ensembles): 0.85; the classic
+# colour/texture features are all positive, so distinct photos sit closer: a higher bar.
+NEAR_DUPLICATE_SIMILARITY = 0.85
+NEAR_DUPLICATE_SIMILARITY_CLASSIC = 0.97
 NEAR_CHUNK_ROWS = 65_536  # rows per near-duplicate index (one task each)
 NEAR_EXACT_ROWS = 16_384  # a chunk's index is exact up to this, IVF above
 NEAR_LINKS = 32  # at most this many near-duplicates kept per post (the most similar)
@@ -132,10 +142,11 @@ class MergeConfig:
         },
     )
     near_duplicate_similarity: float = field(
-        default=NEAR_DUPLICATE_SIMILARITY,
+        default=0.0,
         metadata={
-            "help": "cosine similarity at or above which two posts are near-duplicates "
-            "(calibrated on re-encoded, resized, cropped, mirrored photos: bench/bench_neardup.py)"
+            "help": "cosine similarity at or above which two posts are near-duplicates; 0: the "
+            f"value calibrated for the embedder ({NEAR_DUPLICATE_SIMILARITY} for CNN features, "
+            f"{NEAR_DUPLICATE_SIMILARITY_CLASSIC} for classic; bench/bench_neardup.py)"
         },
     )
 
@@ -155,9 +166,10 @@ class MergeConfig:
                 f"near_duplicates must be one of {', '.join(NEAR_DUPLICATE_MODES)}, got "
                 f"{self.near_duplicates!r}"
             )
-        if not 0.0 < self.near_duplicate_similarity <= 1.0:
+        if not 0.0 <= self.near_duplicate_similarity <= 1.0:
             raise ValueError(
-                f"near_duplicate_similarity must be in (0, 1], got {self.near_duplicate_similarity}"
+                "near_duplicate_similarity must be in [0, 1] (0: the calibrated default), got "
+                f"{self.near_duplicate_similarity}"
             )
         if self.part_rows < 1:
             raise ValueError(f"part_rows must be >= 1, got {self.part_rows}")
@@ -409,6 +421,8 @@ def _duplicates_in(work: str, kind: str, partitions: int, lo: int, hi: int) -> n
 # holds one chunk's index and one query block, and the tasks run in parallel at any N. The
 # driver joins the pairs into groups (connected components); a group's first post (lowest order
 # key) decides the split of every member (`split_of`), or is the only one kept (drop).
+# Cost: task c reads chunks 0..c, so C (C + 1) / 2 chunk reads in all (C = 16 at 1M rows), and
+# each query scans nprobe / nlist of a chunk's rows once the chunk is over NEAR_EXACT_ROWS.
 
 
 def _chunk_rows(
@@ -481,6 +495,15 @@ def near_task(
     done = {"rows": len(base_order), "pairs": int(sum(len(p) for p in pairs)), "capped": capped}
     storage.write_json(storage.join(uri, _DONE), done)
     return done
+
+
+def near_duplicate_similarity(embedder: EmbedderSpec | dict, given: float = 0.0) -> float:
+    """`given`, or (0) the threshold calibrated for this embedder kind."""
+    if given:
+        return float(given)
+    spec = EmbedderSpec.from_json(embedder)
+    kinds = {part.kind for part in spec.parts} if spec.parts else {spec.kind}
+    return NEAR_DUPLICATE_SIMILARITY_CLASSIC if "classic" in kinds else NEAR_DUPLICATE_SIMILARITY
 
 
 def _near_pairs(
@@ -814,16 +837,6 @@ def _near_duplicate_step(
         [f"near-duplicates of shards {g[0]}-{g[-1]}" for g in chunks],
     )
     near = near_groups(config, chunks, results, work)
-    log.debug(  # merge.json and tune's table say it; the run's output stays one line a stage
-        "near-duplicates (cosine >= %g): %d groups of %d posts; %d test posts had a copy in "
-        "train (%d after, --near-duplicates %s)",
-        config.near_duplicate_similarity,
-        near["groups"],
-        near["posts_in_groups"],
-        near["test_with_train_copy"]["before"],
-        near["test_with_train_copy"]["after"],
-        config.near_duplicates,
-    )
     return near
 
 
@@ -848,6 +861,12 @@ def run(config: MergeConfig) -> MergeResult:
     _check_compatible(manifests)
     first = next(iter(manifests.values()))
     embedder, dim = first["embedder"], first["dim"]
+    config = replace(  # 0: the threshold calibrated for this embedder, recorded as such
+        config,
+        near_duplicate_similarity=near_duplicate_similarity(
+            embedder, config.near_duplicate_similarity
+        ),
+    )
     indices = sorted(manifests)
     missing = sorted(set(range(indices[-1] + 1)) - set(indices))
     if missing:
@@ -978,11 +997,15 @@ def run(config: MergeConfig) -> MergeResult:
     }
     storage.write_json(storage.join(config.out, "merge.json"), summary)
     log.info(
-        "merged %d shards: %d posts in, %d kept, %d tags in the vocabulary",
+        "merged %d shards: %d posts in, %d kept, %d tags in the vocabulary%s",
         len(good),
         posts_in,
         manifest["count"],
         len(vocab),
+        f"; {near['groups']} near-duplicate groups ({near['posts_in_groups']} posts, "
+        f"--near-duplicates {near['mode']})"
+        if near
+        else "",
     )
     return MergeResult(summary, config.out, summary["count"], summary["vocab_size"])
 

@@ -16,7 +16,7 @@ the index from the row count and dim (stated in docs/design.md):
   min(n, 64 x nlist, 131,072) rows (a random sample: a dataset's rows are in post-id-hash split
   order), then every row is added block by block. The lists hold the raw float32 vectors while
   n x dim x 4 bytes fit `codes_bytes` (2 GiB), else 8-bit scalar-quantised ones (SQ8, 1 byte per
-  dim) while those fit, else PQ codes (the widest m dividing dim that fits, 8 bits each).
+  dim) while those fit, else PQ codes (the widest m dividing dim that fits, at most dim / 4, 8 bits each).
 
 A faiss index file is parsed by C++ code that trusts it (a damaged file can crash the process),
 so `read` takes it only from the artifact layer after its size and sha256 matched the manifest.
@@ -95,7 +95,8 @@ def plan(
     nprobe = min(nlist, max(8, min(256, nlist // 16)))
     pq_m = 0
     if kind == "ivf-pq":
-        widest = max(1, min(dim, codes_bytes // n))
+        # at least 4 dims per sub-quantiser (faiss's PQ training crashed on 1-dim ones here)
+        widest = max(1, min(dim // 4, codes_bytes // n))
         pq_m = max(m for m in range(1, widest + 1) if dim % m == 0)
     train_rows = min(n, 64 * nlist, MAX_TRAIN_ROWS)
     if kind == "ivf-pq":  # PQ's 256 centroids per sub-vector want >= 39 x 256 points

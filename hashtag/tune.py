@@ -1227,8 +1227,8 @@ def run(config: TuneConfig) -> TuneResult:
     rows = [dataclasses.replace(r, selected=r.label == best["model"]) for r in trials + others]
     paths = write_report(rows, grid_config.out, select_metric=config.select_metric)
     print(decision_markdown(rows, select_metric=config.select_metric), end="")
-    print(near_duplicate_line(dataset))
-    print(f"every metric: {paths['results.md']}")
+    # One line under the table (the CLI's output stays as short as it was).
+    print(f"{near_duplicate_line(dataset)}; every metric: {paths['results.md']}")
     summary = {
         "stage": "tune",
         "config": asdict(grid_config),

@@ -466,6 +466,29 @@ def _copy_on_other_side(seed: str = "hashtag") -> tuple[str, str]:
     raise AssertionError("no such pair")
 
 
+def _photo_and_reencoded_copy() -> tuple[np.ndarray, np.ndarray]:
+    """The classic embedder's vectors of a photo (JPEG q95) and of it re-encoded at q50."""
+    import cv2
+
+    from hashtag import embedders, images
+
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+    picture = cv2.GaussianBlur(
+        cv2.resize(small, (320, 240), interpolation=cv2.INTER_CUBIC), (0, 0), 3
+    )
+    embedder = embedders.create("classic")
+
+    def embedded(data: bytes) -> np.ndarray:
+        return embedder.embed([images.decode(data, max_pixels=10**7)])[0]
+
+    first = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    decoded = cv2.imdecode(np.frombuffer(first, np.uint8), cv2.IMREAD_COLOR)
+    again = cv2.imencode(".jpg", decoded, [cv2.IMWRITE_JPEG_QUALITY, 50])[1].tobytes()
+    assert first != again  # not byte-identical: the exact dedupe cannot see it
+    return embedded(first), embedded(again)
+
+
 def write_embedded(root, index, ids, embeddings):
     posts = [Post(id=i, image=f"/{i}.jpg", tags=("cat", "dog")) for i in ids]
     shards.write_shard(
@@ -476,13 +499,15 @@ def write_embedded(root, index, ids, embeddings):
 
 @pytest.mark.parametrize("mode", ["group", "drop", "keep"])
 def test_a_planted_near_copy_ends_on_its_originals_side(tmp_path, mode):
-    """A repost that is not byte-identical (another image sha, an embedding a re-encoding
-    away) whose id hashes to test while its original is in train: grouped, it joins the
+    """A repost that is not byte-identical (the photo re-encoded at JPEG quality 50, another
+    image sha) whose id hashes to test while its original is in train: grouped, it joins the
     original's split; dropped, it is gone; kept, it stays a leak, counted."""
     rng = np.random.default_rng(0)
     original, copy = _copy_on_other_side()
-    X = rng.normal(size=(60, 32)).astype(np.float32)  # distinct photos: cosine ~0 +- 0.2
-    noisy = X[7] + 0.05 * rng.normal(size=32)  # the re-encoded copy: cosine ~0.999
+    photo, reencoded = _photo_and_reencoded_copy()
+    X = rng.normal(size=(60, photo.shape[0])).astype(np.float32)  # distinct: cosine ~0
+    X[7] = photo
+    noisy = reencoded
     ids0 = [f"p{i}" for i in range(30)]
     ids0[7] = original
     write_embedded(str(tmp_path / "s"), 0, ids0, X[:30])
@@ -498,6 +523,11 @@ def test_a_planted_near_copy_ends_on_its_originals_side(tmp_path, mode):
     assert near["groups"] == 1 and near["posts_in_groups"] == 2
     assert near["test_with_train_copy"]["before"] == 1
     assert ds.manifest["near_duplicates"] == near
+    from hashtag import tune
+
+    line = tune.near_duplicate_line(ds)  # printed under tune's table
+    after = 1 if mode == "keep" else 0
+    assert f"1 test posts had a near-duplicate in train before grouping, {after} after" in line
     if mode == "group":
         assert ds.split[ids.index(copy)] == ds.split[ids.index(original)] == 0
         assert near["moved"] == 1 and near["test_with_train_copy"]["after"] == 0

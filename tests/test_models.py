@@ -298,3 +298,41 @@ def test_a_damaged_index_file_is_refused_by_name(tmp_path, data, damage):
     path.write_bytes(bytes(raw))
     with pytest.raises(ArtifactError, match="index.faiss"):
         models.load(str(uri))
+
+
+def test_knn_export_on_s3_round_trips_and_refuses_damage(s3_bucket, data):
+    """On object storage the index is downloaded, checked (size, sha256), then parsed."""
+    from hashtag import storage
+
+    model = models.create("knn").fit(*data["train"])
+    uri = f"{s3_bucket}/knn"
+    model.save(uri)
+    X_test = data["test"][0]
+    np.testing.assert_allclose(
+        models.load(uri).predict_scores(X_test), model.predict_scores(X_test)
+    )
+    raw = bytearray(storage.read_bytes(f"{uri}/index.faiss"))
+    raw[100] ^= 0xFF
+    storage.write_bytes(f"{uri}/index.faiss", bytes(raw))
+    with pytest.raises(ArtifactError, match="index.faiss"):
+        models.load(uri)
+
+
+def test_index_plan_from_rows_and_dim():
+    from hashtag import neighbours
+
+    assert neighbours.plan(100_000, 2304).kind == "flat"  # exact up to EXACT_ROWS
+    ivf = neighbours.plan(1_000_000, 256)  # 1 GB of float32 lists: under 2 GiB
+    assert (ivf.kind, ivf.nlist, ivf.nprobe) == ("ivf-flat", 2048, 128)
+    assert ivf.train_rows == neighbours.MAX_TRAIN_ROWS
+    assert neighbours.plan(500_000, 2304).kind == "ivf-sq8"  # 4.6 GB raw, 1.2 GB as SQ8
+    pq = neighbours.plan(10_000_000, 2304)
+    assert pq.kind == "ivf-pq" and 2304 % pq.pq_m == 0 and 4 <= 2304 // pq.pq_m
+    assert 10_000_000 * pq.pq_m <= neighbours.CODES_BYTES
+    assert neighbours.plan(100, 8, kind="ivf-flat").nlist == 2  # at most n / 39 cells
+
+
+def test_knn_on_a_pq_index_learns(data, popularity_score):
+    model = models.create("knn", ModelConfig(knn_index="ivf-pq")).fit(*data["train"])
+    assert type(model.index).__name__ == "IndexIVFPQ"
+    assert model.score(*data["test"])["f1@5"] > popularity_score["f1@5"] + 0.1

@@ -145,6 +145,7 @@ def test_grid_on_ray_writes_report_and_model_then_resumes(tmp_path, local_ray, c
     report = (tmp_path / "out" / "results.md").read_text()
     assert "Model bs: 16 / lr: 0.01 / f1: " in report and "Model bs: 64 / lr: 0.01" in report
     assert "popularity" in printed and "knn" in printed
+    assert "near-duplicates: not checked" in printed  # written without merge's grouping
     out = tmp_path / "out"
     for name in ("results.csv", "results.md", "heatmap.png", "curves.png", "tune.json"):
         assert (out / name).stat().st_size > 0, name
