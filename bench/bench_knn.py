@@ -132,15 +132,14 @@ def synthetic_rows(sizes: list[int], dim: int, queries_n: int = QUERIES) -> list
 
 
 def shared_rows(args) -> list[str]:
-    from bench_quality import MODELS, SplitData, default_shared, embed
+    from bench_quality import SplitData, default_shared, embed
 
     from hashtag import embedders, models, neighbours, tune
     from hashtag.embedders import EmbedderSpec
     from hashtag.sources import open_source
 
     shared = default_shared()
-    specs = [EmbedderSpec.parse(f"tflite:{shared / 'models' / MODELS[n]}") for n in ("v2", "v1")]
-    both = EmbedderSpec.ensemble(specs)
+    both = EmbedderSpec.parse("default")  # the shipped MobileNetV2 + MobileNetV1
     built = embedders.create_from_spec(both)
     spec = EmbedderSpec.ensemble([p.spec for p in built.parts])
     lines = [

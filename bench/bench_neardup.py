@@ -182,7 +182,7 @@ def flattering(name, X, C, chosen, tags, spec, splits: int, similarity: float) -
 
 
 def main() -> None:
-    from bench_quality import MODELS, default_shared, embed
+    from bench_quality import default_shared, embed
 
     from hashtag import embedders, merge
     from hashtag.embedders import EmbedderSpec
@@ -193,7 +193,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default="feedme-food,flickr8k-dev")
     parser.add_argument("--data", type=Path, default=shared / "data")
-    parser.add_argument("--models", type=Path, default=shared / "models")
     parser.add_argument("--photos", type=int, default=150, help="photos copied per set")
     parser.add_argument("--thresholds", default="0.8,0.85,0.88,0.9,0.92,0.94,0.96")
     parser.add_argument(
@@ -208,8 +207,7 @@ def main() -> None:
     if args.embedder == "classic":
         both = spec = EmbedderSpec.parse("classic")
     else:
-        specs = [EmbedderSpec.parse(f"tflite:{args.models / MODELS[n]}") for n in ("v2", "v1")]
-        both = EmbedderSpec.ensemble(specs)
+        both = EmbedderSpec.parse("default")  # the shipped MobileNetV2 + MobileNetV1
         built = embedders.create_from_spec(both)
         spec = EmbedderSpec.ensemble([p.spec for p in built.parts])
     similarity = args.similarity or merge.near_duplicate_similarity(spec)
