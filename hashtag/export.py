@@ -3,7 +3,7 @@
 the folder, reading it back (checked before any array is loaded), and `ExportedModel`.
 
     OUT/tune/model/
-      manifest.json, *.npy   a saved recommender (models.py, format "hashtag-model"), whose
+      manifest.json, *.npy   a saved recommender (models/, format "hashtag-model"), whose
                              manifest's "extra" is the export metadata: {"format": FORMAT,
                              "version": VERSION, "model", "selected", "embedder" (spec),
                              "embedder_files" ({location: file}), "vocab", "decision", ...}

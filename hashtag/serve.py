@@ -29,7 +29,7 @@ image URLs fetched only over http(s) through hashtag.fetch (private addresses re
 allowed, metadata addresses always, a deadline); a per-request deadline (504); Serve's queue
 bounded (503 when full). Replicas autoscale between min and max on ongoing requests.
 
-This module is orchestration (Ray Serve); the pure core it calls is recommend.py / models.py.
+This module is orchestration (Ray Serve); the pure core it calls is recommend.py / models/.
 """
 
 from __future__ import annotations

@@ -32,8 +32,10 @@ def layer_table() -> dict[str, int]:
     return layers
 
 
-def project_imports(path: Path) -> tuple[set[str], set[str]]:
-    """(module-level, inside functions or classes) hashtag modules that `path` imports."""
+def project_imports(path: Path, own: str | None = None) -> tuple[set[str], set[str]]:
+    """(module-level, inside functions or classes) hashtag modules that `path` imports; for a
+    file of the sub-package `own`, its imports of that package (relative or by name) are left
+    out."""
     top: set[str] = set()
     nested: set[str] = set()
 
@@ -43,6 +45,8 @@ def project_imports(path: Path) -> tuple[set[str], set[str]]:
         if not isinstance(node, ast.ImportFrom):
             return []
         if node.level:  # relative: from . import x, from .x import y
+            if own is not None:
+                return []  # inside the sub-package itself
             return [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
         if node.module == "hashtag":
             return [a.name for a in node.names]
@@ -59,15 +63,27 @@ def project_imports(path: Path) -> tuple[set[str], set[str]]:
             visit(child, inner)
 
     visit(ast.parse(path.read_text(), filename=str(path)), False)
-    return top, nested
+    return top - {own}, nested - {own}
 
 
 def modules() -> dict[str, tuple[set[str], set[str]]]:
-    return {
+    """{module: (module-level, nested) imports}; a sub-package (hashtag/models/) is one module:
+    the union of its files' imports, less its own (relative or by its own name)."""
+    found = {
         path.stem: project_imports(path)
         for path in sorted(PACKAGE.glob("*.py"))
         if path.stem != "__init__"
     }
+    for init in sorted(PACKAGE.glob("*/__init__.py")):
+        package = init.parent
+        top: set[str] = set()
+        nested: set[str] = set()
+        for path in sorted(package.glob("*.py")):
+            file_top, file_nested = project_imports(path, own=package.name)
+            top |= file_top
+            nested |= file_nested
+        found[package.name] = (top, nested)
+    return found
 
 
 def test_every_module_has_one_layer():
