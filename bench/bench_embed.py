@@ -159,7 +159,7 @@ def run_predict_per_image(files: list[Path], embedder) -> int:
     for path in files:
         bgr = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
         x = embedder.preprocess(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))[None].astype(np.float32)
-        embedder.model.predict(embedder._preprocess_input(x), verbose=0)
+        embedder.model.predict(embedder.preprocess_input(x), verbose=0)
     return len(files)
 
 

@@ -295,7 +295,7 @@ def readers(folder: Path, array_mb: int, line_mb: int) -> None:
         thread = threading.Thread(target=writer)
         thread.start()
         with os.fdopen(read, "rb") as pipe:
-            queries = list(recommend._queries(pipe, "."))
+            queries = list(recommend.queries(pipe, "."))
         thread.join()
         shown = max(len(repr(q)) for q in queries)
         return f"{queries[0].error[:28]}; next ok: {queries[1].id}; {shown} chars out"

@@ -19,7 +19,7 @@ embeddings, L2-normalised (what merge's near-duplicate search compares).
    (one random transformation each) is planted as a new post with the same tags and its own
    split (a hash of its own id, as merge assigns). F1@5 on test of tune's kNN reference (train
    only): without copies, with copies as they fall, and with copies grouped by the product's
-   code (neighbours.range_pairs + merge._components at the default threshold: a copy takes its
+   code (neighbours.range_pairs + merge.connected_components at the default threshold: a copy takes its
    group's first post's split).
 """
 
@@ -153,7 +153,7 @@ def flattering(name, X, C, chosen, tags, spec, splits: int, similarity: float) -
         pairs = np.stack([a, b], 1)[a < b].astype(np.uint64)
         grouped = own.copy()
         if len(pairs):
-            nodes, roots = merge._components(pairs)
+            nodes, roots = merge.connected_components(pairs)
             grouped[nodes.astype(np.int64)] = own[roots.astype(np.int64)]
         moved_counts.append(int(np.count_nonzero(grouped != own)))
         copy_split = own[len(X) :]

@@ -157,7 +157,7 @@ def run_split(args, X, spec, tags, X_v2, held: np.ndarray, seed: int) -> list[di
     )  # fmt: skip
     for batch_size, learning_rate in args.grid:
         grid = {"batch_size": batch_size, "learning_rate": learning_rate}
-        mlp = models.create("mlp", tune._model_config(grid, settings))
+        mlp = models.create("mlp", tune.model_config(grid, settings))
         mlp.fit(X_train, Y_train, X_val, Y_val, vocab=ds.vocab)
         row = ResultRow(
             model="mlp", batch_size=batch_size, learning_rate=learning_rate,
@@ -166,7 +166,7 @@ def run_split(args, X, spec, tags, X_v2, held: np.ndarray, seed: int) -> list[di
         )  # fmt: skip
         trials.append(row)
         fitted_trials[row.label] = mlp
-    references, fitted = tune._references(config, ds, ds.data)
+    references, fitted = tune.fit_references(config, ds, ds.data)
     rows, winner, chosen = tune.compete(
         config, ds, ds.data, trials, lambda r: fitted_trials[r.label], references, fitted
     )

@@ -699,7 +699,7 @@ class KerasEmbedder(Embedder):
             else:
                 features = keras.layers.Flatten()(features)
             self.model = keras.Model(self.backbone.input, features)
-        self._preprocess_input = getattr(keras.applications, backbone.module).preprocess_input
+        self.preprocess_input = getattr(keras.applications, backbone.module).preprocess_input
         # One graph traced for any batch size: several times faster than eager calls, and
         # the last, smaller batch of a shard does not trigger a new trace.
         size = backbone.size
@@ -734,7 +734,7 @@ class KerasEmbedder(Embedder):
         parts = []
         with tf.device(self._device):
             for i in range(0, len(batch), step):
-                x = self._preprocess_input(batch[i : i + step].astype(np.float32))
+                x = self.preprocess_input(batch[i : i + step].astype(np.float32))
                 parts.append(np.asarray(self._forward(tf.constant(x))))
         return l2_normalize(np.concatenate(parts).reshape(len(batch), -1))
 

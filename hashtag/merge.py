@@ -532,7 +532,7 @@ def _near_pairs(
     return (np.concatenate(found) if found else np.zeros((0, 2), np.uint64)), capped
 
 
-def _components(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def connected_components(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(order keys of every post in a pair, the lowest order key of its connected component)."""
     nodes, edges = np.unique(pairs, return_inverse=True)
     edges = edges.reshape(-1, 2)
@@ -562,7 +562,7 @@ def near_groups(
         [np.zeros((0, 2), np.uint64)]
         + [storage.load_npy(storage.join(f, "pairs.npy")).reshape(-1, 2) for f in folders]
     )
-    nodes, roots = _components(pairs) if len(pairs) else (np.zeros(0, np.uint64),) * 2
+    nodes, roots = connected_components(pairs) if len(pairs) else (np.zeros(0, np.uint64),) * 2
     # Every node's own split, from the chunk that holds it (order keys ascend across chunks).
     own = np.zeros(len(nodes), np.uint8)
     for folder in folders:

@@ -287,17 +287,17 @@ def read_manifest(uri: str) -> Iterator[Query]:
     line read with at most MAX_LINE_BYTES in memory; a bad line is a Query with its error
     (which never quotes the line)."""
     if uri == "-":
-        yield from _queries(sys.stdin.buffer, ".")
+        yield from queries(sys.stdin.buffer, ".")
         return
     fs, path = storage.filesystem(uri)
     if not fs.exists(path):
         raise UserError(f"--manifest {uri}: no such file; give a JSON Lines file of posts")
     base = uri.rsplit("/", 1)[0] if "/" in uri else "."
     with fs.open(path, "rb") as f:
-        yield from _queries(f, base)
+        yield from queries(f, base)
 
 
-def _queries(lines, base: str) -> Iterator[Query]:
+def queries(lines, base: str) -> Iterator[Query]:
     for number, line in storage.bounded_lines(lines, MAX_LINE_BYTES):
         if line is None:
             error = f"bad line: over {MAX_LINE_BYTES} bytes"

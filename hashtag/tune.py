@@ -380,7 +380,7 @@ def _resolve(split: Any) -> list[dict[str, np.ndarray]]:
     return pieces
 
 
-def _model_config(grid: dict[str, Any], settings: TrialSettings):
+def model_config(grid: dict[str, Any], settings: TrialSettings):
     return models.ModelConfig(
         batch_size=int(grid["batch_size"]),
         learning_rate=float(grid["learning_rate"]),
@@ -470,7 +470,7 @@ def train_trial(
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        recommender = models.create(settings.model, _model_config(grid, settings))
+        recommender = models.create(settings.model, model_config(grid, settings))
         state: dict[str, Any] = {"seconds": 0.0, "done": False}
     else:
         # A retry or a restored experiment: continue from the last epoch, not from scratch.
@@ -581,7 +581,7 @@ def _candidate_row(label: str, recommender, data: TrialData, started: float) -> 
     )
 
 
-def _references(config: TuneConfig, dataset, data: TrialData) -> tuple[list[ResultRow], dict]:
+def fit_references(config: TuneConfig, dataset, data: TrialData) -> tuple[list[ResultRow], dict]:
     """Popularity, kNN, ridge and kernel ridge in this process: their rows and the fitted models
     (candidates for the export and parts of the blends). `run` fits each in a Ray task instead
     (tune_tasks.py), with `fit_reference`."""

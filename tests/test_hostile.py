@@ -545,13 +545,13 @@ def test_recommend_manifest_lines_are_bounded_and_never_echoed():
     huge = b'{"image": "' + b"A" * (3 * recommend.MAX_LINE_BYTES) + b'"}\n'
     stream = io.BytesIO(huge + b'{"tags": ["x"], "id": "ok"}\n' + b"[1]\n")
     base_mb = _reset_peak_rss_mb()
-    queries = list(recommend._queries(stream, "."))
+    queries = list(recommend.queries(stream, "."))
     assert _status_mb("VmHWM") - base_mb < 2 * recommend.MAX_LINE_BYTES / 2**20 + 10
     assert queries[0].error == f"bad line: over {recommend.MAX_LINE_BYTES} bytes"
     assert queries[1].id == "ok" and queries[1].given == ("x",) and not queries[1].error
     assert queries[2].error and len(repr(queries)) < 2000  # no line is echoed back whole
     long_id = io.BytesIO(json.dumps({"id": "i" * 100_000, "tags": ["x"]}).encode() + b"\n")
-    (query,) = recommend._queries(long_id, ".")
+    (query,) = recommend.queries(long_id, ".")
     assert query.error and len(query.error) < 300
 
 

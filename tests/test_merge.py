@@ -541,7 +541,7 @@ def test_a_planted_near_copy_ends_on_its_originals_side(tmp_path, mode):
 
 def test_near_duplicate_groups_are_connected_components():
     pairs = np.array([[5, 9], [1, 5], [20, 30], [30, 40], [2, 40]], np.uint64)
-    nodes, roots = merge._components(pairs)
+    nodes, roots = merge.connected_components(pairs)
     assert dict(zip(nodes.tolist(), roots.tolist(), strict=True)) == {
         1: 1, 5: 1, 9: 1, 2: 2, 20: 2, 30: 2, 40: 2
     }  # fmt: skip

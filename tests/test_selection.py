@@ -49,7 +49,7 @@ def test_selection_exports_a_better_non_mlp_winner(tmp_path, dataset, weak_trial
     row, mlp = weak_trial
     config = tune.TuneConfig(data=dataset.uri, out=str(tmp_path / "out"), refit="none")
     data = tune._trial_data(config, dataset)
-    references, fitted = tune._references(config, dataset, data)
+    references, fitted = tune.fit_references(config, dataset, data)
     rows, winner, chosen = tune.compete(
         config, dataset, data, [row], lambda r: mlp, references, fitted
     )

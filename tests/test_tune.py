@@ -319,7 +319,7 @@ def test_asha_and_the_work_runs_in_tasks_not_in_the_driver(tmp_path, local_ray, 
         learning_rates=(3e-2, 1e-7, 1e-8), epochs=4, cpus_per_trial=2,
         references=("popularity", "knn"), scheduler="asha",
     )  # fmt: skip
-    expected, _ = tune._references(config, dataset, tune._trial_data(config, dataset))
+    expected, _ = tune.fit_references(config, dataset, tune._trial_data(config, dataset))
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the driver read rows of the dataset")
