@@ -43,11 +43,11 @@ def synthetic(rows: int, dim: int, tags: int, seed: int) -> tuple[np.ndarray, np
 
 
 def child(rows: int, dim: int, tags: int) -> dict:
-    from hashtag import models, tune
+    from hashtag import models, selection
 
     X, Y = synthetic(rows, dim, tags, 0)
     X_val, Y_val = synthetic(2_000, dim, tags, 1)
-    model = models.create("kernel", tune.reference_config("kernel", 0))
+    model = models.create("kernel", selection.reference_config("kernel", 0))
     started = time.perf_counter()
     model.fit(X, Y, X_val, Y_val)
     fit_s = time.perf_counter() - started

@@ -134,7 +134,7 @@ def synthetic_rows(sizes: list[int], dim: int, queries_n: int = QUERIES) -> list
 def shared_rows(args) -> list[str]:
     from bench_quality import SplitData, default_shared, embed
 
-    from hashtag import embedders, models, neighbours, tune
+    from hashtag import embedders, models, neighbours, selection
     from hashtag.embedders import EmbedderSpec
     from hashtag.sources import open_source
 
@@ -161,7 +161,7 @@ def shared_rows(args) -> list[str]:
             data = SplitData(X, tags, split, spec)
             fitted = {}
             for label, index in (("exact", "auto"), ("approximate", args.approximate)):
-                config = tune.reference_config("knn", 0, spec.blocks)
+                config = selection.reference_config("knn", 0, spec.blocks)
                 config = models.ModelConfig(**{**config.__dict__, "knn_index": index})
                 model = models.create("knn", config).fit(*data.part("train"), *data.part("val"))
                 X_test, Y_test = data.part("test")

@@ -134,7 +134,7 @@ def calibration(name: str, X: np.ndarray, C: np.ndarray, chosen, thresholds) -> 
 def flattering(name, X, C, chosen, tags, spec, splits: int, similarity: float) -> list[str]:
     from bench_quality import SplitData
 
-    from hashtag import merge, models, neighbours, tune
+    from hashtag import merge, models, neighbours, selection
 
     rng = np.random.default_rng(0)
     picked = rng.integers(len(TRANSFORMS), size=len(chosen))
@@ -164,7 +164,7 @@ def flattering(name, X, C, chosen, tags, spec, splits: int, similarity: float) -
             ("copies grouped", all_X, all_tags, grouped),
         ):
             data = SplitData(features, post_tags, split.astype(np.int8), spec)
-            knn = models.create("knn", tune.reference_config("knn", 0, spec.blocks))
+            knn = models.create("knn", selection.reference_config("knn", 0, spec.blocks))
             knn.fit(*data.part("train"), *data.part("val"))
             rows[label].append(knn.score(*data.part("test"))["f1@5"])
     lines = [

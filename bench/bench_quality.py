@@ -16,8 +16,8 @@ penalty grid, blend set, the bench's one MLP trial...) may look at it. `--splits
 On each, it does what `hashtag tune` does, with the product's own functions (vocabulary: tags
 on >= 2 training posts, as merge counts on the training split): an MLP grid (`--grid`,
 trained in this process, no Ray), the references (knn, ridge, kernel), the blends, selection on
-validation by F1@5 (`tune.compete`), the refit of the winner on train + validation
-(`tune.refit_winner`); and scores the exported model on the split's test side AND on the
+validation by F1@5 (`selection.compete`), the refit of the winner on train + validation
+(`selection.refit_winner`); and scores the exported model on the split's test side AND on the
 held-out share, reported in two separate tables.
 
 The reference is the plain cosine kNN vote of the data READMEs: 20 neighbours, weights
@@ -104,7 +104,7 @@ class SplitData:
     vocab_size, embedder, rows) and the product's TrialData over its arrays (`data`)."""
 
     def __init__(self, X, tags, split, spec, min_count: int = 2):
-        from hashtag import models, tune
+        from hashtag import models, trial
 
         counts: dict[str, int] = {}
         for i in np.flatnonzero(split == 0):
@@ -124,7 +124,7 @@ class SplitData:
             X_part, Y_part = self.part(name)
             indptr, indices = models.csr_of(Y_part)
             arrays[name] = {"X": X_part, "indptr": indptr, "indices": indices}
-        self.data = tune.TrialData("", arrays)
+        self.data = trial.TrialData("", arrays)
 
     def rows(self, name: str) -> np.ndarray:
         return np.flatnonzero(self.split == ("train", "val", "test", "held").index(name))
@@ -138,7 +138,7 @@ def run_split(args, X, spec, tags, X_v2, held: np.ndarray, seed: int) -> list[di
     """One design split: every candidate, the selection and the refit; rows carry "test" (the
     split's test side) and, for the exported model and the references, "held" (the held-out
     share)."""
-    from hashtag import models, tune
+    from hashtag import models, selection, trial, tune
     from hashtag.report import ResultRow
 
     split = design_split(held, seed)
@@ -151,13 +151,13 @@ def run_split(args, X, spec, tags, X_v2, held: np.ndarray, seed: int) -> list[di
         return {k: float(v) for k, v in model.score(X, Y).items()}
 
     trials, fitted_trials = [], {}
-    settings = tune.TrialSettings(
+    settings = trial.TrialSettings(
         data="", model="mlp", epochs=args.epochs, loss="sigmoid", seed=0, cpus=2,
         blocks=spec.blocks,
     )  # fmt: skip
     for batch_size, learning_rate in args.grid:
         grid = {"batch_size": batch_size, "learning_rate": learning_rate}
-        mlp = models.create("mlp", tune.model_config(grid, settings))
+        mlp = models.create("mlp", trial.model_config(grid, settings))
         mlp.fit(X_train, Y_train, X_val, Y_val, vocab=ds.vocab)
         row = ResultRow(
             model="mlp", batch_size=batch_size, learning_rate=learning_rate,
@@ -166,11 +166,15 @@ def run_split(args, X, spec, tags, X_v2, held: np.ndarray, seed: int) -> list[di
         )  # fmt: skip
         trials.append(row)
         fitted_trials[row.label] = mlp
-    references, fitted = tune.fit_references(config, ds, ds.data)
-    rows, winner, chosen = tune.compete(
-        config, ds, ds.data, trials, lambda r: fitted_trials[r.label], references, fitted
+    rules = config.selection()  # what tune's selection reads of its config
+    references, fitted = selection.fit_references(ds, ds.data, config.references, seed=config.seed)
+    rows, winner, chosen = selection.compete(
+        ds, ds.data, trials, lambda r: fitted_trials[r.label], references, fitted,
+        metric=rules.metric, blends=rules.blends,
+    )  # fmt: skip
+    exported, _, refit_row = selection.refit_winner(
+        ds, ds.data, winner, chosen, refit=rules.refit, metric=rules.metric
     )
-    exported, _, refit_row = tune.refit_winner(config, ds, ds.data, winner, chosen)
 
     # The reference: uncentred MobileNetV2, 20 neighbours, exp(10 x similarity), no prior.
     plain = models.ModelConfig(knn_neighbours=20, knn_temperature=10.0, prior_weight=0.0)

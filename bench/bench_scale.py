@@ -151,6 +151,7 @@ def child_main(args: argparse.Namespace) -> None:
         result = {k: summary[k] for k in ("count", "seconds", "parts", "posts_in")}
     else:
         from hashtag import tune
+        from hashtag.trial import BLOCK_ROWS
 
         data, out = args.tune_only
         config = tune.TuneConfig(
@@ -182,7 +183,7 @@ def child_main(args: argparse.Namespace) -> None:
 
             result["trial_remote_bytes_read"] = _trial_remote_bytes(summary["experiment"])
             before = storage.remote_bytes_read()
-            for _ in dataset.blocks("train", tune.BLOCK_ROWS, np.random.default_rng(0)):
+            for _ in dataset.blocks("train", BLOCK_ROWS, np.random.default_rng(0)):
                 pass
             result["epoch_remote_bytes_read"] = storage.remote_bytes_read() - before
     ray.shutdown()

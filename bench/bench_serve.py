@@ -7,7 +7,7 @@
 What it does, all in one run on this machine:
 1. Builds a real model: the shared food photos (../shared/data/feedme-food) embedded by the
    product's embedder (hashtag.ingest), their tags as labels (tags on >= 2 photos), a kNN fitted
-   and exported by `tune.export_model`, into /tmp (never the repository).
+   and exported by `selection.export_model`, into /tmp (never the repository).
 2. The batch reference: `hashtag recommend --manifest` (a subprocess, as a user runs it) over
    the photos; images/s end to end, and in steady state (the run of 1 photo subtracted: process
    start, imports, model load); and the same path warm in this process
@@ -58,7 +58,7 @@ def default_shared() -> Path:
 
 def build_model(photos: Path, spec_text: str, out: Path) -> tuple[str, list[Path]]:
     """Embed the photos, fit a kNN on their tags, export it like tune: (model URI, photos)."""
-    from hashtag import embedders, ingest, models, tune
+    from hashtag import embedders, ingest, models, selection
     from hashtag.dataset import Dataset, DatasetWriter, csr_from_lists
     from hashtag.fetch import FetchConfig, Fetcher
     from hashtag.posts import Post
@@ -90,9 +90,9 @@ def build_model(photos: Path, spec_text: str, out: Path) -> tuple[str, list[Path
     X, Y = dataset.part("train")
     X_val, Y_val = dataset.part("val")
     knn = models.create("knn", models.ModelConfig()).fit(X, Y, X_val, Y_val, vocab=dataset.vocab)
-    config = tune.TuneConfig(data=data, out=str(out / "tune"))
-    uri = tune.export_model(
-        config, dataset, knn, ResultRow(model="knn", val=knn.score(X_val, Y_val))
+    row = ResultRow(model="knn", val=knn.score(X_val, Y_val))
+    uri = selection.export_model(
+        dataset, knn, row, out=str(out / "tune"), dataset_uri=data, loss="sigmoid"
     )
     return uri, [Path(posts[i].image) for i in kept]
 

@@ -2,15 +2,15 @@
 
     hashtag tune --data out/dataset --out out/tune --batch-sizes 16,64,256 --learning-rates 1e-2,1e-3,1e-4
 
-One Tune trial per grid cell. A trial loads the merged dataset itself (Dataset.load(data): a
-memory map when local, a download from s3:// otherwise), trains with a checkpoint per epoch
-(the model's weights, so an interrupted trial continues from its last epoch and the export never
-retrains) and reports validation metrics per epoch and, at the end, every metric on validation
-and test. Reference models (popularity, kNN) are scored once per experiment in the driver.
+This module is the driver: `TuneConfig`, `run`, the grid on Ray Tune (scheduler, progress
+bar, the trials' rows) and, on label-only data, the completion rows. One Tune trial per grid
+cell (trial.py: it trains with a checkpoint per epoch and reports validation metrics per epoch
+and, at the end, every metric on validation and test). Reference models (popularity, kNN,
+ridge, kernel) are fitted once per experiment, as Ray tasks beside the grid (tune_tasks.py).
 
 The exported model is chosen on validation (`--select-metric`, default F1@5), never on test,
-among the trials, references and blends (`compete`), and written to OUT/model/ with what
-recommend needs: the embedder spec, the vocabulary, the decision rule, and a hashtag
+among the trials, references and blends (selection.py: `compete`), and written to OUT/model/
+with what recommend needs: the embedder spec, the vocabulary, the decision rule, and a hashtag
 co-occurrence model fitted on the labels it learnt from (OUT/model/cooccurrence/).
 
 Outputs under OUT:
@@ -34,31 +34,28 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from hashtag import export, models, storage, tfimport
+from hashtag import models, storage, trial
 from hashtag.errors import UserError
 from hashtag.report import ResultRow, decision_markdown, trial_line, write_report
 from hashtag.results import StageResult
+from hashtag.selection import (
+    BLENDS,
+    REFERENCE_MODELS,
+    REFIT_MODES,
+    SelectionSettings,
+    export_model,
+    label_blocks,
+    validation_score,
+)
 
 log = logging.getLogger(__name__)
 
-REFERENCE_MODELS = ("popularity", "knn", "ridge", "kernel")
-REFIT_MODES = ("train+val", "all", "none")
-# Blends that compete beside the grid: "best" is the grid's best trial on validation. Kernel
-# ridge, not the linear ridge, is the learnt part: on both shared photo sets it is the stronger
-# partner of kNN, and fewer blends choose with less noise on a small validation split.
-BLENDS = (("best", "knn"), ("kernel", "knn"), ("best", "kernel"), ("best", "kernel", "knn"))
-# Inside a trial checkpoint: the model folder (models' save format) and our bookkeeping.
-CHECKPOINT_MODEL = "model"
-CHECKPOINT_STATE = "state.json"
-# Per-epoch values shown in Tune's progress and kept for the learning curves.
-EPOCH_METRICS = ("loss", "val_f1", "val_f1@5", "val_map")
 # Completion (label-only datasets): the weights tried on validation (never on test).
 COMPLETION_GRID = {
     "idf_power": (0.0, 0.5, 1.0),
@@ -220,6 +217,17 @@ class TuneConfig:
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
         return f"grid-{digest[:10]}"
 
+    def selection(self) -> SelectionSettings:
+        """The settings selection and export read (selection.py), and only those."""
+        return SelectionSettings(
+            out=self.out,
+            data=self.data,
+            loss=self.loss,
+            metric=self.select_metric,
+            refit=self.refit,
+            blends=BLENDS if self.blends else (),
+        )
+
 
 @dataclass(frozen=True)
 class TuneResult(StageResult):
@@ -234,11 +242,6 @@ class TuneResult(StageResult):
         return 1 if self.failed or self.interrupted else 0
 
 
-def tune_metric(name: str) -> str:
-    """A metric name Tune's loggers accept (tensorboardX refuses '@'): val_f1@5 -> val_f1_at_5."""
-    return name.replace("@", "_at_")
-
-
 def memory_budget_bytes(config: TuneConfig) -> int:
     """--memory-budget in bytes; automatic: a quarter of this machine's physical memory."""
     if config.memory_budget:
@@ -250,272 +253,6 @@ def dataset_fingerprint(dataset) -> dict[str, Any]:
     """What identifies a dataset's content, from its manifest (not its timings)."""
     keys = ("count", "dim", "vocab_size", "label_nnz", "splits", "embedder")
     return {key: dataset.manifest.get(key) for key in keys}
-
-
-# ---------------------------------------------------------------- inside a trial (a Ray actor)
-
-
-def _configure_tensorflow(cpus: float) -> None:
-    """Bound TensorFlow's thread pools by the trial's CPUs, and let GPU memory grow (so that
-    trials with fractional GPUs can share one). Must run before TensorFlow builds anything."""
-    tf = tfimport.tensorflow()
-    threads = max(1, int(cpus))
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
-    except RuntimeError:  # already initialised in this worker process
-        pass
-    for gpu in tf.config.list_physical_devices("GPU"):
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:
-            pass
-
-
-@dataclass(frozen=True)
-class TrialSettings:
-    """What every trial shares. Passed with tune.with_parameters (Ray's object store), so it
-    stays out of the trial names and of the experiment files on disk."""
-
-    data: str
-    model: str
-    epochs: int
-    loss: str
-    seed: int
-    cpus: float
-    dim: int = 0
-    vocab: tuple[str, ...] = ()
-    blocks: tuple[int, ...] = ()  # the dims of the embedders the features concatenate
-    # Storage settings of the driver (the S3 endpoint override) that the trial's process needs.
-    env: dict[str, str] = field(default_factory=dict)
-    # The per-epoch validation metric the scheduler compares (also in the final report).
-    metric: str = "val_f1"
-    select_metric: str = "f1"
-
-
-# Trials choose the decision rule and report per-epoch validation metrics on the first
-# VAL_SAMPLE validation rows (a random sample: splits are a hash of the post id), so that their
-# memory does not grow with N; the final validation and test scores use every row, SCORE_ROWS
-# at a time (scores, masks and labels of a block: ~12 bytes x SCORE_ROWS x V). Training reads
-# BLOCK_ROWS rows at a time (the span of the streamed per-epoch shuffle).
-VAL_SAMPLE = 10_000
-BLOCK_ROWS = 65_536
-SCORE_ROWS = 8_192
-
-
-def split_arrays(dataset, name: str) -> dict[str, np.ndarray]:
-    """Split `name` in memory: X float32 (n, dim) and its labels as CSR (indptr, indices)."""
-    rows = dataset.rows(name)
-    indptr, indices = dataset.labels_csr(rows)
-    return {
-        "X": np.asarray(dataset.embeddings[rows], np.float32),
-        "indptr": indptr,
-        "indices": indices,
-    }
-
-
-class TrialData:
-    """Where a process's rows come from: `arrays` ({split: pieces}, each piece a split_arrays
-    dict or the ObjectRef of one: read-only views of Ray's object store, shared by every process
-    on a node, no copy per trial), or, when the dataset is over the memory budget, the dataset
-    itself, streamed block by block from its parts (by byte ranges when remote)."""
-
-    def __init__(self, data: str, arrays: dict[str, Any] | None):
-        self.arrays = None if arrays is None else {k: _resolve(v) for k, v in arrays.items()}
-        self.dataset = None
-        if arrays is None:
-            from hashtag.dataset import Dataset
-
-            self.dataset = Dataset.load(data)
-
-    def blocks(
-        self,
-        name: str,
-        order: np.random.Generator | None = None,
-        rows: int = 0,
-        *,
-        embeddings: bool = True,
-    ):
-        """(X, labels indptr, indices) blocks of split `name`, of `rows` rows: by default
-        BLOCK_ROWS when shuffled (training), SCORE_ROWS in order (scoring); `embeddings=False`:
-        the labels only."""
-        from hashtag.dataset import piece_blocks
-
-        rows = rows or (BLOCK_ROWS if order is not None else SCORE_ROWS)
-        if self.dataset is not None:
-            return self.dataset.blocks(name, rows, order, embeddings=embeddings)
-        return piece_blocks(self.arrays[name], order, rows, embeddings=embeddings)
-
-    def count(self, name: str) -> int:
-        if self.dataset is not None:
-            return self.dataset.split_count(name)
-        return sum(len(piece["indptr"]) - 1 for piece in self.arrays[name])
-
-    def train(self, dim: int, n_tags: int) -> models.Blocks:
-        return models.Blocks(
-            lambda order: self.blocks("train", order), self.count("train"), dim, n_tags
-        )
-
-    def validation(self, n_tags: int) -> tuple[np.ndarray, np.ndarray]:
-        """(X, Y dense) of the first VAL_SAMPLE validation rows, for per-epoch validation."""
-        from hashtag.dataset import dense_labels
-
-        Xs, Ys = [], []
-        for X, indptr, indices in _first_rows(self.blocks("val"), VAL_SAMPLE):
-            Xs.append(X)
-            Ys.append(dense_labels(indptr, indices, n_tags))
-        return np.concatenate(Xs), np.concatenate(Ys)
-
-
-def _resolve(split: Any) -> list[dict[str, np.ndarray]]:
-    """A split's pieces as arrays: one split_arrays dict, or a list of them or of ObjectRefs
-    (fetched from the object store as read-only views: no copy)."""
-    if isinstance(split, dict):
-        return [split]
-    pieces = list(split)
-    if pieces and not isinstance(pieces[0], dict):
-        import ray
-
-        pieces = ray.get(pieces)
-    return pieces
-
-
-def model_config(grid: dict[str, Any], settings: TrialSettings):
-    return models.ModelConfig(
-        batch_size=int(grid["batch_size"]),
-        learning_rate=float(grid["learning_rate"]),
-        epochs=settings.epochs,
-        loss=settings.loss,
-        seed=settings.seed,
-        threads=max(1, int(settings.cpus)),
-        centre=True,
-        blocks=settings.blocks,
-    )
-
-
-def reference_config(name: str, seed: int, blocks: tuple[int, ...] = ()) -> models.ModelConfig:
-    """The settings of a reference model in the table: kNN as the shared sets' README measures
-    it (20 neighbours, weights exp(10 x similarity), no prior) but on centred features (the
-    features' common direction removed: cosine similarity then compares what differs); ridge
-    and kernel ridge on centred features, their penalties chosen on validation."""
-    if name == "knn":
-        return models.ModelConfig(
-            seed=seed,
-            knn_neighbours=20,
-            knn_temperature=10.0,
-            prior_weight=0.0,
-            centre=True,
-            blocks=blocks,
-        )
-    if name in ("ridge", "kernel"):
-        return models.ModelConfig(seed=seed, centre=True, blocks=blocks)
-    return models.ModelConfig(seed=seed)
-
-
-def _score_blocks(recommender, blocks) -> dict[str, float]:
-    return {k: float(v) for k, v in recommender.score_blocks(blocks).items()}
-
-
-def _in_memory(blocks: models.Blocks) -> tuple[np.ndarray, np.ndarray]:
-    """(X, Y dense bool) of every row of `blocks`, in row order."""
-    from hashtag.dataset import dense_labels
-
-    parts = [(X, dense_labels(p, i, blocks.n_tags)) for X, p, i in blocks.read(None)]
-    return np.concatenate([X for X, _ in parts]), np.concatenate([Y for _, Y in parts])
-
-
-def _report(recommender, state: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """One Tune report with a checkpoint: the model folder (weights, optimizer, decision,
-    history) and our bookkeeping (`state`)."""
-    from ray import tune
-
-    with tempfile.TemporaryDirectory(prefix="hashtag-ckpt-") as folder:
-        recommender.save(os.path.join(folder, CHECKPOINT_MODEL))
-        with open(os.path.join(folder, CHECKPOINT_STATE), "w") as f:
-            f.write(storage.dumps(storage.json_safe(state)))  # strict JSON: a NaN loss is null
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-
-
-class _EpochReporter:
-    """Model callback: after every epoch, a Tune report and a checkpoint."""
-
-    def __init__(self, recommender, state: dict[str, Any]):
-        self.recommender, self.state = recommender, state
-        self.seconds_before, self.started = state["seconds"], time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
-        self.state["seconds"] = self.seconds_before + time.perf_counter() - self.started
-        shown = {tune_metric(k): float(v) for k, v in logs.items() if k in EPOCH_METRICS}
-        _report(self.recommender, self.state, {"epoch": epoch + 1, "done": False, **shown})
-
-
-def train_trial(
-    grid: dict[str, Any],
-    settings: TrialSettings,
-    arrays: dict[str, dict[str, np.ndarray]] | None = None,
-) -> None:
-    """One grid cell: `grid` holds its batch_size and learning_rate; `arrays` the splits from
-    the object store, or None to stream them from the dataset (see TrialData)."""
-    from ray import tune
-
-    for name, value in settings.env.items():
-        os.environ.setdefault(name, value)
-    _configure_tensorflow(settings.cpus)
-    read_before = storage.remote_bytes_read()
-    data = TrialData(settings.data, arrays)
-    # The driver names the vocabulary and dim; a streamed trial can read them itself.
-    vocab = list(settings.vocab) if settings.vocab else data.dataset.vocab
-    n_tags, dim = len(vocab), settings.dim or data.dataset.dim
-    X_val, Y_val = data.validation(n_tags)
-
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        recommender = models.create(settings.model, model_config(grid, settings))
-        state: dict[str, Any] = {"seconds": 0.0, "done": False}
-    else:
-        # A retry or a restored experiment: continue from the last epoch, not from scratch.
-        with checkpoint.as_directory() as folder:
-            with open(os.path.join(folder, CHECKPOINT_STATE)) as f:
-                state = json.load(f)
-            recommender = models.load(os.path.join(folder, CHECKPOINT_MODEL))
-    if recommender.epochs_done < settings.epochs:
-        train = data.train(dim, n_tags)
-        if recommender.streams:
-            X_train, Y_train = train, None
-        else:  # a model that needs every row at once (seed): in memory, whatever the budget
-            X_train, Y_train = _in_memory(train)
-        recommender.fit(
-            X_train,
-            Y_train,
-            X_val,
-            Y_val,
-            callbacks=[_EpochReporter(recommender, state)],
-            vocab=vocab,
-            resume=checkpoint is not None,
-        )
-    del X_val, Y_val
-    state.update(
-        done=True,
-        val=_score_blocks(recommender, data.blocks("val")),
-        test=_score_blocks(recommender, data.blocks("test")),
-    )
-    _report(
-        recommender,
-        state,
-        {
-            "epoch": recommender.epochs_done,
-            "done": True,
-            "val_f1": state["val"].get("f1", math.nan),
-            settings.metric: state["val"].get(_metric_key(settings.metric), math.nan),
-            "test_f1": state["test"].get("f1", math.nan),
-            "seconds": state["seconds"],
-            # Bytes this trial read from remote storage (S3): what a streamed epoch costs.
-            "remote_bytes_read": storage.remote_bytes_read() - read_before,
-        },
-    )
-
-
-# ---------------------------------------------------------------- the driver
 
 
 def _storage_target(out: str) -> tuple[str, Any]:
@@ -532,130 +269,6 @@ def _storage_target(out: str) -> tuple[str, Any]:
     return path, PyFileSystem(FSSpecHandler(fs))
 
 
-REFERENCE_ROWS = 100_000
-
-
-def _first_rows(blocks, n: int):
-    """The blocks cut after their first `n` rows."""
-    for X, indptr, indices in blocks:
-        if n <= 0:
-            return
-        if len(X) > n:
-            X, indptr = X[:n], indptr[: n + 1]
-            indices = indices[: int(indptr[-1])]
-        n -= len(X)
-        yield X, indptr, indices
-
-
-def blocks_of(dataset) -> tuple[int, ...]:
-    """The dims of the embedders a dataset's features concatenate; () for one embedder."""
-    from hashtag.embedders import EmbedderSpec
-
-    return EmbedderSpec.from_json(dataset.embedder).blocks
-
-
-def _chained(data: TrialData, names: tuple[str, ...], order=None):
-    """The blocks of the splits `names`, one split after the other."""
-    for name in names:
-        yield from data.blocks(name, order)
-
-
-def _training_rows(data: TrialData, names: tuple[str, ...], n_tags: int):
-    """(X, Y) in memory of the splits `names`; over the memory budget the first REFERENCE_ROWS
-    of them (a random sample: splits are a hash of the post id)."""
-    from hashtag.dataset import dense_labels
-
-    blocks = _chained(data, names)
-    if data.dataset is not None:
-        blocks = _first_rows(blocks, REFERENCE_ROWS)
-    parts = [(X, dense_labels(indptr, indices, n_tags)) for X, indptr, indices in blocks]
-    return np.concatenate([X for X, _ in parts]), np.concatenate([Y for _, Y in parts])
-
-
-def _candidate_row(label: str, recommender, data: TrialData, started: float) -> ResultRow:
-    return ResultRow(
-        model=label,
-        val=_score_blocks(recommender, data.blocks("val")),
-        test=_score_blocks(recommender, data.blocks("test")),
-        seconds=time.perf_counter() - started,
-    )
-
-
-def fit_references(config: TuneConfig, dataset, data: TrialData) -> tuple[list[ResultRow], dict]:
-    """Popularity, kNN, ridge and kernel ridge in this process: their rows and the fitted models
-    (candidates for the export and parts of the blends). `run` fits each in a Ray task instead
-    (tune_tasks.py), with `fit_reference`."""
-    rows, fitted = [], {}
-    for name in config.references:
-        row, fitted[name] = fit_reference(config, dataset, data, name)
-        rows.append(row)
-    return rows, fitted
-
-
-def fit_reference(config: TuneConfig, dataset, data: TrialData, name: str):
-    """One reference model fitted and scored: (its row, the model). A model that streams
-    (popularity, kNN's faiss index) reads every training row a block at a time; over the memory
-    budget the others train on the first REFERENCE_ROWS training rows."""
-    started = time.perf_counter()
-    recommender = models.create(name, reference_config(name, config.seed, blocks_of(dataset)))
-    X_val, Y_val = data.validation(dataset.vocab_size)
-    if recommender.streams and not recommender.trainable:
-        # Popularity counts labels, kNN adds rows to its faiss index: every training row, a
-        # block at a time.
-        train = models.Blocks(
-            lambda order: data.blocks("train", order, embeddings=recommender.reads_features),
-            data.count("train"),
-            dataset.dim,
-            dataset.vocab_size,
-        )
-        recommender.fit(train, None, X_val, Y_val, vocab=dataset.vocab)
-    else:
-        X_train, Y_train = _training_rows(data, ("train",), dataset.vocab_size)
-        recommender.fit(X_train, Y_train, X_val, Y_val, vocab=dataset.vocab)
-        del X_train, Y_train
-    return _candidate_row(name, recommender, data, started), recommender
-
-
-def _blends(config: TuneConfig, dataset, data: TrialData, candidates: dict[str, Any]):
-    """Every blend of BLENDS whose parts are there, its weights chosen on validation:
-    (rows, {label: blend})."""
-    X_val, Y_val = data.validation(dataset.vocab_size)
-    rows, fitted = [], {}
-    for names in BLENDS if config.blends else ():
-        if not all(name in candidates for name in names):
-            continue
-        started = time.perf_counter()
-        blend = models.Blend.of(
-            [candidates[n] for n in names], X_val, Y_val, metric=config.select_metric
-        )
-        label = f"blend: {blend.label}"
-        if len(blend.parts) < 2 or label in fitted:  # one part won, or a blend seen already
-            continue
-        rows.append(_candidate_row(label, blend, data, started))
-        fitted[label] = blend
-    return rows, fitted
-
-
-def _trial_state(result) -> dict[str, Any] | None:
-    """A trial's last checkpoint, read without loading the model: our bookkeeping plus the
-    model's epochs and per-epoch history (from its manifest). None without a checkpoint."""
-    if result.checkpoint is None:
-        return None
-    with result.checkpoint.as_directory() as folder:
-        state_path = os.path.join(folder, CHECKPOINT_STATE)
-        manifest_path = os.path.join(folder, CHECKPOINT_MODEL, "manifest.json")
-        if not (os.path.exists(state_path) and os.path.exists(manifest_path)):
-            return None
-        with open(state_path) as f:
-            state = json.load(f)
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-    history = manifest.get("history") or {}
-    state["history"] = {k: v for k, v in history.items() if k in EPOCH_METRICS}
-    state["epoch"] = int(manifest.get("epochs_done", 0))
-    return state
-
-
 def _stopped_early(results) -> list[int]:
     """Indices of the trials Tune ended (TERMINATED, no error): with ASHA a trial that ended
     before its last epoch was stopped by the scheduler, not interrupted."""
@@ -663,7 +276,7 @@ def _stopped_early(results) -> list[int]:
         trials = results._experiment_analysis.trials  # the grid's Trial objects, in order
     except AttributeError:  # Tune's internals moved: no trial counts as stopped early
         return []
-    return [i for i, trial in enumerate(trials) if trial.status == "TERMINATED"]
+    return [i for i, ended in enumerate(trials) if ended.status == "TERMINATED"]
 
 
 def _trial_row(config: TuneConfig, result, state: dict[str, Any] | None) -> ResultRow:
@@ -689,200 +302,6 @@ def _trial_row(config: TuneConfig, result, state: dict[str, Any] | None) -> Resu
         epochs=int(state["epoch"]),
         history=state["history"],
     )
-
-
-def export_model(
-    config: TuneConfig,
-    dataset,
-    recommender,
-    row: ResultRow,
-    *,
-    trained_on: tuple[str, ...] = ("train",),
-    selection: dict[str, Any] | None = None,
-    completion=None,
-    data: TrialData | None = None,
-) -> str:
-    """Write the self-contained model folder OUT/model/: the model (a knn or a blend keeps its
-    training embeddings and labels), metadata, and co-occurrence of the labels it learnt from
-    (with `completion`'s weights, a CooccurrenceConfig, when given)."""
-    from hashtag.completion import Cooccurrence
-    from hashtag.dataset import dense_labels
-
-    uri = storage.join(config.out, "model")
-    count = (
-        sum(data.count(name) for name in trained_on)
-        if data is not None
-        else sum(len(dataset.rows(name)) for name in trained_on)
-    )
-    export.write(
-        uri,
-        recommender,
-        selected=row.label,
-        embedder=dataset.embedder,
-        vocab=list(dataset.vocab),
-        decision=asdict(recommender.decision),
-        batch_size=row.batch_size,
-        learning_rate=row.learning_rate,
-        epochs=row.epochs,
-        loss=config.loss,
-        val=row.val,
-        test=row.test,
-        selection=selection or {},
-        trained_on={
-            "data": config.data,
-            "splits": list(trained_on),
-            "count": count,
-            "dim": dataset.dim,
-        },
-    )
-    # From the labels the model learnt from, a block of posts at a time.
-    if data is not None:
-        blocks = (
-            dense_labels(indptr, indices, dataset.vocab_size)
-            for name in trained_on
-            for _, indptr, indices in data.blocks(name, embeddings=False)
-        )
-    else:
-        rows = np.sort(np.concatenate([dataset.rows(name) for name in trained_on]))
-        blocks = label_blocks(dataset, rows)
-    export.write_cooccurrence(uri, Cooccurrence(completion).fit_blocks(blocks))
-    return uri
-
-
-def label_blocks(dataset, rows: np.ndarray, size: int = 8192):
-    """The labels of `rows` as dense bool (b, V) blocks, one in memory at a time."""
-    from hashtag.dataset import csr_rows, dense_labels
-
-    indptr, indices = dataset.labels_csr(rows)
-    for start in range(0, len(indptr) - 1, size):
-        block = np.arange(start, min(start + size, len(indptr) - 1))
-        yield dense_labels(*csr_rows(indptr, indices, block), dataset.vocab_size)
-
-
-def _best_model(config: TuneConfig, results, best: ResultRow):
-    """The best trial's fitted recommender, from its last checkpoint (no retraining)."""
-    for result in results:
-        params = result.config or {}
-        if (params.get("batch_size"), params.get("learning_rate")) == (
-            best.batch_size,
-            best.learning_rate,
-        ) and result.checkpoint is not None:
-            with result.checkpoint.as_directory() as folder:
-                return models.load(os.path.join(folder, CHECKPOINT_MODEL))
-    raise RuntimeError(f"the best trial {best.label} has no checkpoint to export")
-
-
-def _metric(row: ResultRow, metric: str) -> float:
-    value = row.val.get(metric, math.nan)
-    return value if math.isfinite(value) else -math.inf
-
-
-def compete(
-    config: TuneConfig,
-    dataset,
-    data: TrialData,
-    trials: list[ResultRow],
-    trial_model: Any,
-    references: list[ResultRow],
-    fitted: dict[str, Any],
-) -> tuple[list[ResultRow], ResultRow, Any]:
-    """Every candidate on validation by `config.select_metric`, never on test: the finished
-    trials (`trial_model(row)` gives a trial's fitted model), the references (`fitted`) and the
-    blends of BLENDS. Returns (reference and blend rows, the winner's row, its model)."""
-    metric = config.select_metric
-    candidates = dict(fitted)
-    if trials:
-        best_trial = max(trials, key=lambda r: _metric(r, metric))
-        candidates["best"] = candidates[best_trial.label] = trial_model(best_trial)
-    blend_rows, blends = _blends(config, dataset, data, candidates)
-    candidates.update(blends)
-    rows = [*references, *blend_rows]
-    winner = max([*trials, *rows], key=lambda r: _metric(r, metric))
-    return rows, winner, candidates[winner.label]
-
-
-def _refit_on(config: TuneConfig, dataset, data: TrialData, recommender, names):
-    if not recommender.streams:
-        X, Y = _training_rows(data, names, dataset.vocab_size)
-        return models.refit(recommender, X, Y, config.select_metric)
-    rows = sum(data.count(name) for name in names)
-    blocks = models.Blocks(
-        lambda order: _chained(data, names, order),
-        rows,
-        dataset.dim,
-        dataset.vocab_size,
-        array_rows=REFERENCE_ROWS if data.dataset is not None else None,
-    )
-    return models.refit(recommender, blocks, None, config.select_metric)
-
-
-def refit_winner(config: TuneConfig, dataset, data: TrialData, winner: ResultRow, recommender):
-    """The winner retrained per `config.refit` (its epoch count picked on validation). Returns
-    (model to export, the splits it learnt from, a row with the test figures of the train+val
-    refit; None for refit none)."""
-    if config.refit == "none":
-        return recommender, ("train",), None
-    started = time.perf_counter()
-    trained_on = ("train", "val")
-    recommender = _refit_on(config, dataset, data, recommender, trained_on)
-    row = ResultRow(
-        model=f"exported: {winner.label} (refit on train+val)",
-        test=_score_blocks(recommender, data.blocks("test")),
-        epochs=recommender.epochs_done if recommender.trainable else None,
-        seconds=time.perf_counter() - started,
-    )
-    if config.refit == "all":  # for production: the test figures above are already taken
-        trained_on = ("train", "val", "test")
-        recommender = _refit_on(config, dataset, data, recommender, trained_on)
-    return recommender, trained_on, row
-
-
-def _folder_bytes(uri: str) -> int:
-    fs, path = storage.filesystem(uri)
-    return int(sum(fs.du(path, total=False).values()))
-
-
-def _select_and_export(config, dataset, data, finished, results, references, fitted):
-    """compete, refit_winner, export_model. Returns (rows beside the trials, best, model uri,
-    the line to print). `results`: each trial's `config` and last `checkpoint`."""
-    rows, winner, recommender = compete(
-        config,
-        dataset,
-        data,
-        finished,
-        lambda row: _best_model(config, results, row),
-        references,
-        fitted,
-    )
-    metric = config.select_metric
-    recommender, trained_on, refit_row = refit_winner(config, dataset, data, winner, recommender)
-    selection = {
-        "metric": metric,
-        "winner": winner.label,
-        "refit": config.refit,
-        "candidates": {r.label: r.val.get(metric) for r in [*finished, *rows]},
-    }
-    model_uri = export_model(
-        config, dataset, recommender, winner, trained_on=trained_on, selection=selection, data=data
-    )
-    size = _folder_bytes(model_uri)
-    message = (
-        f"selected on validation {metric} {_metric(winner, metric):.4f}: {winner.label}; "
-        f"exported ({recommender.name}, trained on {'+'.join(trained_on)}, {size / 1e6:.1f} MB"
-        f", test {metric} {(refit_row or winner).test.get(metric, math.nan):.4f}) -> {model_uri}"
-    )
-    best = {
-        "model": winner.label,
-        "kind": recommender.name,
-        "batch_size": winner.batch_size,
-        "learning_rate": winner.learning_rate,
-        "val": winner.val,
-        "test": winner.test,
-        "refit_test": refit_row.test if refit_row else {},
-        "trained_on": list(trained_on),
-        "bytes": size,
-    }
-    return rows + ([refit_row] if refit_row else []), best, model_uri, message
 
 
 def _progress_callback(total: int):
@@ -921,12 +340,7 @@ def scheduler_metric(config: TuneConfig) -> str:
     """The Tune metric trials are compared on while they train: validation `select_metric`
     when trials report it every epoch, else validation F1."""
     name = f"val_{config.select_metric}"
-    return tune_metric(name) if name in EPOCH_METRICS else "val_f1"
-
-
-def _metric_key(tune_name: str) -> str:
-    """The scores' key of a Tune metric name: val_f1_at_5 -> f1@5."""
-    return tune_name.removeprefix("val_").replace("_at_", "@")
+    return trial.tune_metric(name) if name in trial.EPOCH_METRICS else "val_f1"
 
 
 def _scheduler(config: TuneConfig):
@@ -959,7 +373,7 @@ def _run_grid(config: TuneConfig, dataset, arrays):
     from hashtag import raycluster
 
     storage_path, filesystem = _storage_target(config.out)
-    settings = TrialSettings(
+    settings = trial.TrialSettings(
         data=data_uri(config),
         model=config.model,
         epochs=config.epochs,
@@ -968,7 +382,7 @@ def _run_grid(config: TuneConfig, dataset, arrays):
         cpus=config.cpus_per_trial,
         dim=dataset.dim,
         vocab=tuple(dataset.vocab),
-        blocks=blocks_of(dataset),
+        blocks=trial.blocks_of(dataset),
         env=raycluster.worker_env().get("env_vars", {}),
         metric=scheduler_metric(config),
         select_metric=config.select_metric,
@@ -980,7 +394,7 @@ def _run_grid(config: TuneConfig, dataset, arrays):
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
     # with_parameters puts the arrays into the object store once; trials get read-only views.
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, settings=settings, arrays=arrays), resources
+        tune.with_parameters(trial.train_trial, settings=settings, arrays=arrays), resources
     )
     name = config.experiment_name(dataset_fingerprint(dataset))
     experiment = f"{storage_path.rstrip('/')}/{name}"
@@ -1077,7 +491,7 @@ def completion_rows(config: TuneConfig, dataset) -> tuple[list[ResultRow], Any]:
     ]
     weighted = max(
         candidates,
-        key=lambda c: _metric(
+        key=lambda c: validation_score(
             ResultRow(
                 model="",
                 val=score_suggestions(counts.with_config(c).scores_given(val_given), val_hidden),
@@ -1093,7 +507,7 @@ def completion_rows(config: TuneConfig, dataset) -> tuple[list[ResultRow], Any]:
         )
     )
     # Plain co-occurrence is a candidate too: the weights must earn their place on validation.
-    plain_wins = _metric(rows[1], metric) >= _metric(rows[2], metric)
+    plain_wins = validation_score(rows[1], metric) >= validation_score(rows[2], metric)
     chosen, winner = (PLAIN, "cooccurrence") if plain_wins else (weighted, "completion")
     rows = [dataclasses.replace(r, selected=r.model == winner) for r in rows]
     return rows, chosen
@@ -1107,7 +521,15 @@ def _run_completion(config: TuneConfig, dataset, started: float) -> TuneResult:
     X_val, Y_val = dataset.part("val")
     recommender = models.create("popularity", models.ModelConfig(seed=config.seed))
     recommender.fit(X_train, Y_train, X_val, Y_val)
-    model_uri = export_model(config, dataset, recommender, best, completion=chosen)
+    model_uri = export_model(
+        dataset,
+        recommender,
+        best,
+        out=config.out,
+        dataset_uri=config.data,
+        loss=config.loss,
+        completion=chosen,
+    )
     paths = write_report(rows, config.out, select_metric=config.select_metric)
     print(decision_markdown(rows, select_metric=config.select_metric), end="")
     weights = ", ".join(f"{k} {v:g}" for k, v in asdict(chosen).items())
@@ -1149,16 +571,16 @@ def near_duplicate_line(dataset) -> str:
     )
 
 
-def _trial_data(config: TuneConfig, dataset) -> TrialData:
+def _trial_data(config: TuneConfig, dataset) -> trial.TrialData:
     """The splits in memory (for the object store) when they fit the budget, else streamed."""
     from hashtag.dataset import SPLITS
 
     needed, budget = sum(dataset.split_bytes(s) for s in SPLITS), memory_budget_bytes(config)
     if needed <= budget:
         log.info("the splits (%.2f GB) fit the budget: trials share them", needed / 2**30)
-        return TrialData(config.data, {s: split_arrays(dataset, s) for s in SPLITS})
+        return trial.TrialData(config.data, {s: trial.split_arrays(dataset, s) for s in SPLITS})
     log.info("the splits (%.2f GB) exceed the budget: trials stream them", needed / 2**30)
-    return TrialData(config.data, None)
+    return trial.TrialData(config.data, None)
 
 
 def run(config: TuneConfig) -> TuneResult:
@@ -1187,7 +609,7 @@ def run(config: TuneConfig) -> TuneResult:
     arrays = tune_tasks.put_splits(config, dataset)
     reference_refs = tune_tasks.submit_references(config, arrays)
     results, experiment = _run_grid(grid_config, dataset, arrays)
-    states = [_trial_state(result) for result in results]
+    states = [trial.checkpoint_state(result.checkpoint) for result in results]
     stopped = [
         i for i in _stopped_early(results) if states[i] is not None and not states[i].get("done")
     ]
@@ -1221,7 +643,7 @@ def run(config: TuneConfig) -> TuneResult:
         for result in results
     ]
     others, best, model_uri, message = tune_tasks.select_and_export(
-        config, arrays, finished, checkpoints, references, fitted_refs
+        config, config.selection(), arrays, finished, checkpoints, references, fitted_refs
     )
     print(message)
     rows = [dataclasses.replace(r, selected=r.label == best["model"]) for r in trials + others]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from hashtag import raycluster, tune
+from hashtag import raycluster, selection, trial, tune
 from hashtag.dataset import SPLITS
 
 
@@ -65,7 +65,7 @@ def put_splits(config: tune.TuneConfig, dataset) -> dict[str, list] | None:
     tune.log.info("the splits (%.2f GB) fit the budget: in the object store", needed / 2**30)
     task = ray.remote(_split_pieces).options(num_returns="streaming", **options(config))
     generators = {
-        name: task.remote(tune.data_uri(config), name, tune.BLOCK_ROWS) for name in SPLITS
+        name: task.remote(tune.data_uri(config), name, trial.BLOCK_ROWS) for name in SPLITS
     }
     return {name: list(generator) for name, generator in generators.items()}
 
@@ -74,7 +74,8 @@ def _reference(config: tune.TuneConfig, arrays, name: str):
     from hashtag.dataset import Dataset
 
     dataset = Dataset.load(tune.data_uri(config))
-    return tune.fit_reference(config, dataset, tune.TrialData(tune.data_uri(config), arrays), name)
+    data = trial.TrialData(tune.data_uri(config), arrays)
+    return selection.fit_reference(dataset, data, name, seed=config.seed)
 
 
 def submit_references(config: tune.TuneConfig, arrays) -> dict[str, tuple[Any, Any]]:
@@ -86,14 +87,11 @@ def submit_references(config: tune.TuneConfig, arrays) -> dict[str, tuple[Any, A
 
 
 def _score_checkpoint(config: tune.TuneConfig, arrays, checkpoint) -> dict[str, Any]:
-    from hashtag import models
-
-    data = tune.TrialData(tune.data_uri(config), arrays)
-    with checkpoint.as_directory() as folder:
-        recommender = models.load(f"{folder}/{tune.CHECKPOINT_MODEL}")
+    data = trial.TrialData(tune.data_uri(config), arrays)
+    recommender = trial.checkpoint_model(checkpoint)
     return {
-        "val": tune._score_blocks(recommender, data.blocks("val")),
-        "test": tune._score_blocks(recommender, data.blocks("test")),
+        "val": trial.score_blocks(recommender, data.blocks("val")),
+        "test": trial.score_blocks(recommender, data.blocks("test")),
     }
 
 
@@ -105,24 +103,39 @@ def score_checkpoints(config: tune.TuneConfig, arrays, checkpoints: list) -> lis
     return ray.get([task.remote(config, arrays, checkpoint) for checkpoint in checkpoints])
 
 
-def _select_and_export(config, arrays, finished, checkpoints, references, fitted):
+def _select_and_export(settings, data_uri, arrays, finished, checkpoints, references, fitted):
     import ray
 
     from hashtag.dataset import Dataset
 
-    dataset = Dataset.load(tune.data_uri(config))
-    data = tune.TrialData(tune.data_uri(config), arrays)
+    dataset = Dataset.load(data_uri)
+    data = trial.TrialData(data_uri, arrays)
     fitted = dict(zip(fitted, ray.get(list(fitted.values())), strict=True))
-    return tune._select_and_export(config, dataset, data, finished, checkpoints, references, fitted)
+    return selection.select_and_export(
+        settings, dataset, data, finished, checkpoints, references, fitted
+    )
 
 
-def select_and_export(config, arrays, finished, checkpoints, references, fitted_refs):
-    """tune._select_and_export in a task with the trials' resources (the refit trains like a
-    trial: on a GPU node when trials use GPUs). Returns (rows, best, model uri, message)."""
+def select_and_export(
+    config: tune.TuneConfig,
+    settings: selection.SelectionSettings,
+    arrays,
+    finished,
+    checkpoints,
+    references,
+    fitted_refs,
+):
+    """selection.select_and_export in a task with the trials' resources (`config`: the refit
+    trains like a trial, on a GPU node when trials use GPUs). Returns (rows, best, model uri,
+    message)."""
     import ray
 
     task = ray.remote(_select_and_export).options(
         **options(config, cpus=config.cpus_per_trial, gpus=config.gpus_per_trial)
     )
     # The fitted references travel as ObjectRefs inside a dict: resolved in the task, never here.
-    return ray.get(task.remote(config, arrays, finished, checkpoints, references, fitted_refs))
+    return ray.get(
+        task.remote(
+            settings, tune.data_uri(config), arrays, finished, checkpoints, references, fitted_refs
+        )
+    )

@@ -85,7 +85,7 @@ def two_runs(tmp_path_factory):
     """Two datasets of different runs and a model exported from the first (no Ray)."""
     from test_tune import write_dataset
 
-    from hashtag import models, tune
+    from hashtag import models, selection
     from hashtag.report import ResultRow
 
     root = tmp_path_factory.mktemp("runs")
@@ -93,8 +93,10 @@ def two_runs(tmp_path_factory):
     write_dataset(str(root / "two"), tags=6, seed=1)
     X, Y = first.part("train")
     knn = models.create("knn").fit(X, Y, *first.part("val"), vocab=first.vocab)
-    config = tune.TuneConfig(data=str(root / "one"), out=str(root / "tune"))
-    model = tune.export_model(config, first, knn, ResultRow(model="knn"))
+    model = selection.export_model(
+        first, knn, ResultRow(model="knn"), out=str(root / "tune"),
+        dataset_uri=str(root / "one"), loss="sigmoid",
+    )  # fmt: skip
     return root, model
 
 

@@ -10,7 +10,7 @@ import shutil
 import pytest
 from test_tune import CLASSIC_SPEC, write_dataset
 
-from hashtag import artifacts, export, models, recommend, tune
+from hashtag import artifacts, export, models, recommend, selection
 from hashtag.errors import ArtifactError
 from hashtag.report import ResultRow
 
@@ -21,8 +21,14 @@ def exported(tmp_path_factory) -> str:
     data = str(root / "data")
     dataset = write_dataset(data, posts=120, dim=8, tags=5, embedder=CLASSIC_SPEC)
     knn = models.create("knn", models.ModelConfig()).fit(*dataset.part("train"))
-    config = tune.TuneConfig(data=data, out=str(root / "tune"))
-    return tune.export_model(config, dataset, knn, ResultRow(model="knn"))
+    return selection.export_model(
+        dataset,
+        knn,
+        ResultRow(model="knn"),
+        out=str(root / "tune"),
+        dataset_uri=data,
+        loss="sigmoid",
+    )
 
 
 def _copy_with(exported: str, tmp_path, **changes) -> str:

@@ -597,15 +597,21 @@ def _export_with_embedder(root, embedder_spec: dict, dim: int) -> str:
     """A kNN model exported the way tune exports it, on a dataset made with `embedder_spec`."""
     from test_tune import write_dataset
 
-    from hashtag import models, tune
+    from hashtag import models, selection
     from hashtag.report import ResultRow
 
     data = str(root / "data")
     dataset = write_dataset(data, posts=120, dim=dim, tags=6, embedder=embedder_spec)
     X, Y = dataset.part("train")
     knn = models.create("knn", models.ModelConfig()).fit(X, Y, *dataset.part("val"))
-    config = tune.TuneConfig(data=data, out=str(root / "tune"))
-    return tune.export_model(config, dataset, knn, ResultRow(model="knn"))
+    return selection.export_model(
+        dataset,
+        knn,
+        ResultRow(model="knn"),
+        out=str(root / "tune"),
+        dataset_uri=data,
+        loss="sigmoid",
+    )
 
 
 def test_a_model_folder_cannot_make_recommend_read_or_fetch_a_location(tmp_path, raw_server):

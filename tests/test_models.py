@@ -149,7 +149,7 @@ def test_kernel_ridge_is_exact_up_to_its_landmarks_then_nystroem(data, popularit
     )
     assert len(chosen.landmarks) == 200 and chosen.penalty in models.KERNEL_LAMBDAS
     assert chosen.score(*data["test"])["f1@5"] > popularity_score["f1@5"]
-    refit = models.refit(chosen, *data["val"])
+    refit = chosen.refit(*data["val"])
     assert refit.penalty == chosen.penalty and refit.config.kernel_lambda == chosen.penalty
     with pytest.raises(ValueError, match="kernel_temperature"):
         ModelConfig(kernel_temperature=0)

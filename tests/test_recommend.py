@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_tune import CLASSIC_SPEC, write_dataset
 
-from hashtag import models, recommend, storage, tune
+from hashtag import models, recommend, selection, storage
 from hashtag.errors import ArtifactError
 from hashtag.recommend import EvaluateConfig, RecommendConfig
 from hashtag.report import ResultRow
@@ -29,9 +29,10 @@ def exported(tmp_path_factory) -> str:
     X, Y = dataset.part("train")
     X_val, Y_val = dataset.part("val")
     knn = models.create("knn", models.ModelConfig()).fit(X, Y, X_val, Y_val, vocab=dataset.vocab)
-    config = tune.TuneConfig(data=data, out=str(root / "tune"))
     row = ResultRow(model="knn", val=knn.score(X_val, Y_val))
-    return tune.export_model(config, dataset, knn, row)
+    return selection.export_model(
+        dataset, knn, row, out=str(root / "tune"), dataset_uri=data, loss="sigmoid"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The exported model is the best row of its own table: selection over trials, references and
 blends on validation; the refit on train + validation; blends and feature ensembles through
 export and load; EmbedderSpec; merge refuses mixed embedder sets. No Ray: these are the
-functions `tune.run` calls after the grid."""
+functions `tune.run` calls after the grid (selection.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from conftest import missing
 from test_merge import write as write_shard
 from test_tune import write_dataset
 
-from hashtag import embedders, merge, models, recommend, tune
+from hashtag import embedders, merge, models, recommend, selection, trial, tune
 from hashtag.dataset import Dataset, DatasetWriter, csr_from_lists
 from hashtag.embedders import EmbedderSpec
 from hashtag.errors import ArtifactError, UserError
@@ -48,18 +48,24 @@ def weak_trial(dataset):
 def test_selection_exports_a_better_non_mlp_winner(tmp_path, dataset, weak_trial):
     row, mlp = weak_trial
     config = tune.TuneConfig(data=dataset.uri, out=str(tmp_path / "out"), refit="none")
+    settings = config.selection()
     data = tune._trial_data(config, dataset)
-    references, fitted = tune.fit_references(config, dataset, data)
-    rows, winner, chosen = tune.compete(
-        config, dataset, data, [row], lambda r: mlp, references, fitted
+    references, fitted = selection.fit_references(
+        dataset, data, config.references, seed=config.seed
     )
+    rows, winner, chosen = selection.compete(
+        dataset, data, [row], lambda r: mlp, references, fitted,
+        metric=settings.metric, blends=settings.blends,
+    )  # fmt: skip
     labels = [r.label for r in rows]
     assert {"popularity", "knn", "ridge", "kernel"} <= set(labels)
     # A blend whose best weights leave one part is that part's row already: not repeated.
-    assert 1 <= sum(label.startswith("blend: ") for label in labels) <= len(tune.BLENDS)
+    assert 1 <= sum(label.startswith("blend: ") for label in labels) <= len(selection.BLENDS)
     assert winner.val["f1@5"] == max(r.val["f1@5"] for r in [row, *rows])  # on validation
     assert winner.val["f1@5"] > row.val["f1@5"] and chosen is not mlp
-    uri = tune.export_model(config, dataset, chosen, winner)
+    uri = selection.export_model(
+        dataset, chosen, winner, out=settings.out, dataset_uri=settings.data, loss=settings.loss
+    )
     exported = recommend.ExportedModel(uri)
     assert exported.metadata["selected"] == winner.label
     assert exported.recommender.name == chosen.name != "mlp"
@@ -73,13 +79,15 @@ def test_refit_learns_from_train_and_validation(tmp_path, dataset, weak_trial, n
     if name == "mlp":
         row, model = weak_trial
     else:
-        model = models.create(name, tune.reference_config(name, 0))
+        model = models.create(name, selection.reference_config(name, 0))
         model.fit(*dataset.part("train"), *dataset.part("val"), vocab=dataset.vocab)
         row = _row(model, dataset, model=name)
     for mode, seen in [("train+val", ("train", "val")), ("all", ("train", "val", "test"))]:
         config = tune.TuneConfig(data=dataset.uri, out=str(tmp_path / mode), refit=mode)
         data = tune._trial_data(config, dataset)
-        refit, trained_on, refit_row = tune.refit_winner(config, dataset, data, row, model)
+        refit, trained_on, refit_row = selection.refit_winner(
+            dataset, data, row, model, refit=config.refit, metric=config.select_metric
+        )
         assert trained_on == seen and refit is not model
         assert refit.decision == model.decision  # chosen on validation, kept
         assert set(refit_row.test) >= {"f1@5", "f1@10"} and refit_row.label.startswith("exported")
@@ -88,9 +96,13 @@ def test_refit_learns_from_train_and_validation(tmp_path, dataset, weak_trial, n
         if name in ("ridge", "kernel"):  # the penalty chosen on validation stays
             assert refit.penalty == model.penalty
         if name == "mlp":  # epochs picked on validation; no validation data in the refit
-            assert refit.epochs_done == models.best_epoch(model) and "val_f1" not in refit.history
+            assert refit.epochs_done == model.best_epoch() and "val_f1" not in refit.history
     none = tune.TuneConfig(data=dataset.uri, out=str(tmp_path / "none"), refit="none")
-    assert tune.refit_winner(none, dataset, data, row, model) == (model, ("train",), None)
+    assert selection.refit_winner(dataset, data, row, model, refit=none.refit) == (
+        model,
+        ("train",),
+        None,
+    )
 
 
 def test_blend_of_ensemble_features_round_trips(tmp_path, dataset):
@@ -98,7 +110,7 @@ def test_blend_of_ensemble_features_round_trips(tmp_path, dataset):
     blocks = (10, 6)  # as if two embedders of dims 10 and 6 made the 16-d features
     parts = []
     for name in ("ridge", "knn"):
-        part = models.create(name, tune.reference_config(name, 0, blocks))
+        part = models.create(name, selection.reference_config(name, 0, blocks))
         parts.append(part.fit(*dataset.part("train"), *dataset.part("val"), vocab=dataset.vocab))
     assert parts[0].feature_mean.shape == (16,)
     blend = models.Blend.of(parts, *dataset.part("val"))
@@ -111,7 +123,7 @@ def test_blend_of_ensemble_features_round_trips(tmp_path, dataset):
     np.testing.assert_allclose(loaded.predict_scores(X_test), blend.predict_scores(X_test))
     np.testing.assert_array_equal(loaded.parts[0].feature_mean, parts[0].feature_mean)
     X, Y = (np.concatenate(a) for a in zip(dataset.part("train"), dataset.part("val"), strict=True))
-    refit = models.refit(loaded, X, Y)
+    refit = loaded.refit(X, Y)
     assert refit.parts[1].rows == len(X)
     shutil.rmtree(tmp_path / "blend" / "part-1")  # a blend with a part missing is refused
     with pytest.raises(ArtifactError, match="2 blend weights for 1 parts"):
@@ -180,7 +192,7 @@ def test_a_two_embedder_export_recommends_on_new_photos(tmp_path, shared_dir):
         writer.finish(vocab=vocab, tag_counts=Y.sum(0).tolist(), embedder=spec.to_json())
     dataset = Dataset.load(str(tmp_path / "d"))
     parts = [
-        models.create(n, tune.reference_config(n, 0, tune.blocks_of(dataset))).fit(
+        models.create(n, selection.reference_config(n, 0, trial.blocks_of(dataset))).fit(
             X[:30], Y[:30], vocab=vocab
         )
         for n in ("ridge", "knn")
@@ -188,8 +200,10 @@ def test_a_two_embedder_export_recommends_on_new_photos(tmp_path, shared_dir):
     blend = models.Blend.of(parts, X[30:40], Y[30:40])
     if len(blend.parts) < 2:  # validation gave one part all the weight: that part is the model
         blend = blend.parts[0]
-    config = tune.TuneConfig(data=dataset.uri, out=str(tmp_path / "tune"))
-    uri = tune.export_model(config, dataset, blend, ResultRow(model=models.describe(blend)))
+    uri = selection.export_model(
+        dataset, blend, ResultRow(model=blend.describe()),
+        out=str(tmp_path / "tune"), dataset_uri=dataset.uri, loss="sigmoid",
+    )  # fmt: skip
     manifest = json.loads((tmp_path / "tune" / "model" / "manifest.json").read_text())
     assert manifest["extra"]["embedder"]["parts"][1]["dim"] == 1024
     new = [p.image for p in posts[40:44]]  # never in the training rows

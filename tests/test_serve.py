@@ -25,7 +25,7 @@ import pytest
 import requests
 from test_tune import CLASSIC_SPEC, write_dataset
 
-from hashtag import models, storage, tune
+from hashtag import models, selection, storage
 from hashtag.report import ResultRow
 
 pytestmark = pytest.mark.slow  # one Serve start (~15-30 s on a loaded machine) for the module
@@ -47,9 +47,9 @@ def exported(tmp_path_factory) -> str:
     X, Y = dataset.part("train")
     X_val, Y_val = dataset.part("val")
     knn = models.create("knn", models.ModelConfig()).fit(X, Y, X_val, Y_val, vocab=dataset.vocab)
-    config = tune.TuneConfig(data=data, out=str(root / "tune"))
-    return tune.export_model(
-        config, dataset, knn, ResultRow(model="knn", val=knn.score(X_val, Y_val))
+    row = ResultRow(model="knn", val=knn.score(X_val, Y_val))
+    return selection.export_model(
+        dataset, knn, row, out=str(root / "tune"), dataset_uri=data, loss="sigmoid"
     )
 
 

@@ -20,7 +20,7 @@ import yaml
 from cluster_util import RAY, RayCluster, free_port
 from test_tune import CLASSIC_SPEC, write_dataset
 
-from hashtag import models, tune
+from hashtag import models, selection
 from hashtag.report import ResultRow
 
 pytestmark = pytest.mark.cluster
@@ -35,9 +35,10 @@ def export(root: Path, seed: int) -> str:
     X, Y = dataset.part("train")
     X_val, Y_val = dataset.part("val")
     knn = models.create("knn", models.ModelConfig()).fit(X, Y, X_val, Y_val, vocab=dataset.vocab)
-    config = tune.TuneConfig(data=data, out=str(root / f"tune{seed}"))
     row = ResultRow(model="knn", val=knn.score(X_val, Y_val))
-    return tune.export_model(config, dataset, knn, row)
+    return selection.export_model(
+        dataset, knn, row, out=str(root / f"tune{seed}"), dataset_uri=data, loss="sigmoid"
+    )
 
 
 def serve_config(model: str, token_file: Path, port: int) -> dict:

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from hashtag import export, models, storage, tune
+from hashtag import export, models, selection, storage, trial, tune
 from hashtag.completion import Cooccurrence
 from hashtag.dataset import Dataset, DatasetWriter, csr_from_lists
 
@@ -97,8 +97,8 @@ def test_trial_checkpoints_every_epoch_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(ray_tune, "report", fake_report)
     monkeypatch.setattr(ray_tune, "get_checkpoint", lambda: resume_from[0])
     grid = {"batch_size": 16, "learning_rate": 1e-2}
-    settings = tune.TrialSettings(data=data, model="mlp", epochs=3, loss="sigmoid", seed=0, cpus=1)
-    tune.train_trial(grid, settings)
+    settings = trial.TrialSettings(data=data, model="mlp", epochs=3, loss="sigmoid", seed=0, cpus=1)
+    trial.train_trial(grid, settings)
     assert [m["epoch"] for m, _ in reports] == [1, 2, 3, 3]
     assert [m["done"] for m, _ in reports] == [False, False, False, True]
     final = reports[-1][0]
@@ -107,13 +107,13 @@ def test_trial_checkpoints_every_epoch_and_resumes(tmp_path, monkeypatch):
     # Interrupted after epoch 1: the retry continues with epochs 2 and 3 only.
     reports_before = len(reports)
     resume_from[0] = ray_tune.Checkpoint.from_directory(reports[0][1])
-    tune.train_trial(grid, settings)
+    trial.train_trial(grid, settings)
     resumed = reports[reports_before:]
     assert [m["epoch"] for m, _ in resumed] == [2, 3, 3]
-    with open(os.path.join(resumed[-1][1], tune.CHECKPOINT_STATE)) as f:
+    with open(os.path.join(resumed[-1][1], trial.CHECKPOINT_STATE)) as f:
         state = json.load(f)
     assert state["done"] and set(state["test"]) >= {"f1", "precision", "recall", "f1@5"}
-    model = models.load(os.path.join(resumed[-1][1], tune.CHECKPOINT_MODEL))
+    model = models.load(os.path.join(resumed[-1][1], trial.CHECKPOINT_MODEL))
     assert model.epochs_done == 3 and len(model.history["val_f1"]) == 3
 
 
@@ -224,7 +224,7 @@ def test_a_failed_trial_is_a_row_with_its_error(tmp_path):
         checkpoint=None,
         path="/x/train_trial_00001",
     )
-    row = tune._trial_row(config, result, tune._trial_state(result))
+    row = tune._trial_row(config, result, trial.checkpoint_state(result.checkpoint))
     assert (row.batch_size, row.learning_rate) == (64, 1e-3)
     assert row.status == "error: ValueError: out of memory" and not row.test
 
@@ -291,15 +291,15 @@ def test_streamed_trial_learns_what_the_in_memory_trial_learns(tmp_path, monkeyp
     monkeypatch.setattr(ray_tune, "get_checkpoint", lambda: None)
     monkeypatch.setattr(ray_tune, "report", lambda metrics, checkpoint=None: finals.append(metrics))
     grid = {"batch_size": 16, "learning_rate": 1e-2}
-    settings = tune.TrialSettings(
+    settings = trial.TrialSettings(
         data=data, model="mlp", epochs=4, loss="sigmoid", seed=0, cpus=1,
         dim=dataset.dim, vocab=tuple(dataset.vocab),
     )  # fmt: skip
-    arrays = {name: tune.split_arrays(dataset, name) for name in ("train", "val", "test")}
-    tune.train_trial(grid, settings, arrays)
-    monkeypatch.setattr(tune, "BLOCK_ROWS", 50)  # several blocks per split
-    monkeypatch.setattr(tune, "VAL_SAMPLE", 60)  # per-epoch validation on a sample
-    tune.train_trial(grid, settings, None)
+    arrays = {name: trial.split_arrays(dataset, name) for name in ("train", "val", "test")}
+    trial.train_trial(grid, settings, arrays)
+    monkeypatch.setattr(trial, "BLOCK_ROWS", 50)  # several blocks per split
+    monkeypatch.setattr(trial, "VAL_SAMPLE", 60)  # per-epoch validation on a sample
+    trial.train_trial(grid, settings, None)
     in_memory, streamed = [m for m in finals if m["done"]]
     assert in_memory["val_f1"] > 0.5 and abs(in_memory["test_f1"] - streamed["test_f1"]) < 0.06
 
@@ -319,7 +319,9 @@ def test_asha_and_the_work_runs_in_tasks_not_in_the_driver(tmp_path, local_ray, 
         learning_rates=(3e-2, 1e-7, 1e-8), epochs=4, cpus_per_trial=2,
         references=("popularity", "knn"), scheduler="asha",
     )  # fmt: skip
-    expected, _ = tune.fit_references(config, dataset, tune._trial_data(config, dataset))
+    expected, _ = selection.fit_references(
+        dataset, tune._trial_data(config, dataset), config.references, seed=config.seed
+    )
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the driver read rows of the dataset")
@@ -430,7 +432,7 @@ def test_over_the_memory_budget_with_another_select_metric(tmp_path, local_ray, 
 
     # The knn reference learnt from every training row, streamed, as if it held them all.
     X_train, Y_train = dataset.part("train")
-    whole = models.create("knn", tune.reference_config("knn", config.seed))
+    whole = models.create("knn", selection.reference_config("knn", config.seed))
     whole.fit(X_train, Y_train, *dataset.part("val"), vocab=dataset.vocab)
     knn = next(r for r in summary["references"] if r["model"] == "knn")
     assert knn["val"]["map"] == pytest.approx(whole.score(*dataset.part("val"))["map"], abs=1e-6)
@@ -458,23 +460,23 @@ def test_failed_trials_exit_1_and_a_rerun_retries_them(tmp_path, local_ray, monk
     failing trial itself and the run succeeds."""
     data = str(tmp_path / "data")
     write_dataset(data, posts=120)
-    original = tune.train_trial
+    original = trial.train_trial
 
     def flaky(marker: str):
-        def trial(grid, settings, arrays=None):
+        def flaky_trial(grid, settings, arrays=None):
             # Pickled by value into the trial actors: fails the first time it runs bs 16.
             if grid["batch_size"] == 16 and not os.path.exists(marker):
                 open(marker, "w").close()
                 raise RuntimeError("planted failure")
             return original(grid, settings, arrays)
 
-        return trial
+        return flaky_trial
 
     settings = dict(
         data=data, batch_sizes=(16, 32), learning_rates=(1e-2,), epochs=1,
         references=("popularity",), blends=False,
     )  # fmt: skip
-    monkeypatch.setattr(tune, "train_trial", flaky(str(tmp_path / "failed-once")))
+    monkeypatch.setattr(trial, "train_trial", flaky(str(tmp_path / "failed-once")))
     config = tune.TuneConfig(out=str(tmp_path / "out"), max_failures=0, **settings)
     first = tune.run(config)
     assert first["failed"] == ["mlp bs=16 lr=0.01"] and first.exit_code == 1
@@ -486,7 +488,7 @@ def test_failed_trials_exit_1_and_a_rerun_retries_them(tmp_path, local_ray, monk
     assert [t["status"] for t in again["trials"]] == ["ok", "ok"]
     assert next(t["seconds"] for t in again["trials"] if t["batch_size"] == 32) == seconds_32
 
-    monkeypatch.setattr(tune, "train_trial", flaky(str(tmp_path / "failed-once-2")))
+    monkeypatch.setattr(trial, "train_trial", flaky(str(tmp_path / "failed-once-2")))
     retried = tune.run(tune.TuneConfig(out=str(tmp_path / "out2"), max_failures=1, **settings))
     assert not retried["failed"] and retried.exit_code == 0
     assert (tmp_path / "failed-once-2").exists()  # it did fail once

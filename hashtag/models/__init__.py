@@ -73,7 +73,7 @@ from hashtag.models.base import (
     nearest_neighbours,
     register,
 )
-from hashtag.models.blend import Blend, _simplex, best_epoch, describe, refit
+from hashtag.models.blend import Blend, _simplex
 from hashtag.models.closed_form import (
     Kernel,
     Knn,
@@ -127,9 +127,6 @@ __all__ = [
     "_sparse_votes",
     "Blend",
     "_simplex",
-    "best_epoch",
-    "describe",
-    "refit",
     "Mlp",
     "Seed",
     "_KerasTrained",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -469,11 +469,42 @@ class Recommender:
     def _fit(self, X, Y, X_val, Y_val, callbacks) -> None:
         raise NotImplementedError
 
-    # -- prediction
+    def describe(self) -> str:
+        """A short name: "knn", "mlp bs=64 lr=0.001" (a blend: "0.5 ridge + 0.5 knn")."""
+        if self.trainable:
+            return f"{self.name} bs={self.config.batch_size} lr={self.config.learning_rate:g}"
+        return self.name
+
+    # -- refit: the chosen model trained again on more data
+
+    def best_epoch(self, metric: str = SELECT_METRIC) -> int:
+        """The epoch count with the best validation `metric` in the history (all of them when
+        there is none)."""
+        values = self.history.get(f"val_{metric}") or []
+        return int(np.argmax(values)) + 1 if values else max(1, self.epochs_done)
+
+    def refit(self, X: np.ndarray | Blocks, Y: np.ndarray | None, metric: str = SELECT_METRIC):
+        """A new model of this kind and settings trained on (X, Y) - e.g. train + validation -
+        for the epoch count this one reached its best validation `metric` at, keeping the
+        decision rule chosen on validation (there is no held-out data left to choose it on)."""
+        fresh = self._unfitted_copy(metric)
+        fresh.fit(X, Y, vocab=self.vocab)
+        fresh.decision = self.decision
+        return fresh
+
+    def _unfitted_copy(self, metric: str) -> Recommender:
+        """What `refit` trains: a model of this kind on `_refit_config`, trainable ones for
+        `best_epoch(metric)` epochs."""
+        config = self._refit_config()
+        if self.trainable:
+            config = replace(config, epochs=self.best_epoch(metric))
+        return create(self.name, config)
 
     def _refit_config(self) -> ModelConfig:
         """The settings a refit trains with: what was chosen on validation stays chosen."""
         return self.config
+
+    # -- prediction
 
     def _check_fitted(self) -> None:
         if self.n_tags is None:

@@ -1,12 +1,11 @@
-"""`blend`: a weighted sum of other models' scores, weights chosen on validation; and what
-works on any model: `describe`, `best_epoch`, `refit`."""
+"""`blend`: a weighted sum of other models' scores, weights chosen on validation. What it
+does differently from other models (its name, what a refit keeps) it overrides."""
 
 from __future__ import annotations
 
 import functools
 import itertools
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 
@@ -17,7 +16,6 @@ from hashtag.models.base import (
     Blocks,
     ModelConfig,
     Recommender,
-    create,
     load,
     metric_value,
     register,
@@ -71,11 +69,11 @@ class Blend(Recommender):
         if not self.parts:
             raise ValueError("create a blend with Blend.of(fitted models, X_val, Y_val)")
         if not isinstance(X, Blocks):
-            self.parts = [refit(part, X, Y) for part in self.parts]
+            self.parts = [part.refit(X, Y) for part in self.parts]
             return
         arrays = functools.cache(X.in_memory)  # read once, for every part that needs arrays
         self.parts = [
-            refit(part, X, None) if part.streams else refit(part, *arrays()) for part in self.parts
+            part.refit(X, None) if part.streams else part.refit(*arrays()) for part in self.parts
         ]
 
     def _scores(self, X: np.ndarray) -> np.ndarray:
@@ -105,11 +103,17 @@ class Blend(Recommender):
         if len(self.parts) < 2 or len(self.weights) != len(self.parts):
             raise ValueError(f"{len(self.weights)} blend weights for {len(self.parts)} parts")
 
-    @property
-    def label(self) -> str:
+    def describe(self) -> str:
         return " + ".join(
-            f"{w:.1f} {describe(p)}" for w, p in zip(self.weights, self.parts, strict=True)
+            f"{w:.1f} {p.describe()}" for w, p in zip(self.weights, self.parts, strict=True)
         )
+
+    def _unfitted_copy(self, metric: str) -> Blend:
+        """A refit keeps the parts' kinds and the weights chosen on validation; `fit` refits
+        each part."""
+        fresh = Blend(self.config)
+        fresh.parts, fresh.weights = self.parts, self.weights
+        return fresh
 
 
 def _simplex(n: int, steps: int) -> list[np.ndarray]:
@@ -119,36 +123,3 @@ def _simplex(n: int, steps: int) -> list[np.ndarray]:
         for head in itertools.product(range(steps + 1), repeat=n - 1)
         if sum(head) <= steps
     ]
-
-
-def describe(model: Recommender) -> str:
-    """A short name: "knn", "mlp bs=64 lr=0.001", "0.5 ridge + 0.5 knn"."""
-    if isinstance(model, Blend):
-        return model.label
-    if model.trainable:
-        return f"{model.name} bs={model.config.batch_size} lr={model.config.learning_rate:g}"
-    return model.name
-
-
-def best_epoch(model: Recommender, metric: str = SELECT_METRIC) -> int:
-    """The epoch count with the best validation `metric` in the model's history (all of them
-    when it has none)."""
-    values = model.history.get(f"val_{metric}") or []
-    return int(np.argmax(values)) + 1 if values else max(1, model.epochs_done)
-
-
-def refit(model: Recommender, X: np.ndarray, Y: np.ndarray, metric: str = SELECT_METRIC):
-    """A new model of `model`'s kind and settings trained on (X, Y) - e.g. train + validation -
-    for the epoch count `model` reached its best validation `metric` at, keeping the decision
-    rule chosen on validation (there is no held-out data left to choose it on)."""
-    if isinstance(model, Blend):
-        fresh = Blend(model.config)
-        fresh.parts, fresh.weights = model.parts, model.weights
-    else:
-        config = model._refit_config()
-        if model.trainable:
-            config = replace(config, epochs=best_epoch(model, metric))
-        fresh = create(model.name, config)
-    fresh.fit(X, Y, vocab=model.vocab)
-    fresh.decision = model.decision
-    return fresh
