@@ -15,7 +15,6 @@ co-occurrence model fitted on the labels it learnt from (OUT/model/cooccurrence/
 
 Outputs under OUT:
     ray/grid-HASH/     Tune's experiment (trial checkpoints; what a rerun restores)
-    references.json    the reference models' scores (reused by a rerun)
     results.csv/.md    every metric of every trial and reference, lift over popularity
     heatmap.png        the selection metric over batch size x learning rate (the exported trial
                        outlined);  curves.png: per-epoch curves
