@@ -260,7 +260,7 @@ def test_pipeline_config_sections_flags_and_yaml(tmp_path):
     cli.add_config_arguments(parser, PipelineConfig)
     args = parser.parse_args(["--config", str(path), "--tune.epochs", "4", "--max-in-flight", "2"])
     config = cli.config_from_args(PipelineConfig, args)
-    assert (config.scrape.max_retries, config.scrape.fetch_retries) == (5, 1)
+    assert (config.scrape.max_retries, config.scrape.fetch.retries) == (5, 1)
     assert config.scrape.max_in_flight == 2 and config.scrape.out == "s3://bucket/run"
     assert config.scrape.source == "posts.jsonl" and config.merge.shards == "s3://bucket/run"
     assert (config.merge.val_fraction, config.merge.seed) == (0.2, "abc")
