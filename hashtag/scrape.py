@@ -33,7 +33,7 @@ SUMMARY = "scrape.json"
 LOOKED_FOR = {
     "manifest": "rows with an `image` field (JSON Lines or CSV)",
     "instaloader": "instaloader posts (<date>_UTC.jpg with its .txt caption), searched recursively",
-    "seed": "rows of the *_csvs.npy files",
+    "legacy-npy": "rows of the *_csvs.npy files",
 }
 
 
