@@ -29,7 +29,10 @@ MAX_TAGS = 10_000_000  # more tags, or wider embeddings, are a tampered manifest
 MAX_DIM = 1 << 16
 
 
-TRAINABLE = {"seed", "mlp"}
+TRAINABLE = {"factorisation", "mlp"}
+# Old names of registered models, still accepted by `create` and `load` (saved models, Tune
+# checkpoints and commands carry them): "seed" now only means a random seed.
+ALIASES = {"seed": "factorisation"}
 
 
 # Ridge penalties tried on validation (ridge_lambda=0), and the metric that picks them and a
@@ -69,8 +72,8 @@ class ModelConfig:
     learning_rate: float = field(default=1e-3, metadata=_help("Adam learning rate"))
     epochs: int = field(default=20, metadata=_help("training epochs"))
     k: int = field(default=5, metadata=_help("tags per image when there is no validation data"))
-    neighbours: int = field(default=3, metadata=_help("seed: neighbours for a new image"))
-    latent_dim: int = field(default=1000, metadata=_help("seed: latent vector size"))
+    neighbours: int = field(default=3, metadata=_help("factorisation: neighbours for a new image"))
+    latent_dim: int = field(default=1000, metadata=_help("factorisation: latent vector size"))
     hidden: int = field(default=512, metadata=_help("mlp: hidden units"))
     loss: str = field(default="sigmoid", metadata=_help("mlp: 'sigmoid' or 'softmax'"))
     prior_weight: float = field(default=0.1, metadata=_help("knn: weight of the popularity prior"))
@@ -605,7 +608,9 @@ def load(uri: str, check_extra: Callable[[str, Any], Any] | None = None) -> Reco
     if check_extra is not None:
         check_extra(artifact.uri, manifest.get("extra") or {})
     names = manifest.get("arrays")
-    if not isinstance(names, list) or manifest.get("model") not in _REGISTRY:
+    model_name = manifest.get("model")
+    known = isinstance(model_name, str) and ALIASES.get(model_name, model_name) in _REGISTRY
+    if not isinstance(names, list) or not known:
         raise artifact.error(
             f"its manifest names no known model ({str(manifest.get('model'))[:40]})"
         )
@@ -671,6 +676,7 @@ def available() -> list[str]:
 
 
 def create(name: str, config: ModelConfig | None = None) -> Recommender:
+    name = ALIASES.get(name, name)
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
     return _REGISTRY[name](config)
