@@ -200,15 +200,11 @@ def expand(names: Sequence[str]) -> tuple[str, ...]:
 
 def create(name: str, **options: Any) -> Embedder:
     """Create an embedder by name: "default", "classic", "mobilenet_v2", "mobilenet_v1",
-    "tflite:PATH_OR_URI[#tensor]", "keras:NAME"."""
+    "tflite:PATH_OR_URI[#tensor]", "keras:NAME"; `options` go to its factory."""
     if name == DEFAULT:
         return create_from_spec(EmbedderSpec.parse(name), **options)
-    prefix, _, arg = name.partition(":")
-    if prefix not in _FACTORIES and prefix in _LAZY_MODULES:
-        importlib.import_module(_LAZY_MODULES[prefix])
-    if prefix not in _FACTORIES:
-        raise ValueError(f"unknown embedder {name!r}; available: {', '.join(available())}")
-    return _FACTORIES[prefix](arg or None, **options)
+    spec = EmbedderSpec.parse(name)  # the one parse of the name: kind and argument
+    return _build(spec.kind, spec.arg, options)
 
 
 def create_from_spec(spec: EmbedderSpec | dict[str, Any], **settings: Any) -> Embedder:
@@ -222,7 +218,17 @@ def create_from_spec(spec: EmbedderSpec | dict[str, Any], **settings: Any) -> Em
     options = {k: _thawed(v) for k, v in spec.options}
     if spec.kind in TFLITE_KINDS:
         options.update(settings)
-    return create(spec.name, **options)
+    return _build(spec.kind, spec.arg, options)
+
+
+def _build(kind: str, arg: str, options: dict[str, Any]) -> Embedder:
+    """The registry's factory for `kind` (its module imported on first use), called."""
+    if kind not in _FACTORIES and kind in _LAZY_MODULES:
+        importlib.import_module(_LAZY_MODULES[kind])
+    if kind not in _FACTORIES:
+        name = f"{kind}:{arg}" if arg else kind
+        raise ValueError(f"unknown embedder {name!r}; available: {', '.join(available())}")
+    return _FACTORIES[kind](arg or None, **options)
 
 
 @functools.lru_cache(maxsize=4)
@@ -257,7 +263,6 @@ def weights_locations(spec: EmbedderSpec) -> list[str]:
 
 def _weights(spec: EmbedderSpec) -> list[tuple[str, str | None]]:
     """(location, expected sha256 or None) of every weights file of `spec`."""
-    spec = EmbedderSpec.from_json(spec)
     if spec.parts:
         return [found for part in spec.parts for found in _weights(part)]
     if spec.kind == "tflite":
@@ -318,7 +323,6 @@ def confined(spec: EmbedderSpec, folder: str, copies: dict[str, str]) -> Embedde
     manifest); a location without a copy (an absolute path, s3:// or http(s):// URI) is refused
     with an ArtifactError naming the folder: loading a model never reads or fetches a location
     its folder chose."""
-    spec = EmbedderSpec.from_json(spec)
     if spec.parts:
         return EmbedderSpec(ENSEMBLE, parts=tuple(confined(p, folder, copies) for p in spec.parts))
     locations = weights_locations(spec)

@@ -23,7 +23,7 @@ import numpy as np
 
 from hashtag import artifacts, embedders, storage
 from hashtag.embedders import LABEL_ONLY, EmbedderSpec
-from hashtag.errors import ArtifactError
+from hashtag.errors import ArtifactError, UserError
 
 FORMAT = "hashtag-export"
 VERSION = 1  # the newest version this code writes and reads; older ones are read too
@@ -114,7 +114,13 @@ class ExportedModel:
         self.metadata: dict[str, Any] = dict(self.recommender.metadata)
         self.vocab: list[str] = [str(t) for t in self.metadata["vocab"]]
         self.index = {tag: i for i, tag in enumerate(self.vocab)}
-        self.embedder_spec = EmbedderSpec.from_json(self.metadata["embedder"])
+        try:  # parsed once, here: everything downstream gets the spec
+            self.embedder_spec = EmbedderSpec.from_json(self.metadata["embedder"])
+        except UserError as error:
+            raise ArtifactError(
+                f"{self.uri}: its embedder spec is malformed ({error}); re-export the model "
+                "with `hashtag tune`"
+            ) from None
         self._cooccurrence = None
         self._embedder = None
 
