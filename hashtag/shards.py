@@ -58,6 +58,11 @@ class ShardData:
     embeddings: np.ndarray
     manifest: dict[str, Any]
 
+    @property
+    def embedder(self) -> EmbedderSpec:
+        """The spec of the embedder that made `embeddings`."""
+        return embedder(self.manifest)
+
 
 def shard_uri(root: str, index: int) -> str:
     """ROOT/shards/shard-00000 for index 0."""
