@@ -237,7 +237,7 @@ def _check_compatible(manifests: dict[int, dict[str, Any]]) -> EmbedderSpec:
         if manifest["dim"] != first["dim"]:
             raise UserError(
                 f"shard {first_index} has dim {first['dim']} but shard {index} has dim "
-                f"{manifest['dim']} (same embedder {first['embedder']}); rescrape one of them"
+                f"{manifest['dim']} (same embedder {spec}); rescrape one of them"
             )
     return spec
 
