@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 
 from hashtag import storage, tags
-from hashtag.embedders import EmbedderSpec
 from hashtag.errors import UserError
 from hashtag.export import EMBEDDER_WEIGHTS, ExportedModel  # noqa: F401 (ExportedModel's old home)
 from hashtag.fetch import FetchConfig
@@ -408,7 +407,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             f"{config.data} has a different hashtag vocabulary than the model {config.model}: "
             "evaluate on the dataset the model was trained on"
         )
-    if exported.embedder_spec != EmbedderSpec.from_json(dataset.embedder):
+    if exported.embedder_spec != dataset.embedder:
         raise UserError(
             f"the dataset's embedder {dataset.embedder} is not the model's {exported.embedder_spec}"
         )

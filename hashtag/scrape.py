@@ -124,14 +124,20 @@ class ScrapeConfig:
         expanded = embedders.expand(names)
         if not names or len(set(expanded)) != len(expanded):
             raise UserError(f"--embedder: give one or more different embedders, got {names}")
-        for name in names:
-            embedders.EmbedderSpec.parse(name)  # a clear error for an unknown name, here
+        # Parsed once, here (a clear error for an unknown name), with the task's settings; not
+        # a field: the names are the config, the specs what they mean.
+        specs = tuple(embedders.EmbedderSpec.parse(n, **self.embedder_options(n)) for n in expanded)
+        object.__setattr__(self, "_embedder_specs", specs)
 
     def embedder_specs(self) -> list[embedders.EmbedderSpec]:
         """The requested embedders ("default" as its parts), parsed, with the task's settings
         (threads, weights)."""
-        names = embedders.expand(self.embedder)
-        return [embedders.EmbedderSpec.parse(n, **self.embedder_options(n)) for n in names]
+        return list(self._embedder_specs)
+
+    @property
+    def embedder_spec(self) -> embedders.EmbedderSpec:
+        """The one spec of the requested embedders (an ensemble of several)."""
+        return embedders.EmbedderSpec.ensemble(self._embedder_specs)
 
     def embedder_options(self, name: str) -> dict:
         options: dict = {}
@@ -167,7 +173,7 @@ def embed_shard(
     if label_only:
         result, spec = ingest.label_only(posts), ingest.LABEL_ONLY_SPEC
     else:
-        embedder = embedders.cached(embedders.EmbedderSpec.ensemble(config.embedder_specs()))
+        embedder = embedders.cached(config.embedder_spec)
         # One decode thread per CPU the task holds: more would steal cores from other tasks.
         threads = max(1, int(config.cpus_per_task))
         result = ingest.embed_posts(
@@ -192,7 +198,7 @@ def embed_shard(
         index,
         result.posts,
         result.embeddings,
-        embedder=spec.to_json(),
+        embedder=spec,
         image_sha256=result.image_sha256,
         stats=stats,
     )

@@ -385,7 +385,7 @@ class Hashtags:
 
     def _model_info(self) -> dict[str, Any]:
         exported, meta = self.exported, self.exported.metadata
-        manifest = storage.read_bytes(storage.join(self.config.model, "manifest.json"))
+        manifest = storage.read_bytes(storage.join(self.config.model, MANIFEST))
         kind = str(meta.get("model") or exported.recommender.name)
         return {
             "id": f"{kind}-{hashlib.sha256(manifest).hexdigest()[:12]}",

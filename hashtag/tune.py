@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from hashtag import export, models, storage, tfimport
+from hashtag import artifacts, export, models, storage, tfimport
 from hashtag.errors import UserError
 from hashtag.report import ResultRow, decision_markdown, trial_line, write_report
 from hashtag.results import StageResult
@@ -558,9 +558,7 @@ def _first_rows(blocks, n: int):
 
 def blocks_of(dataset) -> tuple[int, ...]:
     """The dims of the embedders a dataset's features concatenate; () for one embedder."""
-    from hashtag.embedders import EmbedderSpec
-
-    return EmbedderSpec.from_json(dataset.embedder).blocks
+    return dataset.embedder.blocks
 
 
 def _chained(data: TrialData, names: tuple[str, ...], order=None):
@@ -652,13 +650,12 @@ def _trial_state(result) -> dict[str, Any] | None:
         return None
     with result.checkpoint.as_directory() as folder:
         state_path = os.path.join(folder, CHECKPOINT_STATE)
-        manifest_path = os.path.join(folder, CHECKPOINT_MODEL, "manifest.json")
-        if not (os.path.exists(state_path) and os.path.exists(manifest_path)):
+        model_path = os.path.join(folder, CHECKPOINT_MODEL)
+        if not (os.path.exists(state_path) and artifacts.exists(model_path)):
             return None
         with open(state_path) as f:
             state = json.load(f)
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+        manifest = artifacts.read_manifest(model_path, what="checkpoint")
     history = manifest.get("history") or {}
     state["history"] = {k: v for k, v in history.items() if k in EPOCH_METRICS}
     state["epoch"] = int(manifest.get("epochs_done", 0))

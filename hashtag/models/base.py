@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from hashtag import artifacts, metrics, neighbours, storage, tfimport
+from hashtag import artifacts, metrics, neighbours, tfimport
 from hashtag.dataset import dense_labels
-from hashtag.embedders import l2_normalize
+from hashtag.metrics import l2_normalize
 
 FORMAT = "hashtag-model"
 
@@ -603,7 +603,8 @@ def load(uri: str, check_extra: Callable[[str, Any], Any] | None = None) -> Reco
     """Load a model folder written by `Recommender.save`; ArtifactError if it is missing,
     foreign or damaged (names outside the folder, wrong shapes, a vocabulary of another size).
     `check_extra(uri, metadata)` checks the saved metadata before any array is read."""
-    artifact = artifacts.read(uri, FORMAT, VERSION, what="model", fix=_FIX)
+    # Models were written before manifests listed their files: an unlisted one still loads.
+    artifact = artifacts.read(uri, FORMAT, VERSION, what="model", fix=_FIX, unlisted=True)
     manifest = artifact.manifest
     if check_extra is not None:
         check_extra(artifact.uri, manifest.get("extra") or {})
@@ -639,14 +640,7 @@ def load(uri: str, check_extra: Callable[[str, Any], Any] | None = None) -> Reco
         # seed_sigmoid_bug, a retired setting, is in older manifests (its biases were zeros).
         settings = {k: v for k, v in manifest["config"].items() if k != "seed_sigmoid_bug"}
         model = create(manifest["model"], ModelConfig(**settings))
-        arrays = {
-            name: (
-                artifact.load_array(f"{name}.npy", verify=True)
-                if artifact.files
-                else storage.load_npy(storage.join(artifact.uri, f"{name}.npy"))
-            )
-            for name in names
-        }
+        arrays = {name: artifact.load_array(f"{name}.npy", verify=True) for name in names}
         model._load_parts(artifact.uri)
         model._load_files(artifact, data_files)
         model.set_state({**manifest, "arrays": arrays})

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from hashtag.dataset import array_blocks, csr_rows, dense_labels
-from hashtag.embedders import l2_normalize
+from hashtag.metrics import l2_normalize
 from hashtag.models.base import (
     Blocks,
     Decision,
