@@ -87,7 +87,7 @@ def f1_at_5_of_suggestions(lines: list[str], ids: list[str], Y: np.ndarray, voca
 def run_set(name: str, args: argparse.Namespace) -> list[str]:
     from hashtag import models
     from hashtag.dataset import Dataset
-    from hashtag.embedders import EmbedderSpec, l2_normalize
+    from hashtag.metrics import l2_normalize
     from hashtag.recommend import ExportedModel
     from hashtag.sources import open_source
 
@@ -100,7 +100,7 @@ def run_set(name: str, args: argparse.Namespace) -> list[str]:
     seconds["tune"] = hashtag(*tune, *shlex.split(args.tune_args))
 
     dataset = Dataset.load(str(out / "dataset"))
-    spec = EmbedderSpec.from_json(dataset.embedder)
+    spec = dataset.embedder
     ids = [str(i) for i in dataset.ids]
     test = dataset.rows("test")
     posts = {p.id: p for p in open_source(str(source)).posts()}

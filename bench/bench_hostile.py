@@ -39,6 +39,7 @@ import numpy as np
 import ray
 
 from hashtag import scrape, shards
+from hashtag.fetch import FetchConfig
 
 SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "feedme-food"
 
@@ -379,9 +380,9 @@ def main() -> None:
                 source=str(manifest),
                 out=str(folder / "out"),
                 shard_size=8,
-                allow_private_addresses=True,  # the hostile servers are on 127.0.0.1
-                fetch_deadline_s=args.fetch_deadline_s,
-                timeout_s=2.0,
+                fetch=FetchConfig(  # the hostile servers are on 127.0.0.1
+                    allow_private=True, fetch_deadline_s=args.fetch_deadline_s, timeout_s=2.0
+                ),
                 embedder=("classic",),  # the figures below are the fetch and decode defences'
             )
         )

@@ -118,7 +118,7 @@ class SplitData:
                 if tag in index:
                     self.Y[row, index[tag]] = True
         self.X, self.split, self.vocab, self.vocab_size = X, split, vocab, len(vocab)
-        self.embedder, self.dim = spec.to_json(), X.shape[1]
+        self.embedder, self.dim = spec, X.shape[1]
         arrays = {}
         for name in ("train", "val", "test"):
             X_part, Y_part = self.part(name)
@@ -259,6 +259,7 @@ def load_set(args, name: str):
     the reference vote, posts), embedded once with the product's ensemble (cached)."""
     from hashtag import embedders
     from hashtag.embedders import EmbedderSpec
+    from hashtag.metrics import l2_normalize
     from hashtag.sources import open_source
 
     specs = {"v2": EmbedderSpec.parse("mobilenet_v2"), "v1": EmbedderSpec.parse("mobilenet_v1")}
@@ -271,7 +272,7 @@ def load_set(args, name: str):
         full = full.astype(np.float16).astype(np.float32)
     built = embedders.create_from_spec(both)
     spec = EmbedderSpec.ensemble([built.parts[0].spec, built.parts[1].spec])
-    X_v2 = embedders.l2_normalize(full[:, : built.parts[0].dim])
+    X_v2 = l2_normalize(full[:, : built.parts[0].dim])
     if args.embedders.split(",") == ["v2", "v1"]:
         return full, spec, tags, X_v2, posts
     return X_v2, spec.parts[0], tags, X_v2, posts

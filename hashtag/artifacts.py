@@ -18,8 +18,10 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import re
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -28,11 +30,16 @@ import numpy as np
 from hashtag import storage
 from hashtag.errors import ArtifactError
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+TEMPORARY = ".tmp-"  # a data file written in place is NAME.tmp-<hex> until renamed to NAME
 # A manifest is metadata (a model's vocabulary and history at most): anything bigger is hostile.
 MAX_MANIFEST_BYTES = 64 * 2**20
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HASH_CHUNK = 4 * 2**20
+# The entry of a data file that a legacy manifest (no files listed) does not describe.
+_UNLISTED: dict[str, Any] = {"bytes": None, "sha256": None}
 
 
 class ArtifactMissing(ArtifactError, FileNotFoundError):
@@ -95,6 +102,39 @@ def remove_manifest(folder: str) -> None:
     storage.remove(storage.join(folder, MANIFEST))
 
 
+def exists(folder: str) -> bool:
+    """Whether `folder` holds a finished artifact (its manifest was written; `read` checks it)."""
+    return storage.exists(storage.join(str(folder).rstrip("/"), MANIFEST))
+
+
+def temporary_suffix() -> str:
+    """The suffix of a data file written in place under a temporary name, then renamed."""
+    return f"{TEMPORARY}{uuid.uuid4().hex}"
+
+
+def remove_temporaries(folder: str, names: Iterable[str]) -> None:
+    """Remove what a killed writer left of data files `names` in `folder`: NAME.tmp-* (never
+    part of an artifact). Only local folders have them: an S3 object is one PUT."""
+    if storage.is_remote(folder):
+        return
+    path = storage.filesystem(folder)[1]
+    staged = tuple(f"{name}{TEMPORARY}" for name in names)
+    if not staged or not os.path.isdir(path):
+        return
+    for name in os.listdir(path):
+        if name.startswith(staged):
+            os.remove(os.path.join(path, name))
+
+
+def remove_files(folder: str, names: Iterable[str]) -> None:
+    """Remove data files `names` from `folder`, and their temporaries (e.g. the files of an
+    older layout once the new manifest is written)."""
+    names = [check_name(folder, name) for name in names]
+    for name in names:
+        storage.remove(storage.join(folder, name))
+    remove_temporaries(folder, names)
+
+
 def write_manifest(
     folder: str, format: str, version: int, files: dict[str, dict[str, Any]], **fields: Any
 ) -> dict[str, Any]:
@@ -107,10 +147,15 @@ def write_manifest(
 
 
 class Artifact:
-    """A folder whose manifest was read and checked; `path`, `read_bytes`, `load_array`."""
+    """A folder whose manifest was read and checked; `path`, `read_bytes`, `load_array`.
 
-    def __init__(self, uri: str, manifest: dict[str, Any], fix: str):
+    With `unlisted` (formats that were written before manifests listed their files), a legacy
+    manifest that lists none lets any plain file name of the folder be read, its size and
+    contents unchecked: the one place that rule lives."""
+
+    def __init__(self, uri: str, manifest: dict[str, Any], fix: str, *, unlisted: bool = False):
         self.uri, self.manifest, self.fix = uri, manifest, fix
+        self.unlisted = unlisted
 
     @property
     def _within(self) -> str | None:
@@ -123,16 +168,29 @@ class Artifact:
 
     @property
     def files(self) -> dict[str, dict[str, Any]]:
-        return self.manifest["files"]
+        return self.manifest.get("files") or {}
+
+    @property
+    def legacy(self) -> bool:
+        """Written before manifests listed their files (see the class)."""
+        return self.unlisted and not self.files
+
+    def entry(self, name: str) -> dict[str, Any]:
+        """The manifest entry of data file `name` ({"bytes", "sha256"}; both None if legacy)."""
+        if name in self.files:
+            return self.files[name]
+        if self.legacy:
+            check_name(self.uri, name, self.fix)
+            return _UNLISTED
+        raise self.error(f"its manifest does not list {name!r}")
 
     def path(self, name: str) -> str:
-        """The URI of data file `name` (it must be listed in the manifest)."""
-        if name not in self.files:
-            raise self.error(f"its manifest does not list {name!r}")
+        """The URI of data file `name` (it must be listed in the manifest, unless legacy)."""
+        self.entry(name)
         return storage.join(self.uri, name)
 
     def check_size(self, name: str) -> None:
-        expected = self.files[name]["bytes"]
+        expected = self.entry(name)["bytes"]
         try:
             actual = storage.size(self.path(name))
         except (OSError, ValueError) as error:
@@ -142,7 +200,7 @@ class Artifact:
 
     def read_bytes(self, name: str, *, verify: bool = True) -> bytes:
         """The bytes of data file `name`, checked against its manifest entry."""
-        expected = self.files[name]
+        expected = self.entry(name)
         limit = expected["bytes"] if expected["bytes"] is not None else None
         try:
             data = storage.read_bytes(self.path(name), limit=limit, within=self._within)
@@ -187,14 +245,14 @@ class Artifact:
         try:
             if not storage.is_remote(uri):
                 return self.load_array(name, mmap=True)
-            return NpyRanges(uri, self.files[name]["bytes"])
+            return NpyRanges(uri, self.entry(name)["bytes"])
         except ArtifactError:
             raise
         except (OSError, ValueError, EOFError) as error:
             raise self.error(f"{name} is not a readable .npy file ({error})") from None
 
     def _read_array(self, name: str, verify: bool) -> np.ndarray:
-        expected = self.files[name]
+        expected = self.entry(name)
         header = NpyRanges(self.path(name), expected["bytes"])
         array = np.empty(header.shape, header.dtype)
         flat = array.reshape(-1).view(np.uint8)
@@ -234,8 +292,8 @@ class Artifact:
                 found = file_entry(path)
             except (OSError, ValueError) as error:
                 raise self.error(f"cannot read {name} ({error})") from None
-            expected = self.files[name]
-            if found["bytes"] != expected["bytes"] or (
+            expected = self.entry(name)
+            if (expected["bytes"] is not None and found["bytes"] != expected["bytes"]) or (
                 expected["sha256"] and found["sha256"] != expected["sha256"]
             ):
                 raise self.error(f"{name} does not match its manifest (size or sha256: damaged)")
@@ -244,7 +302,7 @@ class Artifact:
     def verify(self, names: Iterable[str] | None = None) -> None:
         """Check the sizes and content hashes of the data files (all of them by default)."""
         for name in self.files if names is None else names:
-            expected = self.files[name]
+            expected = self.entry(name)
             if not expected["sha256"]:
                 self.check_size(name)
                 continue
@@ -391,25 +449,12 @@ class NpyRanges:
         return array if dtype is None else array.astype(dtype)
 
 
-def read(
-    uri: str,
-    format: str,
-    versions: int | tuple[int, ...],
-    *,
-    what: str,
-    fix: str,
-) -> Artifact:
-    """Read and check FOLDER/manifest.json: format, version, file names and entries.
-
-    `what` names the artifact in messages ("dataset"), `fix` says what to do ("rerun `hashtag
-    merge`"). ArtifactMissing (also a FileNotFoundError) without a manifest, ArtifactError else.
-    Legacy entries that record only a size ({name: bytes}) are read as size-checked only.
-    """
+def read_manifest(uri: str, *, what: str = "artifact", fix: str = "rebuild it") -> dict[str, Any]:
+    """FOLDER/manifest.json as a dict, read bounded (MAX_MANIFEST_BYTES) and parsed; its
+    format, version and files are not checked (`read` does). ArtifactMissing without one."""
     uri = str(uri).rstrip("/")
-    versions = (versions,) if isinstance(versions, int) else tuple(versions)
-    manifest_uri = storage.join(uri, MANIFEST)
     try:
-        data = storage.read_bytes(manifest_uri, limit=MAX_MANIFEST_BYTES)
+        data = storage.read_bytes(storage.join(uri, MANIFEST), limit=MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise ArtifactMissing(
             f"no {what} at {uri}: {MANIFEST} is missing (not built, or not finished); {fix}"
@@ -422,6 +467,43 @@ def read(
         raise ArtifactError(f"{uri}: its {MANIFEST} is not valid JSON (damaged); {fix}") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{uri}: its {MANIFEST} is not a JSON object (damaged); {fix}")
+    return manifest
+
+
+def read_finished(
+    uri: str, format: str, versions: int | tuple[int, ...], *, what: str, fix: str
+) -> Artifact | None:
+    """`read`, or None when the folder holds no finished artifact: no manifest, or one that does
+    not check (logged). What a resumed job asks of an output it may have written already: None
+    means (re)write it."""
+    try:
+        return read(uri, format, versions, what=what, fix=fix)
+    except ArtifactMissing:
+        return None
+    except ArtifactError as error:
+        log.warning("%s", error)
+        return None
+
+
+def read(
+    uri: str,
+    format: str,
+    versions: int | tuple[int, ...],
+    *,
+    what: str,
+    fix: str,
+    unlisted: bool = False,
+) -> Artifact:
+    """Read and check FOLDER/manifest.json: format, version, file names and entries.
+
+    `what` names the artifact in messages ("dataset"), `fix` says what to do ("rerun `hashtag
+    merge`"). ArtifactMissing (also a FileNotFoundError) without a manifest, ArtifactError else.
+    Legacy entries that record only a size ({name: bytes}) are read as size-checked only; a
+    manifest that lists no files at all is legacy with `unlisted` (see `Artifact`).
+    """
+    uri = str(uri).rstrip("/")
+    versions = (versions,) if isinstance(versions, int) else tuple(versions)
+    manifest = read_manifest(uri, what=what, fix=fix)
     if manifest.get("format") != format:
         raise ArtifactError(
             f"{uri} is not a {what} (manifest format {str(manifest.get('format'))[:40]!r}, "
@@ -438,7 +520,7 @@ def read(
     manifest["files"] = {
         check_name(uri, name, fix): _entry(uri, name, value, fix) for name, value in files.items()
     }
-    return Artifact(uri, manifest, fix)
+    return Artifact(uri, manifest, fix, unlisted=unlisted)
 
 
 def _entry(uri: str, name: str, value: Any, fix: str) -> dict[str, Any]:

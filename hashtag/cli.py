@@ -21,6 +21,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from hashtag import options
 from hashtag.errors import UserError
 
 # subcommand -> (module, config class, run function, one-line help)
@@ -123,22 +124,11 @@ def _sections(config_cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(config_cls) if f.metadata.get("section")}
 
 
-def _options(config_cls: type, exclude: Sequence[str] = ()) -> list[dataclasses.Field]:
-    return [
-        f
-        for f in dataclasses.fields(config_cls)
-        if f.name not in exclude and not f.metadata.get("section")
-    ]
-
-
-def _has_default(f: dataclasses.Field) -> bool:
-    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-
-
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One flag per field. A section field (a stage config inside PipelineConfig) adds its
-    stage's flags as `--SECTION.OPTION` (`--scrape.max-retries 5`; derived fields excepted), and
-    also as plain `--OPTION` when no other section nor the config itself has that option."""
+    """One flag per option (options.py: a field, or a field of an embedded config such as
+    FetchConfig). A section field (a stage config inside PipelineConfig) adds its stage's flags
+    as `--SECTION.OPTION` (`--scrape.max-retries 5`; derived fields excepted), and also as plain
+    `--OPTION` when no other section nor the config itself has that option."""
     _add_options(parser, config_cls, prefix="")
     unique = _unique_section_options(config_cls)
     for name, f in _sections(config_cls).items():
@@ -148,9 +138,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
 
 def _unique_section_options(config_cls: type) -> dict[str, str]:
     """Option name -> its section, for the options only one section has (and not the config)."""
-    owners: dict[str, list[str]] = {f.name: ["(own)"] for f in _options(config_cls)}
+    owners: dict[str, list[str]] = {o.name: ["(own)"] for o in options.options(config_cls)}
     for name, f in _sections(config_cls).items():
-        for option in _options(f.metadata["section"], f.metadata["derived"]):
+        for option in options.options(f.metadata["section"], f.metadata["derived"]):
             owners.setdefault(option.name, []).append(name)
     return {option: names[0] for option, names in owners.items() if len(names) == 1}
 
@@ -158,36 +148,35 @@ def _unique_section_options(config_cls: type) -> dict[str, str]:
 def _add_options(
     parser, config_cls: type, prefix: str, exclude: Sequence[str] = (), unique=None
 ) -> None:
-    hints = typing.get_type_hints(config_cls)
-    for f in _options(config_cls, exclude):
-        annotation = hints[f.name]
-        dest = f"{prefix}.{f.name}" if prefix else f.name
+    for option in options.options(config_cls, exclude):
+        name, metadata, annotation = option.name, option.field.metadata, option.annotation
+        dest = f"{prefix}.{name}" if prefix else name
         flags = [_flag(dest)]
-        if prefix and (unique or {}).get(f.name) == prefix:
-            flags.append(_flag(f.name))
-        help_text = f.metadata.get("help", "").replace("%", "%%")
-        if _has_default(f):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if prefix and (unique or {}).get(name) == prefix:
+            flags.append(_flag(name))
+        help_text = metadata.get("help", "").replace("%", "%%")
+        if option.required:
+            help_text += " (required)"
+        else:
+            default = option.default
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             help_text += f" (default: {shown})"
-        else:
-            help_text += " (required)"
-        if f.metadata.get("positional"):
+        if metadata.get("positional"):
             parser.add_argument(
                 dest,
                 nargs="*",
                 default=argparse.SUPPRESS,
                 help=help_text,
-                metavar=f.metadata.get("metavar", f.name.upper()),
+                metavar=metadata.get("metavar", name.upper()),
             )
-        elif f.metadata.get("repeatable"):  # --embedder A --embedder B
+        elif metadata.get("repeatable"):  # --embedder A --embedder B
             parser.add_argument(
                 *flags,
                 dest=dest,
                 action="append",
                 default=argparse.SUPPRESS,
                 help=help_text,
-                metavar=f.name.upper(),
+                metavar=name.upper(),
             )
         elif _unwrap(annotation) is bool:
             parser.add_argument(
@@ -204,26 +193,25 @@ def _add_options(
                 type=_converter(annotation),
                 default=argparse.SUPPRESS,
                 help=help_text,
-                metavar=f.name.upper(),
+                metavar=name.upper(),
             )
 
 
 def _values(config_cls, loaded, args, prefix, exclude=(), where="") -> dict[str, Any]:
-    """Field values of `config_cls` from a YAML mapping, then the flags given (flags win)."""
-    hints = typing.get_type_hints(config_cls)
-    options = {f.name for f in _options(config_cls, exclude)}
+    """Option values of `config_cls` from a YAML mapping, then the flags given (flags win)."""
+    known = {o.name: o for o in options.options(config_cls, exclude)}
     values: dict[str, Any] = {}
     for key, value in (loaded or {}).items():
         name = str(key).replace("-", "_")
-        if name not in options:
-            known = ", ".join(sorted(n.replace("_", "-") for n in options))
+        if name not in known:
+            names = ", ".join(sorted(n.replace("_", "-") for n in known))
             derived = f" ({key} is set by the pipeline)" if name in exclude else ""
-            raise UserError(f"{where}unknown option {key!r}{derived}; known: {known}")
+            raise UserError(f"{where}unknown option {key!r}{derived}; known: {names}")
         try:
-            values[name] = _coerce(hints[name], value)
+            values[name] = _coerce(known[name].annotation, value)
         except (TypeError, ValueError) as error:
             raise UserError(f"{where}{key}: {error}") from None
-    for name in options:
+    for name in known:
         dest = f"{prefix}.{name}" if prefix else name
         if dest in args:
             value = getattr(args, dest)
@@ -271,12 +259,12 @@ def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
             f.metadata["section"], section, args, name, f.metadata["derived"], f"{where}{name}: "
         )
     missing = [
-        _flag(f.name) for f in _options(config_cls) if f.name not in values and not _has_default(f)
+        _flag(o.name) for o in options.options(config_cls) if o.name not in values and o.required
     ]
     if missing:
         raise UserError(f"missing {', '.join(missing)} (give it as a flag or in --config FILE)")
     try:
-        return config_cls(**values)
+        return options.build(config_cls, values)
     except (ValueError, TypeError) as error:
         raise UserError(str(error)) from None
 

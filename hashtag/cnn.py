@@ -44,8 +44,9 @@ import cv2
 import numpy as np
 
 from hashtag import pretrained, storage, tfimport
-from hashtag.embedders import Embedder, EmbedderSpec, l2_normalize, register
+from hashtag.embedders import Embedder, EmbedderSpec, register
 from hashtag.errors import UserError
+from hashtag.metrics import l2_normalize
 
 # flatbuffer BuiltinOperator codes (tensorflow/lite/schema/schema.fbs)
 _ADD, _AVERAGE_POOL_2D, _CONCATENATION, _CONV_2D, _DEPTHWISE_CONV_2D = 0, 1, 2, 3, 4

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from hashtag import artifacts, metrics, storage
+from hashtag import artifacts, metrics
 
 FORMAT = "hashtag-cooccurrence"
 VERSION = 1
@@ -210,17 +210,19 @@ class Cooccurrence:
     def load(cls, uri: str) -> Cooccurrence:
         """ArtifactError when the folder is missing, foreign or damaged."""
         artifact = artifacts.read(
-            uri, FORMAT, VERSION, what="co-occurrence model", fix="rebuild it from the dataset"
+            uri,
+            FORMAT,
+            VERSION,
+            what="co-occurrence model",
+            fix="rebuild it from the dataset",
+            unlisted=True,  # written before manifests listed their files
         )
         n_posts = artifact.int_field("n_posts")
         try:
             model = cls(CooccurrenceConfig(**artifact.manifest["config"]))
         except (KeyError, TypeError, ValueError) as error:
             raise artifact.error(f"its config is invalid ({error})") from None
-        if artifact.files:
-            counts = artifact.load_array(COUNTS, verify=True)
-        else:  # written before the manifest listed its files
-            counts = storage.load_npy(storage.join(artifact.uri, COUNTS))
+        counts = artifact.load_array(COUNTS, verify=True)
         n = counts.shape[0] if counts.ndim else 0
         artifact.check_array(COUNTS, counts, shape=(n, n), kinds="iu")
         if n > MAX_TAGS or (counts.size and int(counts.min()) < 0):

@@ -46,13 +46,13 @@ import os
 import shutil
 import struct
 import tempfile
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from hashtag import artifacts, storage
+from hashtag.embedders import EmbedderSpec
 from hashtag.errors import UserError
 
 DATASET_FORMAT = "hashtag-dataset"
@@ -65,7 +65,6 @@ MAX_DIM = 1 << 16  # wider embeddings, or more tags, are a tampered manifest, no
 MAX_VOCAB = 10_000_000
 MAX_VOCAB_BYTES = 1 << 30
 MAX_ID_LENGTH = 256  # ids are capped by the sources (longer ones are `bad-id` rows)
-MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"validation": "val", "valid": "val"}
@@ -79,6 +78,9 @@ _ARRAYS = {
     "labels_indptr": ("<i8", ()),
     "labels_indices": ("<i4", ()),
 }
+# The data files of a one-folder dataset (version 1), and of its older layout (fixed-width ids).
+FILES = (*(f"{name}.npy" for name in _ARRAYS), VOCAB)
+OLDER_FILES = ("ids.npy",)
 
 
 def split_code(name: str) -> int:
@@ -149,14 +151,6 @@ class _NpyStream:
             os.remove(self.path)
 
 
-def _remove_stale_temporaries(folder: str) -> None:
-    """Temporary array files a killed writer left behind (they are never part of a dataset)."""
-    staged = tuple(f"{name}.npy.tmp-" for name in _ARRAYS) + (f"{VOCAB}.tmp-",)
-    for name in os.listdir(folder):
-        if name.startswith(staged):
-            os.remove(os.path.join(folder, name))
-
-
 class DatasetWriter:
     """Stream a merged dataset to `uri`, chunk by chunk.
 
@@ -185,8 +179,8 @@ class DatasetWriter:
             self._tmpdir = None
             folder = storage.filesystem(self.uri)[1]
             os.makedirs(folder, exist_ok=True)
-            _remove_stale_temporaries(folder)
-            suffix = f".tmp-{uuid.uuid4().hex}"
+            artifacts.remove_temporaries(self.uri, FILES)  # what a killed writer left
+            suffix = artifacts.temporary_suffix()
         self._folder, self._suffix = folder, suffix
         self._streams: dict[str, _NpyStream] = {}
         for name, (dtype, row_shape) in _ARRAYS.items():
@@ -266,10 +260,11 @@ class DatasetWriter:
         *,
         vocab: Sequence[str],
         tag_counts: Sequence[int],
-        embedder: dict[str, Any],
+        embedder: EmbedderSpec | dict[str, Any],
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Move the files into place, write vocab.json, then manifest.json; return the manifest."""
+        """Move the files into place, write vocab.json, then manifest.json; return the manifest.
+        `embedder`: the spec the embeddings were made with (or its JSON)."""
         if len(vocab) != len(tag_counts):
             raise ValueError(f"{len(vocab)} tags but {len(tag_counts)} counts")
         if self.max_label >= len(vocab):
@@ -306,7 +301,7 @@ class DatasetWriter:
             count=self.count,
             dim=self.dim,
             dtype=self.dtype,
-            embedder=embedder,
+            embedder=EmbedderSpec.from_json(embedder).to_json(),
             vocab_size=len(vocab),
             splits={name: int(c) for name, c in zip(SPLITS, self.split_counts, strict=True)},
             label_nnz=self.nnz,
@@ -356,7 +351,8 @@ class Dataset:
     """A merged dataset, loaded. Rows are global ids 0..N-1.
 
     embeddings (N, dim) float32 or float16, ids (N,) str, split (N,) uint8, vocab (list of V
-    tags, most frequent first), tag_counts (V,) int64, embedder (spec dict), manifest (dict);
+    tags, most frequent first), tag_counts (V,) int64, embedder (an EmbedderSpec, parsed once
+    at load), manifest (dict, as stored);
     labels(rows) -> bool (n, V), rows(name) -> indices, part(name) -> (X, Y) in memory, and
     blocks(name) -> (X, labels CSR) a block of rows at a time, for data larger than memory.
 
@@ -379,6 +375,7 @@ class Dataset:
         self.parts = parts if parts is not None else [self]
         self.vocab = vocab
         self.tag_counts = tag_counts
+        self.embedder = _embedder_spec(uri, manifest)
 
     def _array(self, name: str) -> np.ndarray:
         if name == "ids" and self.parts[0] is self:  # a one-folder dataset
@@ -468,10 +465,6 @@ class Dataset:
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
-
-    @property
-    def embedder(self) -> dict[str, Any]:
-        return self.manifest["embedder"]
 
     def rows(self, name: str) -> np.ndarray:
         """Global ids of the rows in split `name` ("train", "val" or "test"), ascending."""
@@ -746,6 +739,14 @@ def write_parted_manifest(
         parts=[{"name": p["name"], "count": int(p["count"])} for p in parts],
     )
     return artifacts.write_manifest(uri, DATASET_FORMAT, PARTED_VERSION, {}, **manifest)
+
+
+def _embedder_spec(uri: str, manifest: dict[str, Any]) -> EmbedderSpec:
+    """The manifest's embedder as a spec; a manifest without a readable one is damaged."""
+    try:
+        return EmbedderSpec.from_json(manifest.get("embedder"))
+    except UserError as error:
+        raise artifacts.ArtifactError(f"dataset {uri}: {error}; {_FIX}") from None
 
 
 def _read_vocab(artifact: artifacts.Artifact) -> tuple[list[str], np.ndarray]:

@@ -22,8 +22,9 @@ and reuses it across shards.
 
 Names: "default" (the ensemble of the two models shipped in the package: "mobilenet_v2" +
 "mobilenet_v1", hashtag/pretrained.py; a spec records the parts, never the alias), "classic"
-(this module, no weights, fast); "tflite:PATH_OR_URI[#tensor]", "keras:NAME" and the shipped
-names (hashtag/cnn.py, imported on first use so that `classic` never imports TensorFlow).
+(hashtag/classic.py: OpenCV features, no weights, fast); "tflite:PATH_OR_URI[#tensor]",
+"keras:NAME" and the shipped names (hashtag/cnn.py). Both modules are imported on first use:
+`classic` never imports TensorFlow, and this module (the specs) never imports OpenCV.
 """
 
 from __future__ import annotations
@@ -34,15 +35,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 
 from hashtag import pretrained
 from hashtag.errors import ArtifactError, UserError
+from hashtag.metrics import l2_normalize
 
 _FACTORIES: dict[str, Callable[..., Embedder]] = {}
 # Registry prefixes whose factories live in modules imported on first use.
-_LAZY_MODULES = {"tflite": "hashtag.cnn", "keras": "hashtag.cnn"}
+_LAZY_MODULES = {"classic": "hashtag.classic", "tflite": "hashtag.cnn", "keras": "hashtag.cnn"}
 _LAZY_MODULES.update({name: "hashtag.cnn" for name in pretrained.SHIPPED})
 # Kinds that run a TFLite interpreter: they take the caller's thread settings.
 TFLITE_KINDS = frozenset({"tflite", *pretrained.SHIPPED})
@@ -199,15 +200,11 @@ def expand(names: Sequence[str]) -> tuple[str, ...]:
 
 def create(name: str, **options: Any) -> Embedder:
     """Create an embedder by name: "default", "classic", "mobilenet_v2", "mobilenet_v1",
-    "tflite:PATH_OR_URI[#tensor]", "keras:NAME"."""
+    "tflite:PATH_OR_URI[#tensor]", "keras:NAME"; `options` go to its factory."""
     if name == DEFAULT:
         return create_from_spec(EmbedderSpec.parse(name), **options)
-    prefix, _, arg = name.partition(":")
-    if prefix not in _FACTORIES and prefix in _LAZY_MODULES:
-        importlib.import_module(_LAZY_MODULES[prefix])
-    if prefix not in _FACTORIES:
-        raise ValueError(f"unknown embedder {name!r}; available: {', '.join(available())}")
-    return _FACTORIES[prefix](arg or None, **options)
+    spec = EmbedderSpec.parse(name)  # the one parse of the name: kind and argument
+    return _build(spec.kind, spec.arg, options)
 
 
 def create_from_spec(spec: EmbedderSpec | dict[str, Any], **settings: Any) -> Embedder:
@@ -221,7 +218,17 @@ def create_from_spec(spec: EmbedderSpec | dict[str, Any], **settings: Any) -> Em
     options = {k: _thawed(v) for k, v in spec.options}
     if spec.kind in TFLITE_KINDS:
         options.update(settings)
-    return create(spec.name, **options)
+    return _build(spec.kind, spec.arg, options)
+
+
+def _build(kind: str, arg: str, options: dict[str, Any]) -> Embedder:
+    """The registry's factory for `kind` (its module imported on first use), called."""
+    if kind not in _FACTORIES and kind in _LAZY_MODULES:
+        importlib.import_module(_LAZY_MODULES[kind])
+    if kind not in _FACTORIES:
+        name = f"{kind}:{arg}" if arg else kind
+        raise ValueError(f"unknown embedder {name!r}; available: {', '.join(available())}")
+    return _FACTORIES[kind](arg or None, **options)
 
 
 @functools.lru_cache(maxsize=4)
@@ -256,7 +263,6 @@ def weights_locations(spec: EmbedderSpec) -> list[str]:
 
 def _weights(spec: EmbedderSpec) -> list[tuple[str, str | None]]:
     """(location, expected sha256 or None) of every weights file of `spec`."""
-    spec = EmbedderSpec.from_json(spec)
     if spec.parts:
         return [found for part in spec.parts for found in _weights(part)]
     if spec.kind == "tflite":
@@ -317,7 +323,6 @@ def confined(spec: EmbedderSpec, folder: str, copies: dict[str, str]) -> Embedde
     manifest); a location without a copy (an absolute path, s3:// or http(s):// URI) is refused
     with an ArtifactError naming the folder: loading a model never reads or fetches a location
     its folder chose."""
-    spec = EmbedderSpec.from_json(spec)
     if spec.parts:
         return EmbedderSpec(ENSEMBLE, parts=tuple(confined(p, folder, copies) for p in spec.parts))
     locations = weights_locations(spec)
@@ -343,74 +348,6 @@ def _join(folder: str, name: str) -> str:
     from hashtag import artifacts, storage
 
     return storage.join(folder, artifacts.check_name(folder, name))
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
-class ClassicEmbedder(Embedder):
-    """Hand-made features with OpenCV and numpy: no weights, deterministic.
-
-    Three blocks, each L2-normalised, then the whole vector:
-    - colour: HSV histogram (8 hue x 4 saturation x 4 value = 128 bins) over the image, plus
-      coarse hue/value histograms of the top, middle and bottom thirds (layout: sky vs ground);
-    - shape: gradient-orientation histograms from Sobel (HOG-like, 9 bins on a 4x4 grid);
-    - texture: a local-binary-pattern histogram (256 codes folded to 32 bins) on grey.
-    """
-
-    size = 128
-
-    def __init__(self) -> None:
-        self.spec = EmbedderSpec("classic", options=(("version", 1),))
-        self.dim = 128 + 3 * (8 + 4) + 9 * 16 + 32
-
-    @property
-    def min_side(self) -> int:
-        return self.size
-
-    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
-        return cv2.resize(rgb, (self.size, self.size), interpolation=cv2.INTER_AREA)
-
-    def embed_batch(self, batch: np.ndarray) -> np.ndarray:
-        return np.stack([self._features(image) for image in batch]).astype(np.float32)
-
-    def _features(self, rgb: np.ndarray) -> np.ndarray:
-        hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-        colour = cv2.calcHist([hsv], [0, 1, 2], None, [8, 4, 4], [0, 180, 0, 256, 0, 256]).ravel()
-        thirds = []
-        for band in np.array_split(hsv, 3, axis=0):
-            thirds.append(cv2.calcHist([band], [0], None, [8], [0, 180]).ravel())
-            thirds.append(cv2.calcHist([band], [2], None, [4], [0, 256]).ravel())
-        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
-        gx = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3)
-        gy = cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3)
-        magnitude, angle = cv2.cartToPolar(gx, gy, angleInDegrees=True)
-        bins = ((angle % 180.0) / 20.0).astype(np.int32).clip(0, 8)
-        cell = self.size // 4
-        shape = np.zeros((4, 4, 9), np.float32)
-        for i in range(4):
-            for j in range(4):
-                window = (slice(i * cell, (i + 1) * cell), slice(j * cell, (j + 1) * cell))
-                shape[i, j] = np.bincount(
-                    bins[window].ravel(), weights=magnitude[window].ravel(), minlength=9
-                )
-        texture = self._lbp_histogram(grey)
-        blocks = [colour, np.concatenate(thirds), shape.ravel(), texture]
-        return l2_normalize(np.concatenate([l2_normalize(b) for b in blocks]))
-
-    @staticmethod
-    def _lbp_histogram(grey: np.ndarray) -> np.ndarray:
-        centre = grey[1:-1, 1:-1]
-        codes = np.zeros(centre.shape, np.int32)
-        offsets = [(-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1)]
-        h, w = grey.shape
-        for bit, (dy, dx) in enumerate(offsets):
-            neighbour = grey[1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx]
-            codes |= (neighbour >= centre).astype(np.int32) << bit
-        return np.bincount(codes.ravel() >> 3, minlength=32).astype(np.float32)
 
 
 class EnsembleEmbedder(Embedder):
@@ -455,13 +392,3 @@ class EnsembleEmbedder(Embedder):
             inputs = np.ascontiguousarray(batch[:, start:end]).view(like.dtype)
             vectors.append(l2_normalize(part.embed_batch(inputs.reshape(len(batch), *like.shape))))
         return np.concatenate(vectors, axis=1) / np.float32(np.sqrt(len(vectors)))
-
-
-@register("classic")
-def _create_classic(arg: str | None = None, **options: Any) -> Embedder:
-    if arg:
-        raise ValueError("the classic embedder takes no argument: use 'classic'")
-    options.pop("version", None)
-    if options:
-        raise ValueError(f"the classic embedder takes no options, got {sorted(options)}")
-    return ClassicEmbedder()

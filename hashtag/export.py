@@ -23,7 +23,7 @@ import numpy as np
 
 from hashtag import artifacts, embedders, storage
 from hashtag.embedders import LABEL_ONLY, EmbedderSpec
-from hashtag.errors import ArtifactError
+from hashtag.errors import ArtifactError, UserError
 
 FORMAT = "hashtag-export"
 VERSION = 1  # the newest version this code writes and reads; older ones are read too
@@ -32,10 +32,13 @@ COOCCURRENCE = "cooccurrence"
 _GIVE = "give --model the folder `hashtag tune` exported (OUT/tune/model)"
 
 
-def write(uri: str, recommender, *, embedder: dict, selected: str, vocab: list[str], **fields):
+def write(
+    uri: str, recommender, *, embedder: EmbedderSpec, selected: str, vocab: list[str], **fields
+):
     """Write the model folder `uri` afresh: the embedder's weights copied into `embedder/`, then
-    `recommender` saved with the export metadata (format, version, `fields`). Returns the
-    metadata. The co-occurrence model goes in with `write_cooccurrence`."""
+    `recommender` saved with the export metadata (format, version, `fields`; the embedder spec
+    as its JSON). Returns the metadata. The co-occurrence model goes in with
+    `write_cooccurrence`."""
     storage.remove(uri)  # no file of an older export may survive beside the new one
     # The folder carries its embedder's weights: loading it never reads a location it names.
     weights = embedders.export_weights(embedder, storage.join(uri, EMBEDDER_WEIGHTS))
@@ -44,7 +47,7 @@ def write(uri: str, recommender, *, embedder: dict, selected: str, vocab: list[s
         "version": VERSION,
         "model": recommender.name,
         "selected": selected,
-        "embedder": embedder,
+        "embedder": embedder.to_json(),
         "embedder_files": weights,
         "vocab": vocab,
         **fields,
@@ -111,7 +114,13 @@ class ExportedModel:
         self.metadata: dict[str, Any] = dict(self.recommender.metadata)
         self.vocab: list[str] = [str(t) for t in self.metadata["vocab"]]
         self.index = {tag: i for i, tag in enumerate(self.vocab)}
-        self.embedder_spec = EmbedderSpec.from_json(self.metadata["embedder"])
+        try:  # parsed once, here: everything downstream gets the spec
+            self.embedder_spec = EmbedderSpec.from_json(self.metadata["embedder"])
+        except UserError as error:
+            raise ArtifactError(
+                f"{self.uri}: its embedder spec is malformed ({error}); re-export the model "
+                "with `hashtag tune`"
+            ) from None
         self._cooccurrence = None
         self._embedder = None
 
@@ -162,7 +171,7 @@ class ExportedModel:
 
         if self._cooccurrence is None:
             location = storage.join(self.uri, COOCCURRENCE)
-            if not storage.exists(storage.join(location, artifacts.MANIFEST)):
+            if not artifacts.exists(location):
                 raise ArtifactError(
                     f"{self.uri} has no {COOCCURRENCE}/: re-export it to use --tags"
                 )

@@ -54,11 +54,20 @@ class FetchError(Exception):
 
 @dataclass(frozen=True)
 class FetchConfig:
+    """How an image (or weights file) is fetched: the one declaration of these settings. The
+    stages embed it (ScrapeConfig.fetch, RecommendConfig.fetch, ServeConfig.fetch) and offer
+    some of its fields as options, under the metadata `option` name when a field has one
+    (hashtag/options.py): `--fetch-retries`, `--max-image-bytes`, `--allow-private-addresses`."""
+
     timeout_s: float = field(
-        default=10.0, metadata={"help": "connect and per-read timeout of HTTP requests (seconds)"}
+        default=10.0, metadata={"help": "HTTP connect and per-read timeout (seconds)"}
     )
     retries: int = field(
-        default=3, metadata={"help": "retries after a 5xx, 429, timeout or connection error"}
+        default=3,
+        metadata={
+            "help": "HTTP retries per image (5xx, 429, timeouts, connection errors)",
+            "option": "fetch_retries",
+        },
     )
     backoff_s: float = field(
         default=0.5, metadata={"help": "first retry delay; doubles on every retry"}
@@ -67,12 +76,17 @@ class FetchConfig:
         default=30.0, metadata={"help": "longest wait between retries, Retry-After included"}
     )
     max_bytes: int = field(
-        default=20_000_000, metadata={"help": "largest download accepted (bytes)"}
+        default=20_000_000,
+        metadata={"help": "largest image download (bytes)", "option": "max_image_bytes"},
     )
     max_redirects: int = field(default=5, metadata={"help": "most HTTP redirects followed"})
     allow_private: bool = field(
         default=False,
-        metadata={"help": "allow hosts on private, loopback and link-local addresses"},
+        metadata={
+            "help": "let image URLs reach private, loopback and link-local addresses (cloud "
+            "metadata addresses never)",
+            "option": "allow_private_addresses",
+        },
     )
     user_agent: str = field(default="hashtag/0.1", metadata={"help": "HTTP User-Agent header"})
     attempt_deadline_s: float = field(
@@ -81,18 +95,22 @@ class FetchConfig:
     )
     fetch_deadline_s: float = field(
         default=60.0,
-        metadata={"help": "wall-clock limit of fetching one image, retries and waits included"},
+        metadata={
+            "help": "wall-clock limit of fetching one image, retries and waits included (seconds)"
+        },
     )
 
     def __post_init__(self):
+        def named(name: str) -> str:  # the option users set, and where it is declared
+            option = type(self).__dataclass_fields__[name].metadata.get("option", name)
+            return f"--{option.replace('_', '-')} (FetchConfig.{name})"
+
         for name in ("timeout_s", "attempt_deadline_s", "fetch_deadline_s"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"FetchConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("retries", "max_redirects", "max_bytes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"FetchConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.backoff_s < 0 or self.max_backoff_s < 0:
-            raise ValueError("FetchConfig.backoff_s and max_backoff_s must be >= 0")
+                raise ValueError(f"{named(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("retries", "max_redirects", "max_bytes", "backoff_s", "max_backoff_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{named(name)} must be >= 0, got {getattr(self, name)}")
 
 
 class _Retry(Exception):

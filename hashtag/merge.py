@@ -55,14 +55,15 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from hashtag import storage
+from hashtag import artifacts, shards, storage
 from hashtag.dataset import (
+    DATASET_FORMAT,
+    DATASET_VERSION,
     EMBEDDING_DTYPES,
-    MANIFEST,
+    FILES,
+    OLDER_FILES,
     PARTS,
-    VOCAB,
     DatasetWriter,
-    _remove_stale_temporaries,
     csr_from_lists,
     split_code,
     write_parted_manifest,
@@ -220,12 +221,13 @@ def post_splits(config: MergeConfig, ids: list[str]) -> np.ndarray:
     )
 
 
-def _check_compatible(manifests: dict[int, dict[str, Any]]) -> None:
+def _check_compatible(manifests: dict[int, dict[str, Any]]) -> EmbedderSpec:
+    """The one embedder spec every shard was made with; UserError if they differ."""
     first_index = next(iter(manifests))
     first = manifests[first_index]
-    spec = EmbedderSpec.from_json(first["embedder"])
+    spec = shards.embedder(first)
     for index, manifest in manifests.items():
-        other = EmbedderSpec.from_json(manifest["embedder"])
+        other = shards.embedder(manifest)
         if other != spec:
             raise UserError(
                 f"shard {first_index} was embedded with {spec} but shard {index} with "
@@ -235,8 +237,9 @@ def _check_compatible(manifests: dict[int, dict[str, Any]]) -> None:
         if manifest["dim"] != first["dim"]:
             raise UserError(
                 f"shard {first_index} has dim {first['dim']} but shard {index} has dim "
-                f"{manifest['dim']} (same embedder {first['embedder']}); rescrape one of them"
+                f"{manifest['dim']} (same embedder {spec}); rescrape one of them"
             )
+    return spec
 
 
 def _difference(a: EmbedderSpec, b: EmbedderSpec) -> str:
@@ -497,11 +500,10 @@ def near_task(
     return done
 
 
-def near_duplicate_similarity(embedder: EmbedderSpec | dict, given: float = 0.0) -> float:
+def near_duplicate_similarity(spec: EmbedderSpec, given: float = 0.0) -> float:
     """`given`, or (0) the threshold calibrated for this embedder kind."""
     if given:
         return float(given)
-    spec = EmbedderSpec.from_json(embedder)
     kinds = {part.kind for part in spec.parts} if spec.parts else {spec.kind}
     return NEAR_DUPLICATE_SIMILARITY_CLASSIC if "classic" in kinds else NEAR_DUPLICATE_SIMILARITY
 
@@ -680,6 +682,7 @@ def write_task(
     config: MergeConfig,
     group: list[int],
     manifests: dict[int, dict],
+    embedder: EmbedderSpec,
     vocab: list[str],
     tag_counts: list[int],
     id_length: int,
@@ -688,8 +691,11 @@ def write_task(
 ) -> dict[str, Any]:
     """Step 5: stream a group's kept rows into its part folder; returns the part's manifest."""
     part = storage.join(config.out, PARTS, part_name)
-    if storage.exists(storage.join(part, MANIFEST)):
-        return {**storage.read_json(storage.join(part, MANIFEST)), "name": part_name}
+    written = artifacts.read_finished(  # a resumed merge: the part a killed run finished
+        part, DATASET_FORMAT, DATASET_VERSION, what="dataset part", fix="the merge writes it again"
+    )
+    if written is not None:
+        return {**written.manifest, "name": part_name}
     kept_order = storage.load_npy(
         storage.join(work, "counts", f"group-{group[0]:05d}", "kept_order.npy")
     )
@@ -718,7 +724,6 @@ def write_task(
             split = split_of(config, work, ids, kept_order[lo:hi])
             writer.append(embeddings[kept], ids, split, label_indptr, label_indices)
             del rows, kept_rows, embeddings
-        embedder = manifests[group[0]]["embedder"]
         manifest = writer.finish(vocab=vocab, tag_counts=tag_counts, embedder=embedder)
     return {**manifest, "name": part_name}
 
@@ -858,9 +863,8 @@ def run(config: MergeConfig) -> MergeResult:
         raise FileNotFoundError(
             f"no finished shards under {storage.join(config.shards, 'shards')}; run `hashtag scrape` first"
         )
-    _check_compatible(manifests)
-    first = next(iter(manifests.values()))
-    embedder, dim = first["embedder"], first["dim"]
+    embedder = _check_compatible(manifests)
+    dim = next(iter(manifests.values()))["dim"]
     config = replace(  # 0: the threshold calibrated for this embedder, recorded as such
         config,
         near_duplicate_similarity=near_duplicate_similarity(
@@ -947,7 +951,17 @@ def run(config: MergeConfig) -> MergeResult:
         "merge 4/4: write parts",
         write_task,
         [
-            (config, g, {i: manifests[i] for i in g}, vocab, counts_in_vocab, id_length, name, work)
+            (
+                config,
+                g,
+                {i: manifests[i] for i in g},
+                embedder,
+                vocab,
+                counts_in_vocab,
+                id_length,
+                name,
+                work,
+            )
             for g, name in written
         ],
         [f"part {name} of shards {g[0]}-{g[-1]}" for g, name in written],
@@ -978,7 +992,7 @@ def run(config: MergeConfig) -> MergeResult:
         "out": config.out,
         "count": manifest["count"],
         "dim": dim,
-        "embedder": embedder,
+        "embedder": embedder.to_json(),
         "vocab_size": len(vocab),
         "splits": manifest["splits"],
         "unlabeled": manifest["unlabeled"],
@@ -1017,16 +1031,4 @@ def _remove_stale(out: str, parts: set[str]) -> None:
         if name not in parts:
             storage.remove(storage.join(out, PARTS, name))
     storage.remove(storage.join(out, WORK))
-    for name in (
-        "embeddings",
-        "ids",
-        "ids_utf8",
-        "ids_offsets",
-        "split",
-        "labels_indptr",
-        "labels_indices",
-    ):
-        storage.remove(storage.join(out, f"{name}.npy"))
-    storage.remove(storage.join(out, VOCAB))
-    if not storage.is_remote(out):
-        _remove_stale_temporaries(storage.filesystem(out)[1])
+    artifacts.remove_files(out, FILES + OLDER_FILES)

@@ -207,3 +207,11 @@ def evaluate_blocks(
     }
     result.update({key: _ratio(total, counted) for key, total in sums.items()})
     return result
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows of `x` scaled to unit L2 norm, as float32 (a zero row stays zero): what cosine
+    similarity needs, shared by the embedders and the models."""
+    x = np.asarray(x, np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)

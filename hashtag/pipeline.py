@@ -26,10 +26,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-from hashtag import storage
+from hashtag import options, storage
 from hashtag.errors import UserError
 from hashtag.merge import MergeConfig
 from hashtag.recommend import RecommendConfig
@@ -105,14 +105,15 @@ class PipelineConfig:
             if config_cls is None:
                 continue
             given = getattr(self, f.name)
-            if isinstance(given, config_cls):
-                given = {
-                    k.name: getattr(given, k.name)
-                    for k in dataclasses.fields(given)
-                    if k.name not in derived[f.name]
-                }
             try:
-                built = config_cls(**(given or {}), **derived[f.name])
+                if isinstance(given, config_cls):
+                    built = dataclasses.replace(given, **derived[f.name])
+                else:  # a mapping of options (the CLI, YAML)
+                    given = dict(given or {})
+                    clash = sorted(set(given) & set(derived[f.name]))
+                    if clash:
+                        raise TypeError(f"{', '.join(clash)} is set by the pipeline")
+                    built = options.build(config_cls, {**given, **derived[f.name]})
             except TypeError as error:  # an unknown or derived option in the mapping
                 raise UserError(f"{f.name}: {error}") from None
             except ValueError as error:
@@ -201,7 +202,7 @@ def run(config: PipelineConfig) -> PipelineResult:
         )
     summary: dict[str, Any] = {
         "stage": "pipeline",
-        "config": asdict(config),
+        "config": options.flatten(config),
         "stages": stages,
         "outputs": {
             "shards": storage.join(config.out, "shards"),

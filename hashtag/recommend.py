@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 
 from hashtag import storage, tags
-from hashtag.embedders import EmbedderSpec
 from hashtag.errors import UserError
 from hashtag.export import EMBEDDER_WEIGHTS, ExportedModel  # noqa: F401 (ExportedModel's old home)
+from hashtag.fetch import FetchConfig
 
 BATCH = 64  # posts embedded and scored together in --manifest mode
 MAX_LINE_BYTES = 1 << 20  # one --manifest line (sources.MAX_ROW_BYTES): longer is an error line
@@ -81,16 +81,14 @@ class RecommendConfig:
         default=0.5,
         metadata={"help": "with --tags and an image: weight of the image scores (0..1)"},
     )
-    fetch_deadline_s: float = field(
-        default=60.0,
-        metadata={"help": "wall-clock limit of fetching one image, retries included (seconds)"},
+    # The fetch settings offered as options (`--fetch-deadline-s`): declared in FetchConfig.
+    fetch: FetchConfig = field(
+        default_factory=FetchConfig, metadata={"embed": ("fetch_deadline_s",)}
     )
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("--model is required: the folder tune exported (OUT/model)")
-        if not self.fetch_deadline_s > 0:
-            raise ValueError(f"--fetch-deadline-s must be > 0, got {self.fetch_deadline_s}")
         if isinstance(self.images, str):
             object.__setattr__(self, "images", (self.images,))
         if self.manifest and (self.images or self.tags.strip()):
@@ -193,11 +191,11 @@ def top_hashtags(
 
 
 def _image_scores(
-    exported: ExportedModel, images: list[str], fetch_deadline_s: float = 60.0
+    exported: ExportedModel, images: list[str], fetch: FetchConfig | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Scores (V,) of every image that could be embedded, and the reason for every other one."""
     from hashtag import ingest
-    from hashtag.fetch import FetchConfig, Fetcher
+    from hashtag.fetch import Fetcher
     from hashtag.posts import Post
 
     if not images:
@@ -206,7 +204,7 @@ def _image_scores(
         reason = "this model was trained on labels only (no image embedder): give tags alone"
         return {}, dict.fromkeys(images, reason)
     posts = [Post(id=str(n), image=location, tags=()) for n, location in enumerate(images)]
-    fetcher = Fetcher(FetchConfig(fetch_deadline_s=fetch_deadline_s))
+    fetcher = Fetcher(fetch or FetchConfig())
     result = ingest.embed_posts(posts, exported.embedder, fetcher, threads=4)
     errors = {images[int(post_id)]: reason for post_id, reason in result.skips}
     if not result.posts:
@@ -230,7 +228,7 @@ def _recommend_batch(
 ) -> list[dict[str, Any]]:
     """One result per query, in order: {"image", "hashtags"} (plus "id", "given") or "error"."""
     images = sorted({q.image for q in queries if q.image and not q.error})
-    scores, errors = _image_scores(exported, images, config.fetch_deadline_s)
+    scores, errors = _image_scores(exported, images, config.fetch)
     results = []
     for query in queries:
         result: dict[str, Any] = {} if query.id is None else {"id": query.id}
@@ -409,7 +407,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             f"{config.data} has a different hashtag vocabulary than the model {config.model}: "
             "evaluate on the dataset the model was trained on"
         )
-    if exported.embedder_spec != EmbedderSpec.from_json(dataset.embedder):
+    if exported.embedder_spec != dataset.embedder:
         raise UserError(
             f"the dataset's embedder {dataset.embedder} is not the model's {exported.embedder_spec}"
         )

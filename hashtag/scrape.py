@@ -15,11 +15,11 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from hashtag import embedders, ingest, shards, sources, storage
+from hashtag import embedders, ingest, options, shards, sources, storage
 from hashtag.errors import UserError
 from hashtag.fetch import FetchConfig, Fetcher
 from hashtag.posts import Post
@@ -33,7 +33,7 @@ SUMMARY = "scrape.json"
 LOOKED_FOR = {
     "manifest": "rows with an `image` field (JSON Lines or CSV)",
     "instaloader": "instaloader posts (<date>_UTC.jpg with its .txt caption), searched recursively",
-    "seed": "rows of the *_csvs.npy files",
+    "legacy-npy": "rows of the *_csvs.npy files",
 }
 
 
@@ -97,23 +97,15 @@ class ScrapeConfig:
         default=False,
         metadata={"help": "allow the original project's pickled .npy files (trusted input only)"},
     )
-    allow_private_addresses: bool = field(
-        default=False,
-        metadata={"help": "let image URLs reach loopback/private addresses (tests only)"},
-    )
-    timeout_s: float = field(default=10.0, metadata={"help": "HTTP timeout per request, seconds"})
-    fetch_retries: int = field(
-        default=3, metadata={"help": "HTTP retries per image (5xx, 429, timeouts)"}
-    )
-    fetch_deadline_s: float = field(
-        default=60.0,
-        metadata={"help": "wall-clock limit of fetching one image, retries included (seconds)"},
-    )
-    max_image_bytes: int = field(
-        default=20_000_000, metadata={"help": "largest image download, bytes"}
-    )
     max_pixels: int = field(
         default=ingest.MAX_PIXELS, metadata={"help": "largest decoded image, pixels"}
+    )
+    # The fetch settings offered as options (`--fetch-retries`...): declared in FetchConfig.
+    fetch: FetchConfig = field(
+        default_factory=FetchConfig,
+        metadata={
+            "embed": ("allow_private", "timeout_s", "retries", "fetch_deadline_s", "max_bytes")
+        },
     )
 
     def __post_init__(self) -> None:
@@ -121,8 +113,6 @@ class ScrapeConfig:
             raise ValueError(f"--shard-size must be at least 1, got {self.shard_size}")
         if self.cpus_per_task <= 0 or self.gpus_per_task < 0:
             raise ValueError("--cpus-per-task must be > 0 and --gpus-per-task >= 0")
-        if not self.fetch_deadline_s > 0:
-            raise ValueError(f"--fetch-deadline-s must be > 0, got {self.fetch_deadline_s}")
         if self.memory_per_task_mb < 0:
             raise ValueError(f"--memory-per-task-mb must be >= 0, got {self.memory_per_task_mb}")
         if self.max_retries < 0 or self.max_in_flight < 0:
@@ -134,23 +124,20 @@ class ScrapeConfig:
         expanded = embedders.expand(names)
         if not names or len(set(expanded)) != len(expanded):
             raise UserError(f"--embedder: give one or more different embedders, got {names}")
-        for name in names:
-            embedders.EmbedderSpec.parse(name)  # a clear error for an unknown name, here
+        # Parsed once, here (a clear error for an unknown name), with the task's settings; not
+        # a field: the names are the config, the specs what they mean.
+        specs = tuple(embedders.EmbedderSpec.parse(n, **self.embedder_options(n)) for n in expanded)
+        object.__setattr__(self, "_embedder_specs", specs)
 
     def embedder_specs(self) -> list[embedders.EmbedderSpec]:
         """The requested embedders ("default" as its parts), parsed, with the task's settings
         (threads, weights)."""
-        names = embedders.expand(self.embedder)
-        return [embedders.EmbedderSpec.parse(n, **self.embedder_options(n)) for n in names]
+        return list(self._embedder_specs)
 
-    def fetch_config(self) -> FetchConfig:
-        return FetchConfig(
-            timeout_s=self.timeout_s,
-            retries=self.fetch_retries,
-            max_bytes=self.max_image_bytes,
-            allow_private=self.allow_private_addresses,
-            fetch_deadline_s=self.fetch_deadline_s,
-        )
+    @property
+    def embedder_spec(self) -> embedders.EmbedderSpec:
+        """The one spec of the requested embedders (an ensemble of several)."""
+        return embedders.EmbedderSpec.ensemble(self._embedder_specs)
 
     def embedder_options(self, name: str) -> dict:
         options: dict = {}
@@ -186,13 +173,13 @@ def embed_shard(
     if label_only:
         result, spec = ingest.label_only(posts), ingest.LABEL_ONLY_SPEC
     else:
-        embedder = embedders.cached(embedders.EmbedderSpec.ensemble(config.embedder_specs()))
+        embedder = embedders.cached(config.embedder_spec)
         # One decode thread per CPU the task holds: more would steal cores from other tasks.
         threads = max(1, int(config.cpus_per_task))
         result = ingest.embed_posts(
             posts,
             embedder,
-            Fetcher(config.fetch_config()),
+            Fetcher(config.fetch),
             max_pixels=config.max_pixels,
             threads=threads,
         )
@@ -211,7 +198,7 @@ def embed_shard(
         index,
         result.posts,
         result.embeddings,
-        embedder=spec.to_json(),
+        embedder=spec,
         image_sha256=result.image_sha256,
         stats=stats,
     )
@@ -409,7 +396,7 @@ def run(config: ScrapeConfig) -> ScrapeResult:
     seconds = time.perf_counter() - start
     summary = {
         "stage": "scrape",
-        "config": asdict(config),
+        "config": options.flatten(config),
         "source": identity,
         "shard_size": config.shard_size,
         "shards_uri": storage.join(config.out, "shards"),

@@ -57,9 +57,10 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 from ray import serve
 
-from hashtag import storage
+from hashtag import options, storage
 from hashtag.artifacts import MANIFEST
 from hashtag.errors import UserError
+from hashtag.fetch import FetchConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,17 @@ MAX_BATCH_POSTS = 32  # posts in one /v1/recommend/batch request
 MAX_K = 100
 MAX_TAGS = 100  # tags given with one post
 MAX_TOKEN_BYTES = 4096
+
+# How a replica fetches an image URL: few retries, short waits, few redirects, a deadline of 5 s
+# (--fetch-deadline-s); ServeConfig fits the per-read timeout and the size cap to a request.
+REPLICA_FETCH = FetchConfig(
+    timeout_s=5.0,
+    retries=1,
+    backoff_s=0.2,
+    max_backoff_s=1.0,
+    max_redirects=3,
+    fetch_deadline_s=5.0,
+)
 
 
 @dataclass(frozen=True)
@@ -106,12 +118,11 @@ class ServeConfig:
     request_timeout_s: float = field(
         default=10.0, metadata={"help": "deadline of one request, fetching included (seconds)"}
     )
-    fetch_deadline_s: float = field(
-        default=5.0, metadata={"help": "deadline of fetching an image URL (seconds)"}
-    )
-    allow_private_addresses: bool = field(
-        default=False,
-        metadata={"help": "fetch image URLs on private networks (metadata addresses never)"},
+    # The fetch settings offered as options (`--fetch-deadline-s`, `--allow-private-addresses`):
+    # declared in FetchConfig; __post_init__ fits the rest to the request's budget.
+    fetch: FetchConfig = field(
+        default_factory=lambda: REPLICA_FETCH,
+        metadata={"embed": ("fetch_deadline_s", "allow_private")},
     )
     batch_size: int = field(
         default=32, metadata={"help": "images embedded together (1: no batching)"}
@@ -149,11 +160,21 @@ class ServeConfig:
             raise ValueError(f"--min-score must be a finite number, got {self.min_score}")
         if not 0.0 <= self.completion_weight <= 1.0:
             raise ValueError(f"--completion-weight must be in [0, 1], got {self.completion_weight}")
-        for name in ("max_body_mb", "request_timeout_s", "fetch_deadline_s", "replica_cpus"):
+        for name in ("max_body_mb", "request_timeout_s", "replica_cpus"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
-        if self.fetch_deadline_s >= self.request_timeout_s:
+        deadline = self.fetch.fetch_deadline_s
+        if deadline >= self.request_timeout_s:
             raise ValueError("--fetch-deadline-s must be shorter than --request-timeout-s")
+        # An image URL gets what a request has: each read and attempt within the fetch
+        # deadline, at most as many bytes as a request body.
+        fitted = dataclasses.replace(
+            self.fetch,
+            timeout_s=min(REPLICA_FETCH.timeout_s, deadline),
+            attempt_deadline_s=deadline,
+            max_bytes=self.max_body_bytes,
+        )
+        object.__setattr__(self, "fetch", fitted)
         if self.max_pixels < 1 or self.threads < 1 or self.batch_size < 1:
             raise ValueError("--max-pixels, --threads and --batch-size must be at least 1")
         if self.batch_wait_ms < 0:
@@ -337,9 +358,9 @@ class Hashtags:
     def __init__(self, settings: dict[str, Any]):
         from hashtag import recommend
         from hashtag.export import ExportedModel
-        from hashtag.fetch import FetchConfig, Fetcher
+        from hashtag.fetch import Fetcher
 
-        self.config = config = ServeConfig(**settings)
+        self.config = config = options.build(ServeConfig, settings)
         if config.token_required and not config.token_file:
             raise UserError("token auth is on but no token_file was given")
         self._token = read_token(config.token_file) if config.token_file else None
@@ -353,19 +374,7 @@ class Hashtags:
             self.has_completion = False
         if exported.has_images:
             _ = exported.embedder  # built (weights loaded) before the first request
-        self.fetcher = Fetcher(
-            FetchConfig(
-                timeout_s=min(5.0, config.fetch_deadline_s),
-                retries=1,
-                backoff_s=0.2,
-                max_backoff_s=1.0,
-                max_bytes=config.max_body_bytes,
-                max_redirects=3,
-                allow_private=config.allow_private_addresses,
-                attempt_deadline_s=config.fetch_deadline_s,
-                fetch_deadline_s=config.fetch_deadline_s,
-            )
-        )
+        self.fetcher = Fetcher(config.fetch)
         self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix="prepare")
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._score_batch.set_max_batch_size(config.batch_size)
@@ -376,7 +385,7 @@ class Hashtags:
 
     def _model_info(self) -> dict[str, Any]:
         exported, meta = self.exported, self.exported.metadata
-        manifest = storage.read_bytes(storage.join(self.config.model, "manifest.json"))
+        manifest = storage.read_bytes(storage.join(self.config.model, MANIFEST))
         kind = str(meta.get("model") or exported.recommender.name)
         return {
             "id": f"{kind}-{hashlib.sha256(manifest).hexdigest()[:12]}",
@@ -626,21 +635,21 @@ def build(config: ServeConfig):
     replicas; the replicas read the token file themselves (it never enters Serve's config)."""
     from hashtag import raycluster
 
-    options: dict[str, Any] = {
+    settings: dict[str, Any] = {
         "max_ongoing_requests": config.max_ongoing_requests,
         "max_queued_requests": config.max_queued_requests,
         "ray_actor_options": {"num_cpus": config.replica_cpus, **_runtime_env(raycluster)},
         "graceful_shutdown_timeout_s": config.request_timeout_s,
     }
     if config.max_replicas > config.min_replicas:
-        options["autoscaling_config"] = {
+        settings["autoscaling_config"] = {
             "min_replicas": config.min_replicas,
             "max_replicas": config.max_replicas,
             "target_ongoing_requests": config.target_ongoing_requests,
         }
     else:
-        options["num_replicas"] = config.min_replicas
-    return Hashtags.options(**options).bind(dataclasses.asdict(config))
+        settings["num_replicas"] = config.min_replicas
+    return Hashtags.options(**settings).bind(options.flatten(config))
 
 
 def _runtime_env(raycluster) -> dict[str, Any]:
@@ -651,22 +660,21 @@ def _runtime_env(raycluster) -> dict[str, Any]:
 def app(args: dict[str, Any]):
     """`serve deploy` / `serve run hashtag.serve:app model=URI token_file=PATH`: the builder
     named by infra/serve.yaml. A cluster faces the network: the token file is required."""
-    names = {f.name for f in dataclasses.fields(ServeConfig)}
+    types = {o.name: o.annotation for o in options.options(ServeConfig)}
     settings = {str(k).replace("-", "_"): v for k, v in dict(args or {}).items()}
-    unknown = set(settings) - names
+    unknown = set(settings) - set(types)
     if unknown:
-        raise ValueError(f"unknown argument(s) {sorted(unknown)}; known: {sorted(names)}")
+        raise ValueError(f"unknown argument(s) {sorted(unknown)}; known: {sorted(types)}")
     if not settings.get("token_file"):
         raise ValueError(
             "args.token_file is required: the file (on every node) holding the bearer token"
         )
-    hints = {f.name: f.type for f in dataclasses.fields(ServeConfig)}
     for name, value in settings.items():  # `serve run` passes key=value strings
-        if isinstance(value, str) and hints[name] in ("int", "float"):
-            settings[name] = int(value) if hints[name] == "int" else float(value)
-        elif isinstance(value, str) and hints[name] == "bool":
+        if isinstance(value, str) and types[name] in (int, float):
+            settings[name] = types[name](value)
+        elif isinstance(value, str) and types[name] is bool:
             settings[name] = value.lower() in ("1", "true", "yes")
-    return build(ServeConfig(**settings))
+    return build(options.build(ServeConfig, settings))
 
 
 def start(config: ServeConfig) -> str:

@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 
 from hashtag import artifacts, storage
-from hashtag.errors import ArtifactError
+from hashtag.artifacts import MANIFEST
+from hashtag.embedders import EmbedderSpec
+from hashtag.errors import ArtifactError, UserError
 from hashtag.posts import Post
 
 log = logging.getLogger(__name__)
@@ -32,9 +34,7 @@ SHARD_FORMAT = "hashtag-shard"
 SHARD_VERSION = 1
 EMBEDDINGS = "embeddings.npy"
 POSTS = "posts.jsonl"
-MANIFEST = "manifest.json"
 MAX_DIM = 1 << 16  # an embedding wider than this is a tampered manifest, not a model
-_NO_ENTRY: dict[str, Any] = {"bytes": None, "sha256": None}
 _SHARD_NAME = re.compile(r"^shard-(\d+)$")
 # Stats a shard writer may report; missing ones default to these (copied) values.
 _STAT_DEFAULTS: dict[str, Any] = {
@@ -58,6 +58,11 @@ class ShardData:
     embeddings: np.ndarray
     manifest: dict[str, Any]
 
+    @property
+    def embedder(self) -> EmbedderSpec:
+        """The spec of the embedder that made `embeddings`."""
+        return embedder(self.manifest)
+
 
 def shard_uri(root: str, index: int) -> str:
     """ROOT/shards/shard-00000 for index 0."""
@@ -72,13 +77,14 @@ def write_shard(
     posts: list[Post],
     embeddings: np.ndarray,
     *,
-    embedder: dict[str, Any],
+    embedder: EmbedderSpec | dict[str, Any],
     image_sha256: list[str | None],
     stats: dict[str, Any],
 ) -> dict[str, Any]:
     """Write shard `index` under ROOT/shards and return its manifest (written last).
 
-    `embeddings` is (len(posts), dim) float32, dim 0 for label-only data; `image_sha256[i]` is
+    `embeddings` is (len(posts), dim) float32, dim 0 for label-only data; `embedder` the spec
+    that made them (or its JSON), recorded as its JSON; `image_sha256[i]` is
     the hex digest of post i's image bytes (None without image); `stats` holds posts_in,
     skipped ({reason: count}), skips ([{"id", "reason"}]), bytes_read and seconds; extra keys
     are recorded as given. A post's own `embedding` field is not repeated in posts.jsonl: its
@@ -114,7 +120,10 @@ def write_shard(
     if fields["posts_in"] is None:
         fields["posts_in"] = len(posts)
     fields.update(
-        shard=int(index), count=len(posts), dim=int(embeddings.shape[1]), embedder=embedder
+        shard=int(index),
+        count=len(posts),
+        dim=int(embeddings.shape[1]),
+        embedder=EmbedderSpec.from_json(embedder).to_json(),
     )
     return artifacts.write_manifest(uri, SHARD_FORMAT, SHARD_VERSION, files, **fields)
 
@@ -128,17 +137,25 @@ def open_shard(root: str, index: int) -> artifacts.Artifact:
         SHARD_VERSION,
         what="shard",
         fix="rerun the same `hashtag scrape` to rebuild it",
+        unlisted=True,  # a manifest built by hand (tests) lists no files: the files are the truth
     )
     manifest = shard.manifest
     if manifest.get("shard") != index:
         raise shard.error(f"its manifest names shard {str(manifest.get('shard'))[:20]}")
     shard.int_field("count")
     shard.int_field("dim", high=MAX_DIM)
-    if not isinstance(manifest.get("embedder"), dict):
-        raise shard.error("its manifest has no embedder spec")
-    if manifest["files"] and set(manifest["files"]) != {EMBEDDINGS, POSTS}:
+    try:
+        embedder(manifest)
+    except UserError:
+        raise shard.error("its manifest has no embedder spec") from None
+    if shard.files and set(shard.files) != {EMBEDDINGS, POSTS}:
         raise shard.error(f"its manifest lists {sorted(manifest['files'])}")
     return shard
+
+
+def embedder(manifest: dict[str, Any]) -> EmbedderSpec:
+    """The spec of the embedder that made a shard's embeddings (`open_shard` checked it)."""
+    return EmbedderSpec.from_json(manifest.get("embedder"))
 
 
 def read_manifest(root: str, index: int) -> dict[str, Any] | None:
@@ -155,7 +172,7 @@ def read_manifest(root: str, index: int) -> dict[str, Any] | None:
 def verify(root: str, index: int, manifest: dict[str, Any]) -> str | None:
     """None when shard `index`'s data files match `manifest` (sizes and sha256), else the problem."""
     try:
-        _artifact(root, index, manifest, fix="").verify()  # the caller says what to do
+        _artifact(root, index, manifest, fix="").verify([EMBEDDINGS, POSTS])  # caller says the fix
     except ArtifactError as error:
         return str(error)
     return None
@@ -247,7 +264,7 @@ def _require_manifest(root: str, index: int) -> dict[str, Any]:
     manifest = read_manifest(root, index)
     if manifest is None:
         raise FileNotFoundError(
-            f"shard {index} under {root} is not finished (no valid manifest.json); run the scrape"
+            f"shard {index} under {root} is not finished (no valid {MANIFEST}); run the scrape"
         )
     return manifest
 
@@ -255,9 +272,7 @@ def _require_manifest(root: str, index: int) -> dict[str, Any]:
 def _artifact(
     root: str, index: int, manifest: dict[str, Any], fix: str = "rerun the same `hashtag scrape`"
 ) -> artifacts.Artifact:
-    if not manifest.get("files"):  # a manifest built by hand (tests): the files are the truth
-        manifest = {**manifest, "files": {EMBEDDINGS: _NO_ENTRY, POSTS: _NO_ENTRY}}
-    return artifacts.Artifact(shard_uri(root, index), manifest, fix)
+    return artifacts.Artifact(shard_uri(root, index), manifest, fix, unlisted=True)
 
 
 def _copy(value: Any) -> Any:

@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 MANIFEST_NAMES = ("posts.jsonl", "posts.csv", "manifest.jsonl", "manifest.csv")
 _JSON_EXTENSIONS = (".jsonl", ".ndjson", ".json")
 _CSV_EXTENSIONS = (".csv", ".tsv")
-_SEED_SUFFIX = "_csvs.npy"
+_LEGACY_SUFFIX = "_csvs.npy"
 MAX_ROW_BYTES = 1 << 20
 MAX_ID_CHARS = 256
 LOGGED_PER_REASON = 3  # skips and warnings logged one by one per reason; the rest are counted
@@ -151,7 +151,8 @@ class Source:
 
 
 def open_source(uri: str, *, trust_pickle: bool = False) -> Source:
-    """The source at `uri`: a manifest file, an instaloader folder or the seed-instagram files."""
+    """The source at `uri`: a manifest file, an instaloader folder or the original project's
+    files (hashtags.txt and *_csvs.npy, as in the seed-instagram data set)."""
     uri = _absolute(str(uri))
     fs, path = storage.filesystem(uri)
     if not fs.exists(path):
@@ -161,9 +162,9 @@ def open_source(uri: str, *, trust_pickle: bool = False) -> Source:
         )
     if fs.isdir(path):
         names = storage.listdir(uri)
-        if "hashtags.txt" in names and any(n.endswith(_SEED_SUFFIX) for n in names):
-            seed_files = [storage.join(uri, n) for n in names if n.endswith(_SEED_SUFFIX)]
-            return SeedSource(uri, seed_files, trust_pickle=trust_pickle)
+        if "hashtags.txt" in names and any(n.endswith(_LEGACY_SUFFIX) for n in names):
+            npy_files = [storage.join(uri, n) for n in names if n.endswith(_LEGACY_SUFFIX)]
+            return LegacyNpySource(uri, npy_files, trust_pickle=trust_pickle)
         for manifest in MANIFEST_NAMES:
             if manifest in names:
                 return ManifestSource(storage.join(uri, manifest))
@@ -171,8 +172,8 @@ def open_source(uri: str, *, trust_pickle: bool = False) -> Source:
     lower = uri.lower()
     if lower.endswith(_JSON_EXTENSIONS + _CSV_EXTENSIONS):
         return ManifestSource(uri)
-    if lower.endswith(_SEED_SUFFIX):
-        return SeedSource(_parent(uri), [uri], trust_pickle=trust_pickle)
+    if lower.endswith(_LEGACY_SUFFIX):
+        return LegacyNpySource(_parent(uri), [uri], trust_pickle=trust_pickle)
     raise ValueError(
         f"cannot tell what kind of source {uri} is: use a .jsonl/.json/.csv/.tsv manifest, "
         "an instaloader folder or a *_csvs.npy file"
@@ -641,10 +642,10 @@ def _node_metadata(node: dict[str, Any]) -> dict[str, Any]:
 # the original project's files -------------------------------------------------------------------
 
 
-class SeedSource(Source):
+class LegacyNpySource(Source):
     """Label-only posts from the original project's hashtags.txt and *_csvs.npy files."""
 
-    kind = "seed"
+    kind = "legacy-npy"
     _SPLIT_ORDER = {"train": 0, "val": 1, "validation": 1, "test": 2}
 
     def __init__(self, folder: str, files: list[str], *, trust_pickle: bool = False):
@@ -699,7 +700,7 @@ class SeedSource(Source):
 
 def _split_name(uri: str) -> str:
     """'train' from '.../train_csvs.npy'."""
-    return _split(uri)[-1][: -len(_SEED_SUFFIX)] or "data"
+    return _split(uri)[-1][: -len(_LEGACY_SUFFIX)] or "data"
 
 
 # paths ------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from hashtag import models, storage, tfimport
+from hashtag import artifacts, models, storage, tfimport
 
 # Inside a trial checkpoint: the model folder (models' save format) and our bookkeeping.
 CHECKPOINT_MODEL = "model"
@@ -249,7 +249,7 @@ def train_trial(
         train = data.train(dim, n_tags)
         if recommender.streams:
             X_train, Y_train = train, None
-        else:  # a model that needs every row at once (seed): in memory, whatever the budget
+        else:  # a model that needs every row at once (factorisation): in memory, any budget
             X_train, Y_train = _in_memory(train)
         recommender.fit(
             X_train,
@@ -296,9 +296,7 @@ def first_rows(blocks, n: int):
 
 def blocks_of(dataset) -> tuple[int, ...]:
     """The dims of the embedders a dataset's features concatenate; () for one embedder."""
-    from hashtag.embedders import EmbedderSpec
-
-    return EmbedderSpec.from_json(dataset.embedder).blocks
+    return dataset.embedder.blocks
 
 
 def checkpoint_model(checkpoint) -> models.Recommender:
@@ -314,13 +312,12 @@ def checkpoint_state(checkpoint) -> dict[str, Any] | None:
         return None
     with checkpoint.as_directory() as folder:
         state_path = os.path.join(folder, CHECKPOINT_STATE)
-        manifest_path = os.path.join(folder, CHECKPOINT_MODEL, "manifest.json")
-        if not (os.path.exists(state_path) and os.path.exists(manifest_path)):
+        model_path = os.path.join(folder, CHECKPOINT_MODEL)
+        if not (os.path.exists(state_path) and artifacts.exists(model_path)):
             return None
         with open(state_path) as f:
             state = json.load(f)
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+        manifest = artifacts.read_manifest(model_path, what="checkpoint")
     history = manifest.get("history") or {}
     state["history"] = {k: v for k, v in history.items() if k in EPOCH_METRICS}
     state["epoch"] = int(manifest.get("epochs_done", 0))

@@ -73,7 +73,10 @@ ASHA_REDUCTION = 3
 class TuneConfig:
     data: str = field(metadata={"help": "merged dataset URI (merge's OUT), local or s3://"})
     out: str = field(metadata={"help": "where tables, plots, Tune's experiment and the model go"})
-    model: str = field(default="mlp", metadata={"help": "trainable model of the grid: mlp or seed"})
+    model: str = field(
+        default="mlp",
+        metadata={"help": "trainable model of the grid: mlp or factorisation (formerly seed)"},
+    )
     batch_sizes: tuple[int, ...] = field(
         default=(16, 64, 256), metadata={"help": "grid batch sizes"}
     )
@@ -143,6 +146,9 @@ class TuneConfig:
             raise ValueError("--data is required: the merged dataset (`hashtag merge`'s OUT)")
         if not str(self.out).strip():
             raise ValueError("--out is required: where the results and the model are written")
+        if self.model in models.ALIASES:  # an old name: commands and job files still give it
+            log.warning("--model %s is now called %s", self.model, models.ALIASES[self.model])
+            object.__setattr__(self, "model", models.ALIASES[self.model])
         if self.model not in models.TRAINABLE:
             raise ValueError(
                 f"--model {self.model!r} cannot be tuned; use one of {', '.join(sorted(models.TRAINABLE))}"
@@ -202,10 +208,13 @@ class TuneConfig:
     def experiment_name(self, dataset: dict[str, Any]) -> str:
         """Same name for the same training settings and dataset (`dataset_fingerprint`), so a
         rerun restores the experiment instead of restarting, and a rebuilt dataset retrains."""
+        old_names = {new: old for old, new in models.ALIASES.items()}
         settings = {
             "dataset": dataset,
             "data": self.data,
-            "model": self.model,
+            # The name the model had when the experiment was started: a grid of the renamed
+            # factorisation (formerly seed) restores the experiment a rerun finds.
+            "model": old_names.get(self.model, self.model),
             "batch_sizes": list(self.batch_sizes),
             "learning_rates": list(self.learning_rates),
             "epochs": self.epochs,

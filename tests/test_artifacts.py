@@ -204,3 +204,39 @@ def test_ids_of_a_tampered_or_older_dataset(tmp_path):
     manifest["files"]["ids.npy"] = artifacts.file_entry(str(old / "ids.npy"))
     (old / "manifest.json").write_text(json.dumps(manifest))
     assert Dataset.load(str(old)).ids.tolist() == [f"p{i}" for i in range(12)]
+
+
+def test_the_legacy_no_files_rule_is_opt_in_and_confined(tmp_path):
+    """A manifest listing no files: read unchecked only by formats once written that way
+    (`unlisted=True`), and only plain names inside the folder."""
+    folder = tmp_path / "old"
+    artifacts.write_array(str(folder), "a.npy", np.arange(3))
+    artifacts.write_manifest(str(folder), "f", 1, {})
+    old = artifacts.read(str(folder), "f", 1, what="thing", fix="rebuild it", unlisted=True)
+    assert old.legacy and old.load_array("a.npy", verify=True).tolist() == [0, 1, 2]
+    with pytest.raises(ArtifactError, match="not a plain file name"):
+        old.path("../a.npy")
+    strict = artifacts.read(str(folder), "f", 1, what="thing", fix="rebuild it")
+    with pytest.raises(ArtifactError, match="does not list 'a.npy'"):
+        strict.load_array("a.npy")
+
+
+def test_exists_read_finished_and_temporaries(tmp_path, caplog):
+    """What a resumed job asks of an output: finished (checked), or to be written again."""
+    out = make_dataset(tmp_path)
+    assert artifacts.exists(str(out)) and not artifacts.exists(str(tmp_path / "none"))
+    read = {"format": "hashtag-dataset", "versions": 1, "what": "part", "fix": "rewrite it"}
+    assert artifacts.read_finished(str(out), **read).manifest["count"] == 12
+    assert artifacts.read_finished(str(tmp_path / "none"), **read) is None
+    assert artifacts.read_manifest(str(out))["count"] == 12
+    (out / "manifest.json").write_text("{damaged")
+    assert artifacts.read_finished(str(out), **read) is None
+    assert "not valid JSON" in caplog.text
+    # A killed writer's temporaries go; other files stay.
+    (out / f"vocab.json{artifacts.temporary_suffix()}").write_text("x")
+    (out / "notes.txt").write_text("keep")
+    artifacts.remove_files(str(out), ["vocab.json", "split.npy"])
+    assert sorted(os.listdir(out)) == sorted(
+        ["embeddings.npy", "ids_utf8.npy", "ids_offsets.npy", "labels_indptr.npy",
+         "labels_indices.npy", "manifest.json", "notes.txt"]
+    )  # fmt: skip

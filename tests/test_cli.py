@@ -53,6 +53,37 @@ def test_missing_and_unknown_options_are_clear_errors(tmp_path):
         _parse(["--source", "x", "--out", "y", "--shard-size", "0"])
 
 
+def test_fetch_settings_are_one_embedded_section_under_the_same_flags(tmp_path):
+    """FetchConfig is declared once; scrape, recommend and serve embed it and offer its fields
+    under the flag names users know, with their stage's default, and record them flat."""
+    from hashtag import options
+    from hashtag.fetch import FetchConfig
+    from hashtag.recommend import RecommendConfig
+    from hashtag.serve import ServeConfig
+
+    flags = ["--timeout-s", "1", "--fetch-retries", "0", "--fetch-deadline-s", "2"]
+    config = _parse(["--source", "x", "--out", "y", *flags, "--max-image-bytes", "10"])
+    assert config.fetch == FetchConfig(timeout_s=1, retries=0, fetch_deadline_s=2, max_bytes=10)
+    path = tmp_path / "job.yaml"
+    path.write_text("source: x\nout: y\nallow_private_addresses: true\nfetch-retries: 1\n")
+    config = _parse(["--config", str(path)])
+    assert config.fetch == FetchConfig(allow_private=True, retries=1)
+    summary = options.flatten(config)  # what scrape.json records: the keys it always had
+    assert {k: summary[k] for k in ("allow_private_addresses", "fetch_retries")} == {
+        "allow_private_addresses": True,
+        "fetch_retries": 1,
+    }
+    assert options.build(ScrapeConfig, summary) == config
+    with pytest.raises(UserError, match="--fetch-deadline-s .* must be > 0"):
+        _parse(["--source", "x", "--out", "y", "--fetch-deadline-s", "0"])
+    defaults = {o.name: o.default for o in options.options(ServeConfig)}
+    assert defaults["fetch_deadline_s"] == 5.0 and "fetch_retries" not in defaults
+    served = options.build(ServeConfig, {"model": "m", "fetch_deadline_s": 2.0})
+    assert (served.fetch.timeout_s, served.fetch.attempt_deadline_s) == (2.0, 2.0)
+    assert served.fetch.retries == 1 and served.fetch.max_bytes == served.max_body_bytes
+    assert [o.name for o in options.options(RecommendConfig) if o.section] == ["fetch_deadline_s"]
+
+
 def test_console_script_and_jobs_entrypoints_run():
     for argv in (["-m", "hashtag.cli", "scrape", "--help"], ["jobs/pipeline.py", "--help"]):
         done = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True)
@@ -262,7 +293,7 @@ def test_pipeline_config_sections_flags_and_yaml(tmp_path):
     cli.add_config_arguments(parser, PipelineConfig)
     args = parser.parse_args(["--config", str(path), "--tune.epochs", "4", "--max-in-flight", "2"])
     config = cli.config_from_args(PipelineConfig, args)
-    assert (config.scrape.max_retries, config.scrape.fetch_retries) == (5, 1)
+    assert (config.scrape.max_retries, config.scrape.fetch.retries) == (5, 1)
     assert config.scrape.max_in_flight == 2 and config.scrape.out == "s3://bucket/run"
     assert config.scrape.source == "posts.jsonl" and config.merge.shards == "s3://bucket/run"
     assert (config.merge.val_fraction, config.merge.seed) == (0.2, "abc")

@@ -30,6 +30,9 @@ INFRA = REPO / "infra"
 BUCKET = "hashtag-data"
 SOURCES_PREFIX = "sources/"
 OUTPUT_PREFIX = "runs/"
+SPACE_TAG = "hashtag-runs"  # the role tag naming the run space a cluster's roles may write
+SPACE = "hashtag"  # infra/README.md's example value, used by every example --out
+RUN_SPACE = f"{OUTPUT_PREFIX}${{aws:PrincipalTag/{SPACE_TAG}}}/"
 MODELS_PREFIX = "models/"
 
 
@@ -180,14 +183,34 @@ def as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def allowed(policy: list[dict], action: str, resource: str, prefix: str | None = None) -> bool:
-    """A small evaluator of Allow statements (the policy has no Deny): enough to check scope."""
+def resolve(pattern: str, tags: dict[str, str]) -> str | None:
+    """`${aws:PrincipalTag/k}` replaced by the role's tag; None when the role lacks it (IAM then
+    does not match the resource: a role without the tag gets nothing from that statement)."""
+    for name in re.findall(r"\$\{aws:PrincipalTag/([^}]+)\}", pattern):
+        if name not in tags:
+            return None
+        pattern = pattern.replace(f"${{aws:PrincipalTag/{name}}}", tags[name])
+    assert "${" not in pattern, f"unknown policy variable in {pattern}"
+    return pattern
+
+
+def allowed(
+    policy: list[dict],
+    action: str,
+    resource: str,
+    prefix: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> bool:
+    """A small evaluator of Allow statements (the policy has no Deny): enough to check scope.
+    `tags` are the principal's (role's) tags, by default the run space of infra/README.md."""
+    tags = {SPACE_TAG: SPACE} if tags is None else tags
     for statement in policy:
         if statement["Effect"] != "Allow":
             continue
         if not any(fnmatch.fnmatchcase(action, a) for a in as_list(statement["Action"])):
             continue
-        if not any(fnmatch.fnmatchcase(resource, r) for r in as_list(statement["Resource"])):
+        patterns = [resolve(r, tags) for r in as_list(statement["Resource"])]
+        if not any(p is not None and fnmatch.fnmatchcase(resource, p) for p in patterns):
             continue
         like = statement.get("Condition", {}).get("StringLike", {}).get("s3:prefix")
         if like is not None and (
@@ -206,8 +229,18 @@ def test_bucket_policy_is_least_privilege():
     assert allowed(policy, "s3:GetObject", obj.format(SOURCES_PREFIX + "posts/1.jpg"))
     assert allowed(policy, "s3:GetObject", obj.format(MODELS_PREFIX + "mobilenet_v2.tflite"))
     assert allowed(policy, "s3:ListBucket", bucket, prefix=MODELS_PREFIX)
-    assert allowed(policy, "s3:PutObject", obj.format(OUTPUT_PREFIX + "r1/shards/x.npy"))
-    assert allowed(policy, "s3:GetObject", obj.format(OUTPUT_PREFIX + "r1/dataset/manifest.json"))
+    run = f"{OUTPUT_PREFIX}{SPACE}/r1/"
+    assert allowed(policy, "s3:PutObject", obj.format(run + "shards/x.npy"))
+    assert allowed(policy, "s3:GetObject", obj.format(run + "dataset/manifest.json"))
+    # Writes only in the role's run space (its `hashtag-runs` tag); reads of every run.
+    other = f"{OUTPUT_PREFIX}other-team/r1/"
+    assert allowed(policy, "s3:GetObject", obj.format(other + "dataset/manifest.json"))
+    assert not allowed(policy, "s3:PutObject", obj.format(other + "shards/x.npy"))
+    assert not allowed(policy, "s3:PutObject", obj.format(OUTPUT_PREFIX + "r1/shards/x.npy"))
+    assert not allowed(policy, "s3:PutObject", obj.format(run + "x.npy"), tags={})
+    assert allowed(
+        policy, "s3:PutObject", obj.format(other + "x.npy"), tags={SPACE_TAG: "other-team"}
+    )
     assert allowed(policy, "s3:ListBucket", bucket, prefix=SOURCES_PREFIX + "posts/")
     assert allowed(policy, "s3:ListBucket", bucket, prefix=OUTPUT_PREFIX + "r1/")
     # And nothing more: tasks (this policy is on both roles) delete nothing, not even a run's.
@@ -225,7 +258,7 @@ def test_bucket_policy_is_least_privilege():
         for resource in as_list(statement["Resource"]):
             assert resource.startswith(bucket), resource
             if "s3:PutObject" in as_list(statement["Action"]):
-                assert resource == obj.format(OUTPUT_PREFIX + "*"), resource
+                assert resource == obj.format(RUN_SPACE + "*"), resource
 
 
 def test_other_policies_are_scoped(cluster):
@@ -465,7 +498,29 @@ def test_repository_is_immutable_and_the_bucket_versioned():
     # Only the driver (head role) may replace run outputs; versioning keeps what it replaces.
     (replace,) = statements("bucket-driver-replace.json")
     assert as_list(replace["Action"]) == ["s3:DeleteObject"]
-    assert as_list(replace["Resource"]) == [f"arn:aws:s3:::{BUCKET}/{OUTPUT_PREFIX}*"]
+    assert as_list(replace["Resource"]) == [f"arn:aws:s3:::{BUCKET}/{RUN_SPACE}*"]
+
+
+def test_every_role_is_made_with_its_run_space_and_examples_write_there():
+    """The policies give writes to `runs/<the role's hashtag-runs tag>/` only: a role made
+    without the tag could write nothing, and an example `--out` outside the space would fail
+    with AccessDenied on the cluster. So every `create-role` in infra/README.md tags the role,
+    and every s3:// run output named in the docs and manifests is inside the example space."""
+    readme = (INFRA / "README.md").read_text()
+    commands = re.findall(r"aws iam create-role(?:[^\n]*\\\n)*[^\n]*", readme)
+    assert len(commands) >= 3, commands
+    for command in commands:
+        assert f"--tags Key={SPACE_TAG},Value=$SPACE" in command, command
+    assert re.search(rf"^SPACE={SPACE}\b", readme, re.M)
+    files = [REPO / "README.md", CLUSTER_YAML, INFRA / "README.md", INFRA / "serve.yaml"]
+    files += sorted((INFRA / "kuberay").glob("*.yaml")) + sorted((REPO / "docs").glob("*.md"))
+    named = 0
+    for path in files:
+        for uri in re.findall(rf"s3://{BUCKET}/{OUTPUT_PREFIX}[^\s`'\"]*", path.read_text()):
+            named += 1
+            space = uri.removeprefix(f"s3://{BUCKET}/{OUTPUT_PREFIX}").split("/")[0]
+            assert space in (SPACE, "$SPACE"), (path.name, uri)
+    assert named >= 5
 
 
 def account_of(cluster: dict) -> str:

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from hashtag import ingest
-from hashtag.embedders import ClassicEmbedder
+from hashtag.classic import ClassicEmbedder
 from hashtag.fetch import Fetcher
 from hashtag.posts import Post
 

@@ -146,3 +146,16 @@ def test_the_checker_sees_every_import_form(tmp_path):
     top, nested = project_imports(source)
     assert top == {"storage", "tags", "errors", "metrics", "results"}
     assert nested == {"models", "tune"}
+
+
+def test_the_pure_core_imports_no_opencv():
+    """Models, formats and embedder specs load without OpenCV (only decoders and the classic
+    embedder need it): checked in a fresh interpreter, where nothing imported it yet."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; import hashtag.models, hashtag.dataset, hashtag.shards, hashtag.embedders, "
+        "hashtag.export; assert 'cv2' not in sys.modules, 'cv2 imported'"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=REPO, timeout=300)

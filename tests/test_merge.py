@@ -93,7 +93,7 @@ def test_merge_dedupes_and_builds_vocab(tmp_path):
     assert everything["distinct_train_tags"] == 4
     # Rows keep their own embeddings: shard 1's "c" is row 0 of shard 1.
     np.testing.assert_array_equal(ds.embeddings[2], [1.0, 1.0])
-    assert ds.embedder == SPEC and ds.dim == 2
+    assert ds.embedder.to_json() == SPEC and ds.dim == 2
     assert storage.read_json(str(tmp_path / "d" / "merge.json"))["count"] == 6
 
 
@@ -180,7 +180,7 @@ def test_label_only_shards(tmp_path):
     merge.run(config(root, str(tmp_path / "d"), min_count=1))
     ds = Dataset.load(str(tmp_path / "d"))
     assert ds.embeddings.shape == (3, 0) and ds.ids.tolist() == ["a", "b", "c"]
-    assert ds.vocab == ["x", "y"] and ds.embedder == spec
+    assert ds.vocab == ["x", "y"] and ds.embedder.to_json() == spec
 
 
 def test_missing_and_damaged_shards(tmp_path, caplog):

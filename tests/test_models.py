@@ -59,8 +59,10 @@ class Recorder:
 
 
 def test_registry_and_config_validation():
-    assert models.available() == ["blend", "kernel", "knn", "mlp", "popularity", "ridge", "seed"]
-    assert models.TRAINABLE == {"seed", "mlp"}
+    assert models.available() == [
+        "blend", "factorisation", "kernel", "knn", "mlp", "popularity", "ridge"
+    ]  # fmt: skip
+    assert models.TRAINABLE == {"factorisation", "mlp"}
     assert {n for n in models.available() if models.create(n).trainable} == models.TRAINABLE
     with pytest.raises(ValueError, match="available"):
         models.create("transformer")
@@ -120,9 +122,9 @@ def test_callback_can_stop_training(data):
     assert model.epochs_done == 2
 
 
-def test_seed_model_trains_with_fixed_threshold(data, popularity_score):
+def test_factorisation_model_trains_with_fixed_threshold(data, popularity_score):
     config = ModelConfig(**{**FAST, "epochs": 2, "batch_size": 256})
-    model = models.create("seed", config).fit(*data["train"], *data["val"])
+    model = models.create("factorisation", config).fit(*data["train"], *data["val"])
     assert model.decision == Decision("threshold", 0.5)
     scores = model.predict_scores(data["test"][0])
     assert ((scores >= 0) & (scores <= 1)).all()
@@ -157,7 +159,7 @@ def test_kernel_ridge_is_exact_up_to_its_landmarks_then_nystroem(data, popularit
         ModelConfig(kernel_landmarks=100_000)
 
 
-@pytest.mark.parametrize("name", ["popularity", "knn", "kernel", "mlp", "seed"])
+@pytest.mark.parametrize("name", ["popularity", "knn", "kernel", "mlp", "factorisation"])
 def test_save_load_roundtrip_without_pickle(tmp_path, data, name):
     X, Y = data["train"]
     vocab = [f"tag{i}" for i in range(Y.shape[1])]
@@ -175,6 +177,22 @@ def test_save_load_roundtrip_without_pickle(tmp_path, data, name):
     assert loaded.config == config and loaded.vocab == vocab and loaded.decision == model.decision
     assert loaded.metadata == {"embedder": {"name": "classic", "version": 1}}
     X_test = data["test"][0]
+    np.testing.assert_allclose(loaded.predict_scores(X_test), model.predict_scores(X_test))
+
+
+def test_the_factorisation_models_old_name_seed_still_creates_and_loads(tmp_path, data):
+    """Saved models, Tune checkpoints and commands from before the rename say "seed"."""
+    assert isinstance(models.create("seed"), models.Factorisation)
+    X, Y = data["train"]
+    model = models.create("factorisation", ModelConfig(**{**FAST, "epochs": 1})).fit(X, Y)
+    uri = str(tmp_path / "old")
+    model.save(uri)
+    path = tmp_path / "old" / "manifest.json"
+    path.write_text(path.read_text().replace('"model": "factorisation"', '"model": "seed"'))
+    assert json.loads(path.read_text())["model"] == "seed"
+    X_test = data["test"][0]
+    loaded = models.load(uri)
+    assert loaded.name == "factorisation"
     np.testing.assert_allclose(loaded.predict_scores(X_test), model.predict_scores(X_test))
 
 

@@ -20,6 +20,7 @@ from conftest import missing
 from hashtag import shards, storage
 from hashtag.dataset import Dataset
 from hashtag.errors import UserError
+from hashtag.fetch import FetchConfig
 from hashtag.merge import MergeConfig
 from hashtag.merge import run as merge
 from hashtag.scrape import ScrapeConfig
@@ -167,8 +168,8 @@ def test_worker_killed_mid_shard_is_retried_without_losing_or_duplicating_posts(
         killer.start()
         summary = scrape(
             ScrapeConfig(
-                source=manifest, out=out, shard_size=6, allow_private_addresses=True, max_retries=3,
-                embedder="classic",
+                source=manifest, out=out, shard_size=6, fetch=FetchConfig(allow_private=True),
+                max_retries=3, embedder="classic",
             )
         )  # fmt: skip
         stop.set()
@@ -198,7 +199,7 @@ def test_a_shard_that_keeps_dying_is_retried_a_bounded_number_of_times(local_ray
         summary = scrape(
             ScrapeConfig(
                 source=manifest, out=str(tmp_path / "out"), shard_size=6,
-                allow_private_addresses=True, max_retries=1, embedder="classic",
+                fetch=FetchConfig(allow_private=True), max_retries=1, embedder="classic",
             )
         )  # fmt: skip
         stop.set()
@@ -234,7 +235,7 @@ def test_hostile_rows_are_counted_skips_and_every_good_photo_is_embedded(local_r
         summary = scrape(
             ScrapeConfig(
                 source=manifest, out=str(tmp_path / "out"), shard_size=4,
-                allow_private_addresses=True, fetch_deadline_s=1.0, timeout_s=0.5,
+                fetch=FetchConfig(allow_private=True, fetch_deadline_s=1.0, timeout_s=0.5),
                 embedder="classic",
             )
         )  # fmt: skip

@@ -139,6 +139,7 @@ def test_rayservice_network_policy(rayservice):
 
 
 def test_config_refuses_an_open_host_without_a_token():
+    from hashtag.fetch import FetchConfig
     from hashtag.serve import ServeConfig, app
 
     with pytest.raises(ValueError, match="token-file"):
@@ -151,7 +152,7 @@ def test_config_refuses_an_open_host_without_a_token():
     with pytest.raises(ValueError, match="unknown"):
         app({"model": "m", "token_file": "t", "modle": "x"})
     with pytest.raises(ValueError, match="fetch-deadline"):
-        ServeConfig(model="m", fetch_deadline_s=20, request_timeout_s=10)
+        ServeConfig(model="m", fetch=FetchConfig(fetch_deadline_s=20), request_timeout_s=10)
 
 
 def test_token_file_is_read_like_rays_and_refused_when_world_readable(tmp_path):

@@ -12,8 +12,8 @@ from hashtag.fetch import Fetcher
 from hashtag.sources import (
     LOGGED_PER_REASON,
     InstaloaderSource,
+    LegacyNpySource,
     ManifestSource,
-    SeedSource,
     open_source,
 )
 
@@ -313,17 +313,17 @@ def test_instaloader_folder_on_s3(instaloader_folder, s3_bucket):
 # the original project's files -------------------------------------------------------------------
 
 
-def test_seed_files_need_trust(shared_dir):
+def test_legacy_npy_files_need_trust(shared_dir):
     folder = str(shared_dir / "data" / "seed-instagram")
     with pytest.raises(ValueError, match="trust_pickle=True") as info:
         open_source(folder)
     assert "pickle" in str(info.value) and "--trust-pickle" in str(info.value)
 
 
-def test_seed_files(shared_dir):
+def test_legacy_npy_files(shared_dir):
     folder = shared_dir / "data" / "seed-instagram"
     source = open_source(str(folder), trust_pickle=True)
-    assert isinstance(source, SeedSource)
+    assert isinstance(source, LegacyNpySource)
     posts = list(source.posts())
     assert len(posts) == 2936 and not source.skipped
     assert [p.id for p in posts] == [str(i) for i in range(2936)]
@@ -341,7 +341,7 @@ def test_seed_files(shared_dir):
     assert sum(1 for _ in one_file.posts()) == 588
 
 
-def test_seed_files_with_embeddings_and_bad_rows(tmp_path):
+def test_legacy_npy_files_with_embeddings_and_bad_rows(tmp_path):
     (tmp_path / "hashtags.txt").write_text("#Love\n#food\n#東京\n")
     rows = np.empty((3,), dtype=object)
     rows[0] = (7, "sc7", [1, 0, 1], [0.5, -1.0])

@@ -78,6 +78,12 @@ def test_config_validation_says_what_to_do(tmp_path):
     )
     assert tune.TuneConfig(**ok, epochs=3).experiment_name(fingerprint) != name
     assert tune.TuneConfig(**ok).experiment_name({**fingerprint, "count": 11}) != name
+    # The factorisation model's old name still works, and a grid started under it resumes.
+    renamed = tune.TuneConfig(**{**ok, "model": "seed"})
+    assert renamed.model == "factorisation"
+    assert renamed.experiment_name(fingerprint) == tune.TuneConfig(
+        **{**ok, "model": "factorisation"}
+    ).experiment_name(fingerprint)
 
 
 def test_trial_checkpoints_every_epoch_and_resumes(tmp_path, monkeypatch):

@@ -9,7 +9,8 @@
 
 Models (`available()`):
 - popularity: every image gets the training frequency of each hashtag.
-- seed: the original project (github.com/GarlandZhang/cs486_project) reimplemented: image and
+- factorisation (formerly `seed`, a name still accepted): the original project
+  (github.com/GarlandZhang/cs486_project) reimplemented, a logistic matrix factorisation: image and
   hashtag embedding tables with biases, sigmoid(image . hashtag + biases) trained with binary
   cross-entropy on every (image, hashtag) cell of the training matrix (missing pairs are
   negatives). A new image gets the mean latent vector - and, our choice, the mean bias - of its
@@ -26,7 +27,7 @@ Trained models run on TensorFlow (imported only when training); every model pred
 from plain arrays, so loading a saved model needs neither TensorFlow nor the training data.
 
 The decision rule (`Decision`: top-k or a score threshold) is chosen on validation data by
-`choose_decision`, never on test data; without validation data it is top-`k`. The seed model
+`choose_decision`, never on test data; without validation data it is top-`k`. The factorisation
 keeps the original's fixed threshold 0.5.
 
 Trainable models call `callbacks` (objects with `on_epoch_end(epoch, logs)`; returning True
@@ -44,6 +45,7 @@ from hashtag.models.base import (
     _MAX_PARTS,
     _REGISTRY,
     _SIMILARITY_CELLS,
+    ALIASES,
     FORMAT,
     KERNEL_LAMBDAS,
     LOSSES,
@@ -83,9 +85,10 @@ from hashtag.models.closed_form import (
     _concat_csr,
     _sparse_votes,
 )
-from hashtag.models.keras import Mlp, Seed, _KerasTrained, _unit_scale
+from hashtag.models.keras import Factorisation, Mlp, _KerasTrained, _unit_scale
 
 __all__ = [
+    "ALIASES",
     "Blocks",
     "Decision",
     "FORMAT",
@@ -127,8 +130,8 @@ __all__ = [
     "_sparse_votes",
     "Blend",
     "_simplex",
+    "Factorisation",
     "Mlp",
-    "Seed",
     "_KerasTrained",
     "_unit_scale",
 ]

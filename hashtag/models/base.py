@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from hashtag import artifacts, metrics, neighbours, storage, tfimport
+from hashtag import artifacts, metrics, neighbours, tfimport
 from hashtag.dataset import dense_labels
-from hashtag.embedders import l2_normalize
+from hashtag.metrics import l2_normalize
 
 FORMAT = "hashtag-model"
 
@@ -29,7 +29,10 @@ MAX_TAGS = 10_000_000  # more tags, or wider embeddings, are a tampered manifest
 MAX_DIM = 1 << 16
 
 
-TRAINABLE = {"seed", "mlp"}
+TRAINABLE = {"factorisation", "mlp"}
+# Old names of registered models, still accepted by `create` and `load` (saved models, Tune
+# checkpoints and commands carry them): "seed" now only means a random seed.
+ALIASES = {"seed": "factorisation"}
 
 
 # Ridge penalties tried on validation (ridge_lambda=0), and the metric that picks them and a
@@ -69,8 +72,8 @@ class ModelConfig:
     learning_rate: float = field(default=1e-3, metadata=_help("Adam learning rate"))
     epochs: int = field(default=20, metadata=_help("training epochs"))
     k: int = field(default=5, metadata=_help("tags per image when there is no validation data"))
-    neighbours: int = field(default=3, metadata=_help("seed: neighbours for a new image"))
-    latent_dim: int = field(default=1000, metadata=_help("seed: latent vector size"))
+    neighbours: int = field(default=3, metadata=_help("factorisation: neighbours for a new image"))
+    latent_dim: int = field(default=1000, metadata=_help("factorisation: latent vector size"))
     hidden: int = field(default=512, metadata=_help("mlp: hidden units"))
     loss: str = field(default="sigmoid", metadata=_help("mlp: 'sigmoid' or 'softmax'"))
     prior_weight: float = field(default=0.1, metadata=_help("knn: weight of the popularity prior"))
@@ -631,12 +634,15 @@ def load(uri: str, check_extra: Callable[[str, Any], Any] | None = None) -> Reco
     """Load a model folder written by `Recommender.save`; ArtifactError if it is missing,
     foreign or damaged (names outside the folder, wrong shapes, a vocabulary of another size).
     `check_extra(uri, metadata)` checks the saved metadata before any array is read."""
-    artifact = artifacts.read(uri, FORMAT, VERSION, what="model", fix=_FIX)
+    # Models were written before manifests listed their files: an unlisted one still loads.
+    artifact = artifacts.read(uri, FORMAT, VERSION, what="model", fix=_FIX, unlisted=True)
     manifest = artifact.manifest
     if check_extra is not None:
         check_extra(artifact.uri, manifest.get("extra") or {})
     names = manifest.get("arrays")
-    if not isinstance(names, list) or manifest.get("model") not in _REGISTRY:
+    model_name = manifest.get("model")
+    known = isinstance(model_name, str) and ALIASES.get(model_name, model_name) in _REGISTRY
+    if not isinstance(names, list) or not known:
         raise artifact.error(
             f"its manifest names no known model ({str(manifest.get('model'))[:40]})"
         )
@@ -665,14 +671,7 @@ def load(uri: str, check_extra: Callable[[str, Any], Any] | None = None) -> Reco
         # seed_sigmoid_bug, a retired setting, is in older manifests (its biases were zeros).
         settings = {k: v for k, v in manifest["config"].items() if k != "seed_sigmoid_bug"}
         model = create(manifest["model"], ModelConfig(**settings))
-        arrays = {
-            name: (
-                artifact.load_array(f"{name}.npy", verify=True)
-                if artifact.files
-                else storage.load_npy(storage.join(artifact.uri, f"{name}.npy"))
-            )
-            for name in names
-        }
+        arrays = {name: artifact.load_array(f"{name}.npy", verify=True) for name in names}
         model._load_parts(artifact.uri)
         model._load_files(artifact, data_files)
         model.set_state({**manifest, "arrays": arrays})
@@ -702,6 +701,7 @@ def available() -> list[str]:
 
 
 def create(name: str, config: ModelConfig | None = None) -> Recommender:
+    name = ALIASES.get(name, name)
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
     return _REGISTRY[name](config)

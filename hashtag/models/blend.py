@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from hashtag import storage
+from hashtag import artifacts, storage
 from hashtag.models.base import (
     _MAX_PARTS,
     SELECT_METRIC,
@@ -95,7 +95,7 @@ class Blend(Recommender):
         self.parts = []
         while len(self.parts) < _MAX_PARTS:
             part = storage.join(uri, f"part-{len(self.parts)}")
-            if not storage.exists(storage.join(part, "manifest.json")):
+            if not artifacts.exists(part):
                 break
             self.parts.append(load(part))
 

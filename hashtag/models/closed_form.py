@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from hashtag import artifacts, neighbours
-from hashtag.embedders import l2_normalize
+from hashtag.metrics import l2_normalize
 from hashtag.models.base import (
     _SIMILARITY_CELLS,
     KERNEL_LAMBDAS,

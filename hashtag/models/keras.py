@@ -1,5 +1,5 @@
-"""Models trained with Keras (TensorFlow imported only when training): `mlp` and `seed` (the
-original project's matrix factorisation)."""
+"""Models trained with Keras (TensorFlow imported only when training): `mlp` and `factorisation`
+(the original project's logistic matrix factorisation; its old name `seed` is still accepted)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from hashtag.dataset import array_blocks, csr_rows, dense_labels
-from hashtag.embedders import l2_normalize
+from hashtag.metrics import l2_normalize
 from hashtag.models.base import (
     Blocks,
     Decision,
@@ -189,10 +189,10 @@ class Mlp(_KerasTrained):
 
 
 @register
-class Seed(_KerasTrained):
+class Factorisation(_KerasTrained):
     """The original project's model (see the module docstring); decision fixed at p >= 0.5."""
 
-    name = "seed"
+    name = "factorisation"
     fixed_decision = Decision("threshold", 0.5)
     # Layer names, in the order of `weights`.
     _LAYERS = ("image_embedding", "hashtag_embedding", "image_bias", "hashtag_bias")
