@@ -6,7 +6,7 @@
     hashtag recommend --model out/tune/model --manifest posts.jsonl --json    # one line per post
     hashtag evaluate --model out/tune/model --data out/dataset                 # Markdown table
 
-The exported model folder (export.py owns its format; tune.py writes it) is self-contained: the recommender's weights and
+The exported model folder (export.py owns its format; `hashtag tune` writes it through selection.py) is self-contained: the recommender's weights and
 decision, its metadata (the embedder spec, the vocabulary) and a co-occurrence model fitted on
 the training labels in `cooccurrence/`. Images go through the same fetch -> decode -> embed path
 as the scrape (hashtag/ingest.py), with the embedder the model was trained on.
