@@ -10,6 +10,7 @@ and a rerun picks it up.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -126,7 +127,7 @@ class ScrapeConfig:
             raise UserError(f"--embedder: give one or more different embedders, got {names}")
         # Parsed once, here (a clear error for an unknown name), with the task's settings; not
         # a field: the names are the config, the specs what they mean.
-        specs = tuple(embedders.EmbedderSpec.parse(n, **self.embedder_options(n)) for n in expanded)
+        specs = tuple(self.with_task_settings(embedders.EmbedderSpec.parse(n)) for n in expanded)
         object.__setattr__(self, "_embedder_specs", specs)
 
     def embedder_specs(self) -> list[embedders.EmbedderSpec]:
@@ -139,18 +140,19 @@ class ScrapeConfig:
         """The one spec of the requested embedders (an ensemble of several)."""
         return embedders.EmbedderSpec.ensemble(self._embedder_specs)
 
-    def embedder_options(self, name: str) -> dict:
+    def with_task_settings(self, spec: embedders.EmbedderSpec) -> embedders.EmbedderSpec:
+        """The parsed spec with this stage's settings for it (threads, Keras weights)."""
         options: dict = {}
-        if self.embedder_weights and name.startswith("keras:"):
+        if self.embedder_weights and spec.kind == "keras":
             options["weights"] = self.embedder_weights
-        if name.partition(":")[0] in embedders.TFLITE_KINDS:
+        if spec.kind in embedders.TFLITE_KINDS:
             # The interpreters fill the task's CPUs, not the node's: Ray does not pin tasks to
             # cores, so the default (every CPU visible) would oversubscribe the node. One
             # single-threaded interpreter per CPU, each fed by its own embedding lane: its threads
             # never wait on each other's (bench_embed.py: 1-4% faster than one 2-thread one).
             cpus = max(1, round(self.cpus_per_task))
             options.update(num_threads=cpus, interpreters=cpus)
-        return options
+        return dataclasses.replace(spec, options=(*spec.options, *options.items()))
 
 
 @dataclass(frozen=True)

@@ -297,10 +297,15 @@ def test_pending_posts_are_bounded_in_bytes_whatever_the_window(local_ray, tmp_p
 def test_tflite_interpreters_get_the_task_cpus_not_the_node_cpus(tmp_path):
     tflite = ScrapeConfig(source="m.jsonl", out=str(tmp_path), embedder="tflite:m.tflite")
     assert tflite.embedder == ("tflite:m.tflite",)
-    assert tflite.embedder_options("tflite:m.tflite") == {"num_threads": 1, "interpreters": 1}
+    assert dict(tflite.embedder_spec.options) == {"num_threads": 1, "interpreters": 1}
     wide = dataclasses.replace(tflite, cpus_per_task=4)
-    assert wide.embedder_options("tflite:m.tflite") == {"num_threads": 4, "interpreters": 4}
-    assert ScrapeConfig(source="m.jsonl", out=str(tmp_path)).embedder_options("classic") == {}
+    assert dict(wide.embedder_spec.options) == {"num_threads": 4, "interpreters": 4}
+    classic = ScrapeConfig(source="m.jsonl", out=str(tmp_path), embedder="classic")
+    assert dict(classic.embedder_spec.options) == {}
+    keras = ScrapeConfig(
+        source="m.jsonl", out=str(tmp_path), embedder="keras:VGG19", embedder_weights="w.h5"
+    )
+    assert dict(keras.embedder_spec.options) == {"weights": "w.h5"}
 
 
 def test_scrape_with_the_real_tflite_model_on_two_lanes(local_ray, shared_dir, tmp_path):
