@@ -525,10 +525,17 @@ def _run_completion(config: TuneConfig, dataset, started: float) -> TuneResult:
     """Label-only posts: fit what needs no image, export a completion model, say so."""
     rows, chosen = completion_rows(config, dataset)
     (best,) = [r for r in rows if r.selected]
-    X_train, Y_train = dataset.part("train")
+    # Popularity counts the training labels a block at a time (never a dense train x V matrix);
+    # the validation split, dense, chooses its decision rule.
+    train = models.Blocks(
+        lambda order: dataset.blocks("train", order=order, embeddings=False),
+        len(dataset.rows("train")),
+        dataset.dim,
+        dataset.vocab_size,
+    )
     X_val, Y_val = dataset.part("val")
     recommender = models.create("popularity", models.ModelConfig(seed=config.seed))
-    recommender.fit(X_train, Y_train, X_val, Y_val)
+    recommender.fit(train, None, X_val, Y_val)
     model_uri = export_model(
         dataset,
         recommender,
