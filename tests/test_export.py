@@ -8,27 +8,15 @@ import os
 import shutil
 
 import pytest
-from test_tune import CLASSIC_SPEC, write_dataset
+from test_tune import export_knn
 
-from hashtag import artifacts, export, models, recommend, selection
+from hashtag import artifacts, export, recommend
 from hashtag.errors import ArtifactError
-from hashtag.report import ResultRow
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("export")
-    data = str(root / "data")
-    dataset = write_dataset(data, posts=120, dim=8, tags=5, embedder=CLASSIC_SPEC)
-    knn = models.create("knn", models.ModelConfig()).fit(*dataset.part("train"))
-    return selection.export_model(
-        dataset,
-        knn,
-        ResultRow(model="knn"),
-        out=str(root / "tune"),
-        dataset_uri=data,
-        loss="sigmoid",
-    )
+    return export_knn(tmp_path_factory.mktemp("export"), posts=120, dim=8, tags=5)
 
 
 def _copy_with(exported: str, tmp_path, **changes) -> str:

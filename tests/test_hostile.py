@@ -595,23 +595,9 @@ def test_more_embedded_addresses_are_unwrapped(address, metadata):
 
 def _export_with_embedder(root, embedder_spec: dict, dim: int) -> str:
     """A kNN model exported the way tune exports it, on a dataset made with `embedder_spec`."""
-    from test_tune import write_dataset
+    from test_tune import export_knn
 
-    from hashtag import models, selection
-    from hashtag.report import ResultRow
-
-    data = str(root / "data")
-    dataset = write_dataset(data, posts=120, dim=dim, tags=6, embedder=embedder_spec)
-    X, Y = dataset.part("train")
-    knn = models.create("knn", models.ModelConfig()).fit(X, Y, *dataset.part("val"))
-    return selection.export_model(
-        dataset,
-        knn,
-        ResultRow(model="knn"),
-        out=str(root / "tune"),
-        dataset_uri=data,
-        loss="sigmoid",
-    )
+    return export_knn(root, posts=120, dim=dim, tags=6, embedder=embedder_spec)
 
 
 def test_a_model_folder_cannot_make_recommend_read_or_fetch_a_location(tmp_path, raw_server):

@@ -10,12 +10,11 @@ import time
 import cv2
 import numpy as np
 import pytest
-from test_tune import CLASSIC_SPEC, write_dataset
+from test_tune import export_knn
 
-from hashtag import models, recommend, selection, storage
+from hashtag import models, recommend, storage
 from hashtag.errors import ArtifactError
 from hashtag.recommend import EvaluateConfig, RecommendConfig
-from hashtag.report import ResultRow
 
 DIM = 340  # the classic embedder's, so that real images can be scored
 
@@ -23,16 +22,7 @@ DIM = 340  # the classic embedder's, so that real images can be scored
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> str:
     """A kNN model exported the way tune exports (metadata, co-occurrence); no TensorFlow."""
-    root = tmp_path_factory.mktemp("model")
-    data = str(root / "data")
-    dataset = write_dataset(data, posts=200, dim=DIM, tags=8, embedder=CLASSIC_SPEC)
-    X, Y = dataset.part("train")
-    X_val, Y_val = dataset.part("val")
-    knn = models.create("knn", models.ModelConfig()).fit(X, Y, X_val, Y_val, vocab=dataset.vocab)
-    row = ResultRow(model="knn", val=knn.score(X_val, Y_val))
-    return selection.export_model(
-        dataset, knn, row, out=str(root / "tune"), dataset_uri=data, loss="sigmoid"
-    )
+    return export_knn(tmp_path_factory.mktemp("model"), posts=200, dim=DIM, tags=8)
 
 
 @pytest.fixture(scope="module")

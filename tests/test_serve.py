@@ -23,10 +23,9 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from test_tune import CLASSIC_SPEC, write_dataset
+from test_tune import CLASSIC_SPEC, export_knn
 
-from hashtag import models, selection, storage
-from hashtag.report import ResultRow
+from hashtag import storage
 
 pytestmark = pytest.mark.slow  # one Serve start (~15-30 s on a loaded machine) for the module
 
@@ -41,16 +40,7 @@ REQUEST_TIMEOUT_S = 4.0
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> str:
     """A kNN model on the classic embedder, exported the way tune exports it."""
-    root = tmp_path_factory.mktemp("model")
-    data = str(root / "data")
-    dataset = write_dataset(data, posts=200, dim=340, tags=8, embedder=CLASSIC_SPEC)
-    X, Y = dataset.part("train")
-    X_val, Y_val = dataset.part("val")
-    knn = models.create("knn", models.ModelConfig()).fit(X, Y, X_val, Y_val, vocab=dataset.vocab)
-    row = ResultRow(model="knn", val=knn.score(X_val, Y_val))
-    return selection.export_model(
-        dataset, knn, row, out=str(root / "tune"), dataset_uri=data, loss="sigmoid"
-    )
+    return export_knn(tmp_path_factory.mktemp("model"), posts=200, dim=340, tags=8)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +50,23 @@ def write_dataset(
             embedder=embedder or CLASSIC_SPEC,
         )
     return Dataset.load(uri)
+
+
+def export_knn(root, *, posts: int, dim: int, tags: int, embedder=None) -> str:
+    """A kNN model on a write_dataset set under `root`, exported the way tune exports it
+    (metadata, co-occurrence, its validation scores); no TensorFlow. Returns the model URI."""
+    from hashtag import models, selection
+    from hashtag.report import ResultRow
+
+    data = str(Path(root) / "data")
+    dataset = write_dataset(data, posts=posts, dim=dim, tags=tags, embedder=embedder)
+    X, Y = dataset.part("train")
+    X_val, Y_val = dataset.part("val")
+    knn = models.create("knn", models.ModelConfig()).fit(X, Y, X_val, Y_val, vocab=dataset.vocab)
+    row = ResultRow(model="knn", val=knn.score(X_val, Y_val))
+    return selection.export_model(
+        dataset, knn, row, out=str(Path(root) / "tune"), dataset_uri=data, loss="sigmoid"
+    )
 
 
 def test_config_validation_says_what_to_do(tmp_path):
