@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from hashtag import artifacts, storage
 from hashtag.dataset import Dataset
@@ -50,3 +51,16 @@ def test_ranged_reader_refuses_a_pickled_array(tmp_path):
         assert "pickle" in str(error)
     else:
         raise AssertionError("an object array was accepted")
+
+
+def test_ranged_reader_refuses_a_header_bigger_than_its_file(tmp_path):
+    """A .npy whose header claims a huge shape (a legacy entry has no size in its manifest):
+    refused from the file's own size before anything of that shape is allocated or read."""
+    path = tmp_path / "big.npy"
+    with open(path, "wb") as f:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (4_000_000_000_000,)}
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(np.zeros(4, np.float32).tobytes())
+    for size in (None, path.stat().st_size):
+        with pytest.raises(ValueError, match="its header says"):
+            artifacts.NpyRanges(str(path), size)
