@@ -172,21 +172,21 @@ def workers(cluster: RayCluster) -> list[dict]:
 
 
 KINDS = ("cpu-worker", "gpu-worker")
+# Ray's fake provider cannot advertise `memory` on a node type (RayParams refuses it in
+# resources), so a task that declares memory would look infeasible here; on AWS the node
+# provider fills memory in from the instance type.
+NO_MEMORY = {
+    "scrape.memory_per_task_mb": "0",
+    "merge.memory_per_task_mb": "0",
+    "task_memory_mb": "0",
+}
 
 
 def test_autoscaler_adds_cpu_and_gpu_workers_then_removes_them(out):
     config = lambda gcs_port: fake_autoscaling_config(gcs_port, idle_timeout_minutes=0.15)  # noqa: E731
     with RayCluster.start(num_cpus=0, autoscaling=config) as cluster:
         assert workers(cluster) == [], "min_workers 0: nothing runs before the job"
-        # Ray's fake provider cannot advertise `memory` on a node type (RayParams refuses it in
-        # resources), so a task that declares memory would look infeasible here; on AWS the
-        # node provider fills memory in from the instance type.
-        no_memory = {
-            "scrape.memory_per_task_mb": "0",
-            "merge.memory_per_task_mb": "0",
-            "task_memory_mb": "0",
-        }
-        job = pipeline(out, INSTALLED_SCRIPT, gpus_per_trial="1", **no_memory)
+        job = pipeline(out, INSTALLED_SCRIPT, gpus_per_trial="1", **NO_MEMORY)
         seconds = run_job(cluster, job, 400, **INSTALLED)
         record_time(out, "simulated autoscaling cluster, 60 posts, 2x1 grid", seconds)
         check_outputs(out, grid_points=2)
@@ -215,6 +215,31 @@ def test_autoscaler_adds_cpu_and_gpu_workers_then_removes_them(out):
             assert time.monotonic() < deadline, f"workers still alive: {workers(cluster)}"
             time.sleep(2)
         assert "Terminating the node" in cluster.autoscaler_log()
+
+
+def test_pipeline_on_the_deployed_shape_with_every_output_on_s3(out, s3_bucket):
+    """cluster.yaml's shape: the head at CPU 0, no worker at start, GPU trials; and the run on
+    S3 (moto on 127.0.0.1), as `--out s3://hashtag-data/runs/...` on AWS: demo posts, shards,
+    dataset, Tune's experiment and the exported model all in the bucket, none on local disk.
+    The bucket's copy then passes the same checks as a local run's folder."""
+    from hashtag import models, storage
+
+    run = f"{s3_bucket}/runs/hashtag/r1"
+    config = lambda gcs_port: fake_autoscaling_config(gcs_port, idle_timeout_minutes=0.5)  # noqa: E731
+    with RayCluster.start(num_cpus=0, autoscaling=config) as cluster:
+        assert workers(cluster) == [], "min_workers 0: nothing runs before the job"
+        job = pipeline(run, INSTALLED_SCRIPT, gpus_per_trial="1", **NO_MEMORY)
+        seconds = run_job(cluster, job, 400, **INSTALLED)
+        record_time(out, "simulated autoscaling cluster, run on S3, 60 posts, 2x1 grid", seconds)
+        launched = {n["node_id"] for n in workers(cluster)}
+        embed_nodes = {t["node_id"] for t in cluster.list_tasks("embed_shard") if t.get("node_id")}
+        assert embed_nodes and embed_nodes <= launched, "every shard embedded on a worker"
+    fs, path = storage.filesystem(run)
+    fs.get(path + "/", str(out / "copy"), recursive=True)
+    check_outputs(out / "copy", grid_points=2)
+    assert len(list((out / "copy" / "tune").glob("ray/*/train_*/params.json"))) == 2
+    exported = models.load(f"{run}/tune/model")
+    assert exported.metadata["vocab"] == Dataset.load(f"{run}/dataset").vocab
 
 
 MERGE_TASKS = ("merge_keys", "merge_dedupe", "merge_count", "merge_write")
