@@ -58,7 +58,7 @@ import numpy as np
 from ray import serve
 
 from hashtag import options, storage
-from hashtag.artifacts import MANIFEST
+from hashtag.artifacts import MANIFEST, MAX_MANIFEST_BYTES
 from hashtag.errors import UserError
 from hashtag.fetch import FetchConfig
 
@@ -385,7 +385,9 @@ class Hashtags:
 
     def _model_info(self) -> dict[str, Any]:
         exported, meta = self.exported, self.exported.metadata
-        manifest = storage.read_bytes(storage.join(self.config.model, MANIFEST))
+        manifest = storage.read_bytes(
+            storage.join(self.config.model, MANIFEST), limit=MAX_MANIFEST_BYTES
+        )
         kind = str(meta.get("model") or exported.recommender.name)
         return {
             "id": f"{kind}-{hashlib.sha256(manifest).hexdigest()[:12]}",
